@@ -1,0 +1,56 @@
+"""Configuration from `UNLEARN_*` environment variables (see shared CONTRACT).
+
+Every default matches what `unlearn stack up` starts on loopback, so a fresh clone works with
+no variables set.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="UNLEARN_", extra="ignore")
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/unlearning"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    celery_broker: str = "redis://127.0.0.1:6379/0"
+    artifact_dir: Path = Path(".stack/artifacts")
+    intake_metrics_port: int = Field(9464, ge=0, le=65535)
+    worker_metrics_port: int = Field(9465, ge=0, le=65535)
+    stack_dir: Path = Path(".stack")
+
+    topic_requests: str = "erasure.requests"
+    topic_dlq: str = "erasure.requests.dlq"
+    topic_versions: str = "model.versions"
+    topic_receipts: str = "erasure.receipts"
+    consumer_group: str = "unlearning-intake"
+    event_source: str = "urn:unlearning-worker"
+
+    def public_items(self) -> list[tuple[str, str]]:
+        """`NAME=value` pairs for `unlearn config`, with any password masked."""
+        items = []
+        for name, value in self.model_dump().items():
+            text = str(value)
+            if name in {"database_url", "celery_broker"}:
+                text = redact_url(text)
+            items.append((f"UNLEARN_{name.upper()}", text))
+        return items
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,221 @@
+"""Plain data types shared by every unlearning method, and the method interface.
+
+A method is one module exposing a class that satisfies `UnlearningMethod`. The adapters
+(`worker.registry`, the Celery tasks) only speak this interface, so adding a fourth method
+touches none of the other three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import numpy as np
+
+from worker.artifacts import ArtifactStore
+
+T = TypeVar("T")
+
+
+class Progress(Protocol):
+    """`rich.progress.track` has this shape; `no_progress` is the silent default."""
+
+    def __call__(self, sequence: Iterable[T], description: str = ..., total: float | None = ...) -> Iterable[T]: ...
+
+
+def no_progress(sequence: Iterable[T], description: str = "", total: float | None = None) -> Iterable[T]:
+    return sequence
+
+
+def lineage_sha256(sample_ids: Iterable[str]) -> str:
+    """Digest of the sorted sample ids a component was trained on (newline-joined UTF-8)."""
+    digest = hashlib.sha256()
+    for sample_id in sorted(sample_ids):
+        digest.update(sample_id.encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """Rows to train on, sorted by sample id so every run sees them in the same order.
+
+    features: (n, *input_shape) float32; labels: (n,) int64.
+    """
+
+    sample_ids: tuple[str, ...]
+    features: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        n = len(self.sample_ids)
+        if self.features.shape[0] != n or self.labels.shape[0] != n:
+            raise ValueError("sample_ids, features and labels differ in length")
+        if list(self.sample_ids) != sorted(self.sample_ids):
+            raise ValueError("TrainingSet rows must be sorted by sample id (use TrainingSet.build)")
+        if len(set(self.sample_ids)) != n:
+            raise ValueError("duplicate sample ids in TrainingSet")
+
+    @classmethod
+    def build(cls, sample_ids: Sequence[str], features: np.ndarray, labels: np.ndarray,
+              num_classes: int) -> TrainingSet:
+        order = np.argsort(np.asarray(sample_ids, dtype=object), kind="stable")
+        return cls(
+            tuple(sample_ids[i] for i in order),
+            np.ascontiguousarray(np.asarray(features, dtype=np.float32)[order]),
+            np.ascontiguousarray(np.asarray(labels, dtype=np.int64)[order]),
+            int(num_classes),
+        )
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.features.shape[1:])
+
+    def select(self, mask: np.ndarray) -> TrainingSet:
+        ids = tuple(s for s, keep in zip(self.sample_ids, mask) if keep)
+        return TrainingSet(ids, self.features[mask], self.labels[mask], self.num_classes)
+
+    def without(self, sample_ids: Iterable[str]) -> TrainingSet:
+        drop = set(sample_ids)
+        return self.select(np.array([s not in drop for s in self.sample_ids], dtype=bool))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters common to every method; `options` holds the method's own."""
+
+    architecture: str = "mlp"  # "mlp" for tabular rows, "cnn" for images
+    hidden: tuple[int, ...] = (128,)
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    seed: int = 0
+    shards: int = 1
+    slices: int = 1
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in {"mlp", "cnn"}:
+            raise ValueError(f"architecture must be 'mlp' or 'cnn', not {self.architecture!r}")
+        for name in ("epochs", "batch_size", "shards", "slices"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture, "hidden": list(self.hidden), "epochs": self.epochs,
+            "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed, "shards": self.shards,
+            "slices": self.slices, "options": dict(self.options),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+        return cls(**{**data, "hidden": tuple(data.get("hidden", (128,))), "options": dict(data.get("options", {}))})
+
+
+@dataclass(frozen=True)
+class Component:
+    """One safetensors file a model version is made of (a shard model, an adapter set...)."""
+
+    name: str
+    sha256: str
+    lineage_sha256: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a sample went: its shard, its slice, its position inside that slice."""
+
+    sample_id: str
+    shard: int
+    slice: int
+    position: int
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One training step: the batch's sample ids and (Amnesiac) the stored parameter update."""
+
+    shard: int
+    epoch: int
+    step: int
+    sample_ids: tuple[str, ...]
+    update_sha256: str | None = None
+    update_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class DeletedSample:
+    """An erased sample as the erasure task recorded it before deleting the row."""
+
+    sample_id: str
+    shard: int | None = None
+    slice: int | None = None
+    steps: tuple[tuple[int, int, int], ...] = ()  # (shard, epoch, step) of batches that held it
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    state: dict[str, Any]  # JSON-serialisable, stored in the manifest
+    components: list[Component]
+    placements: list[Placement] = field(default_factory=list)
+    batches: list[BatchRecord] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeletionPlan:
+    """What a deletion will touch, decided before any work is done."""
+
+    components_changed: list[str]
+    work: dict[str, Any]  # method-specific, JSON-serialisable (e.g. shard -> first tainted slice)
+    fallback: str | None = None  # set when the method hands over to exact retraining, with why
+
+
+@dataclass(frozen=True)
+class UnlearnResult:
+    state: dict[str, Any]
+    components: list[Component]
+    components_changed: list[str]
+    verification: dict[str, Any]  # {"kind": "exact"|"approximate", ...evidence}
+    removed_artifacts: list[str] = field(default_factory=list)
+    removed_batches: list[tuple[int, int, int]] = field(default_factory=list)  # (shard, epoch, step)
+    placements: list[Placement] | None = None  # replaces the placement of the retrained shards
+    batches: list[BatchRecord] = field(default_factory=list)  # batches written by retraining
+    optimizer_steps: int = 0
+
+
+class Predictor(Protocol):
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """(n, *input_shape) float32 -> (n, num_classes) probabilities."""
+        ...
+
+
+class UnlearningMethod(Protocol):
+    name: ClassVar[str]
+
+    def train(self, data: TrainingSet, config: TrainConfig, store: ArtifactStore,
+              progress: Progress = no_progress, public: TrainingSet | None = None) -> TrainResult: ...
+
+    def plan(self, state: dict[str, Any], deleted: Sequence[DeletedSample]) -> DeletionPlan: ...
+
+    def apply(self, state: dict[str, Any], plan: DeletionPlan, remaining: TrainingSet,
+              store: ArtifactStore, progress: Progress = no_progress,
+              public: TrainingSet | None = None) -> UnlearnResult: ...
+
+    def budget(self, state: dict[str, Any]) -> float:
+        """Expected deletions left before a full retrain is needed."""
+        ...
+
+    def predictor(self, state: dict[str, Any], store: ArtifactStore) -> Predictor: ...
+
+
