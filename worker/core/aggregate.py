@@ -1,0 +1,56 @@
+"""Combining the class probabilities of several component models into one prediction.
+
+Every rule takes the components' posteriors stacked as (m, n, c) — m components, n rows,
+c classes — and returns (n, c) rows that sum to one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+RULES = ("vote", "mean", "weighted")
+
+
+def majority_vote(probas: np.ndarray) -> np.ndarray:
+    """(m, n, c) -> (n, c): share of components whose argmax is each class."""
+    m, _, c = probas.shape
+    votes = np.eye(c, dtype=np.float64)[probas.argmax(axis=2)]  # (m, n, c) one-hot
+    return votes.sum(axis=0) / m
+
+
+def mean_posterior(probas: np.ndarray) -> np.ndarray:
+    """(m, n, c) -> (n, c): the unweighted mean of the components' posteriors."""
+    return probas.astype(np.float64).mean(axis=0)
+
+
+def weighted_mean(probas: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """(m, n, c), (m,) -> (n, c): posteriors weighted by e.g. each shard's training-set size."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (probas.shape[0],):
+        raise ValueError(f"weights has shape {w.shape}, expected ({probas.shape[0]},)")
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError("weights must be non-negative and not all zero")
+    return np.tensordot(w / w.sum(), probas.astype(np.float64), axes=1)
+
+
+def aggregate(rule: str, probas: np.ndarray, weights: Sequence[float] | None = None) -> np.ndarray:
+    """Apply one of RULES; `weights` is needed only by "weighted"."""
+    check_rule(rule)
+    if probas.ndim != 3 or probas.shape[0] == 0:
+        raise ValueError(f"probas must be (components, rows, classes) with one component or more, got {probas.shape}")
+    if rule == "vote":
+        return majority_vote(probas)
+    if rule == "mean":
+        return mean_posterior(probas)
+    if weights is None:
+        raise ValueError("aggregation 'weighted' needs one weight per component")
+    return weighted_mean(probas, weights)
+
+
+def check_rule(rule: str) -> str:
+    """`rule` itself when it names one of RULES, else a ValueError naming the choices."""
+    if rule not in RULES:
+        raise ValueError(f"aggregation must be one of {', '.join(RULES)}, not {rule!r}")
+    return rule
