@@ -62,3 +62,51 @@ def data_load(dataset: str) -> None:
         click.echo(f"{dataset} was loaded before; left as it is ({loaded.rows} rows now: {splits})")
     else:
         click.echo(f"loaded {loaded.rows} {dataset} rows ({splits}) owned by {loaded.subjects} subjects")
+
+
+@main.command("erase")
+@click.option("--subject", "subject_id", help="Data subject whose rows all go.")
+@click.option("--sample", "sample_ids", multiple=True, help="A training row to erase (repeatable).")
+@click.option("--model", "models", multiple=True, help="Only unlearn from this model (repeatable).")
+@click.option("--regulation", default="gdpr", show_default=True, help="gdpr, uk-gdpr, ccpa or lgpd.")
+def erase(
+    subject_id: str | None, sample_ids: tuple[str, ...], models: tuple[str, ...], regulation: str
+) -> None:
+    """Publish a gdpr.erasure.requested.v1 event (an upstream stand-in); print its request id."""
+    import uuid
+    from datetime import datetime, timezone
+
+    from kafka.errors import KafkaError
+
+    from worker import events
+
+    if subject_id is None and not sample_ids:
+        raise click.UsageError("give --subject ID and/or --sample ID")
+    request_id = str(uuid.uuid4())
+    data: dict[str, object] = {
+        "request_id": request_id,
+        "regulation": regulation,
+        "submitted_at": datetime.now(timezone.utc).isoformat(),
+    }
+    if subject_id is not None:
+        data["subject_id"] = subject_id
+    if sample_ids:
+        data["sample_ids"] = list(dict.fromkeys(sample_ids))
+    if models:
+        data["models"] = list(dict.fromkeys(models))
+    settings = get_settings()
+    try:
+        event = events.build_event(events.ERASURE_REQUESTED, data, source=settings.event_source)
+    except events.InvalidEvent as exc:
+        raise click.UsageError(exc.error) from None
+    try:
+        producer = events.open_producer(settings.kafka_bootstrap)
+        try:
+            # keyed by request id: the subject must never appear in a Kafka key
+            events.publish(producer, settings.topic_requests, event, key=request_id.encode())
+        finally:
+            producer.close()
+    except KafkaError as exc:
+        raise click.ClickException(f"could not publish to {settings.kafka_bootstrap}: {exc!r}") from None
+    click.echo(request_id)
+
