@@ -110,3 +110,52 @@ def erase(
         raise click.ClickException(f"could not publish to {settings.kafka_bootstrap}: {exc!r}") from None
     click.echo(request_id)
 
+
+@main.group()
+def stack() -> None:
+    """Local services: reuse what answers at the configured URLs, start the rest on loopback."""
+
+
+def _print_states(states) -> None:
+    rows = [("SERVICE", "URL", "ANSWERING", "PROVIDED BY")]
+    rows += [(s.name, s.url, "yes" if s.answering else "no", s.provider) for s in states]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _run_stack(action: str):
+    """Run worker.stack.<action> on the configured settings; failures become one clear line."""
+    from worker import stack as local
+
+    try:
+        return getattr(local, action)(get_settings())
+    except (local.StackError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@stack.command("up")
+def stack_up() -> None:
+    """Start what does not answer (Kafka-compatible broker, PostgreSQL, Redis); migrate; create topics."""
+    report = _run_stack("up")
+    for state in report.services:
+        where = f", log {state.log}" if state.log else ""
+        click.echo(f"{state.name}: {state.action} at {state.url}{where}")
+    database = "created" if report.database_created else "exists"
+    migrations = ", ".join(report.migrations_applied) or "none to apply"
+    click.echo(f"postgres: database {database}; migrations: {migrations}")
+    click.echo(f"kafka: topics created: {', '.join(report.topics_created) or 'none (all exist)'}")
+    _print_states(report.services)
+
+
+@stack.command("down")
+def stack_down() -> None:
+    """Stop the embedded services `stack up` started; external ones are left running."""
+    for state in _run_stack("down"):
+        click.echo(f"{state.name}: {state.action}")
+
+
+@stack.command("status")
+def stack_status() -> None:
+    """Show each service: URL, whether it answers, and whether it is embedded (pid) or external."""
+    _print_states(_run_stack("status"))
