@@ -168,14 +168,21 @@ def test_plan_uses_recorded_placement_and_rejects_out_of_range(trained):
     assert Sisa().plan(result.state, []).work == {}
 
 
-def test_apply_refuses_rows_that_differ_from_the_clean_checkpoint(digits, trained, store):
-    # Given rows missing one that the clean slice 0 of shard 0 was trained on
+def test_a_row_gone_from_an_earlier_slice_moves_the_retrain_start_back(digits, trained, store, tmp_path):
+    # Given a plan for a row in slice 2 of shard 0, and a row of slice 0 erased after the plan was made
     _, result = trained
     sisa = Sisa()
-    plan = sisa.plan(result.state, [DeletedSample(rows_in(digits, 0, 2, 1)[0])])
-    wrong = digits.without(rows_in(digits, 0, 0, 1) + rows_in(digits, 0, 2, 1))
-    with pytest.raises(ValueError, match="shard 0, slices 0..1, are not the rows"):
-        sisa.apply(result.state, plan, wrong, store)
+    planned, late = rows_in(digits, 0, 2, 1), rows_in(digits, 0, 0, 1)
+    plan = sisa.plan(result.state, [DeletedSample(planned[0])])
+    remaining = digits.without(planned + late)
+
+    # When the plan is applied to the rows as they are now
+    unlearned = sisa.apply(result.state, plan, remaining, store)
+
+    # Then shard 0 is retrained from slice 0, and still equals training from scratch
+    assert unlearned.verification["retrained"] == {"0": 0}
+    scratch = sisa.train(remaining, CONFIG, ArtifactStore(tmp_path / "scratch", "m"))
+    assert unlearned.components[0].sha256 == scratch.components[0].sha256
 
 
 def test_training_is_reproducible_whatever_the_model_name(digits, trained, tmp_path):

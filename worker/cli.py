@@ -64,6 +64,82 @@ def data_load(dataset: str) -> None:
         click.echo(f"loaded {loaded.rows} {dataset} rows ({splits}) owned by {loaded.subjects} subjects")
 
 
+def _hidden_sizes(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        sizes = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated layer widths such as 128,64, not {value!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter("layer widths must be positive")
+    return sizes
+
+
+def _method_options(ctx, param, values: tuple[str, ...]) -> dict:
+    """key=value pairs; a value that reads as JSON (2, 0.5, true) is taken as such, else as text."""
+    import json
+
+    options = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected key=value, not {item!r}")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return options
+
+
+@main.command("train")
+@click.option("--model", "name", required=True, help="Name of the new model (never reused).")
+@click.option("--method", required=True, type=click.Choice(["sisa", "amnesiac", "s3t"]))
+@click.option("--dataset", default="letter", show_default=True, type=click.Choice(["digits", "letter", "mnist5k"]))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--shards", type=int, help="SISA/S3T shards S (default 1).")
+@click.option("--slices", type=int, help="SISA/S3T slices R per shard (default 1).")
+@click.option("--epochs", type=int, help="Epochs per training stage (default 10).")
+@click.option("--batch-size", type=int, help="Mini-batch size (default 64).")
+@click.option("--lr", type=float, help="SGD learning rate (default 0.05).")
+@click.option("--hidden", callback=_hidden_sizes, help="Hidden layer widths, e.g. 128,64 (default 128).")
+@click.option("--architecture", type=click.Choice(["mlp", "cnn"]),
+              help="Network (default: cnn for image datasets, mlp for tabular).")
+@click.option("--aggregation", type=click.Choice(["vote", "mean", "weighted"]),
+              help="How shard predictions combine (default mean).")
+@click.option("--option", "options", multiple=True, callback=_method_options,
+              help="A method option key=value, e.g. epochs_per_slice=2 (repeatable).")
+def train_cmd(name: str, method: str, dataset: str, seed: int, options: dict, aggregation: str | None,
+              architecture: str | None, **hyper) -> None:
+    """Train a model on the dataset's rows in PostgreSQL and publish its version 1."""
+    from rich.progress import track
+
+    from worker import data as datasets
+    from worker import db as database
+    from worker import registry
+    from worker.core.base import TrainConfig
+
+    if aggregation is not None:
+        options["aggregation"] = aggregation
+    if architecture is None:
+        architecture = "cnn" if len(datasets.spec(dataset).input_shape) == 3 else "mlp"
+    settings = get_settings()
+    try:
+        config = TrainConfig(architecture=architecture, seed=seed, options=options,
+                             **{key: value for key, value in hyper.items() if value is not None})
+        with database.connect(settings.database_url) as conn:
+            version = registry.train_model(conn, settings, name, method, dataset, config, progress=track)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"model {version.model} version {version.version} ({version.method}): "
+               f"{len(version.components_changed)} component(s)")
+    for metric, value in sorted(version.metrics.items()):
+        click.echo(f"  {metric}: {value:g}")
+    click.echo(f"  deletion_budget_remaining: {version.deletion_budget_remaining:g}")
+    click.echo(f"  manifest: {version.manifest_uri}")
+    click.echo(f"  sha256: {version.manifest_sha256}")
+
+
 @main.command("erase")
 @click.option("--subject", "subject_id", help="Data subject whose rows all go.")
 @click.option("--sample", "sample_ids", multiple=True, help="A training row to erase (repeatable).")

@@ -95,6 +95,19 @@ def shard_rows(data: TrainingSet, shards: int, slices: int, wanted: Sequence[int
     return out
 
 
+def first_changed_slice(clean: list[SliceCheckpoint], rows: ShardRows, first_tainted: int) -> int:
+    """The slice to retrain a shard from: `first_tainted`, or an earlier slice whose rows in
+    `rows` are not the rows its checkpoint saw (e.g. a row erased after the plan was made).
+
+    Resuming from a checkpoint whose lineage matches the remaining rows is what makes the
+    retrain equal to training from scratch on exactly those rows.
+    """
+    for checkpoint in clean:
+        if lineage_sha256(rows.up_to(checkpoint.slice).sample_ids) != checkpoint.lineage_sha256:
+            return checkpoint.slice
+    return first_tainted
+
+
 def expected_deletions_until_full_retrain(first_slice_shares: Sequence[float]) -> float:
     """Coupon collector with unequal probabilities.
 
@@ -190,7 +203,11 @@ class Sisa:
               store: ArtifactStore, progress: Progress = no_progress,
               public: TrainingSet | None = None) -> UnlearnResult:
         """Retrain each tainted shard from its last clean checkpoint on `remaining` (the rows the
-        model was trained on, minus the erased ones), then delete the tainted checkpoints."""
+        model was trained on, minus the erased ones), then delete the tainted checkpoints.
+
+        The retrained shards end up exactly as `train(remaining)` would make them: a shard
+        whose earlier slices also lost rows is retrained from the first slice that did.
+        """
         config = TrainConfig.from_json(state["config"])
         input_shape, num_classes = tuple(state["input_shape"]), int(state["num_classes"])
         if remaining.input_shape != input_shape or remaining.num_classes != num_classes:
@@ -205,7 +222,8 @@ class Sisa:
             if k not in old or not 0 <= r < config.slices:
                 raise ValueError(f"plan work names shard {k} slice {r}, which this model does not have")
         rows = shard_rows(remaining, config.shards, config.slices, sorted(start))
-        resume = {k: self._clean_checkpoint(k, r, old[k], rows[k]) for k, r in start.items()}
+        start = {k: first_changed_slice(old[k][:r], rows[k], r) for k, r in start.items()}
+        resume = {k: old[k][r - 1].sha256 if r > 0 else None for k, r in start.items()}
         retrained = self._train_stages(
             config, input_shape, num_classes, rows, start, resume, store, progress,
             description=f"SISA: retraining {len(start)} shard(s)",
@@ -233,6 +251,7 @@ class Sisa:
                 "kind": "exact",
                 "method": self.name,
                 "retrained": {str(k): start[k] for k in sorted(start)},
+                "retrain_shards": sorted(start),
                 "lineage": {
                     component_name(k): {"before": old[k][-1].lineage_sha256,
                                         "after": new_shards[k][-1].lineage_sha256}
@@ -293,24 +312,6 @@ class Sisa:
                 meta={"shard": entry["shard"], "n_samples": final["n_seen"]},
             ))
         return components
-
-    @staticmethod
-    def _clean_checkpoint(shard: int, first_tainted: int, checkpoints: list[SliceCheckpoint],
-                          rows: ShardRows) -> str | None:
-        """Digest of the checkpoint to resume from (None: start from a fresh network).
-
-        Refuses to resume when the remaining rows of the clean slices are not exactly the rows
-        that checkpoint saw: the retrain would then not equal a retrain from scratch.
-        """
-        if first_tainted == 0:
-            return None
-        clean = checkpoints[first_tainted - 1]
-        if lineage_sha256(rows.up_to(first_tainted - 1).sample_ids) != clean.lineage_sha256:
-            raise ValueError(
-                f"the remaining rows of shard {shard}, slices 0..{first_tainted - 1}, are not the rows "
-                "its clean checkpoint was trained on; pass the model's training rows minus the erased ones"
-            )
-        return clean.sha256
 
     @staticmethod
     def _train_stages(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int,
