@@ -235,3 +235,86 @@ def stack_down() -> None:
 def stack_status() -> None:
     """Show each service: URL, whether it answers, and whether it is embedded (pid) or external."""
     _print_states(_run_stack("status"))
+
+
+def _logging() -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", handlers=[RichHandler(show_path=False)])
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+@main.command("intake")
+@click.option("--max-seconds", type=float, default=None, help="Stop after this long (default: run until Ctrl-C).")
+def intake_cmd(max_seconds: float | None) -> None:
+    """Consume erasure events from Kafka into the ledger and dispatch the work."""
+    import time
+
+    import psycopg
+
+    from worker.pipeline import intake, metrics, outbox
+
+    _logging()
+    settings = get_settings()
+    port = metrics.serve(settings.intake_metrics_port, settings.database_url, settings.metrics_addr)
+    click.echo(f"intake: metrics on http://127.0.0.1:{port}/metrics; consuming {settings.topic_requests}")
+    relay = outbox.Relay(settings.database_url, settings.kafka_bootstrap)
+    sweeper = intake.Sweeper(settings.database_url)
+    relay.start()
+    sweeper.start()
+    consumer = intake.make_consumer(settings)
+    dlq = outbox.make_producer(settings.kafka_bootstrap)
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    try:
+        with psycopg.connect(settings.database_url) as conn:
+            loop = intake.Intake(settings, consumer, dlq, conn)
+            while deadline is None or time.monotonic() < deadline:
+                loop.poll_once()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        relay.stop()
+        sweeper.stop()
+        consumer.close()
+        dlq.close(timeout=5)
+
+
+@main.command("worker")
+@click.option("--concurrency", type=int, default=2, show_default=True, help="Prefork processes.")
+@click.option("--queues", default="erasure,gpu", show_default=True)
+def worker_cmd(concurrency: int, queues: str) -> None:
+    """Run a Celery worker for the `erasure` and `gpu` queues."""
+    import os
+    import shutil
+
+    settings = get_settings()
+    # prometheus_client picks its multiprocess value class when first imported: set the
+    # directory (wiped of a previous run's files) before anything imports it
+    directory = settings.stack_dir.resolve() / "metrics" / f"worker-{os.getpid()}"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    from worker.pipeline import metrics
+
+    port = metrics.serve(settings.worker_metrics_port, settings.database_url, settings.metrics_addr)
+    click.echo(f"worker: metrics on http://127.0.0.1:{port}/metrics")
+    from worker.pipeline.tasks import app
+
+    app.worker_main(["worker", "-Q", queues, f"--concurrency={concurrency}", "--loglevel=INFO",
+                     "-n", f"unlearn-{os.getpid()}@%h", "--without-gossip", "--without-mingle"])
+
+
+@main.command("status")
+@click.option("--request", "request_id", type=click.UUID, default=None, help="Show one request and its receipt.")
+def status_cmd(request_id) -> None:
+    """Ledger, models, versions, budgets and due dates."""
+    from rich.console import Console
+
+    from worker import db as database
+    from worker.pipeline import report
+
+    with database.connect(get_settings().database_url) as conn:
+        if not report.show(conn, Console(), request_id):
+            raise click.ClickException(f"no erasure request {request_id}")

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     artifact_dir: Path = Path(".stack/artifacts")
     intake_metrics_port: int = Field(9464, ge=0, le=65535)
     worker_metrics_port: int = Field(9465, ge=0, le=65535)
+    # loopback by default; a container sets 0.0.0.0 so Prometheus can scrape it
+    metrics_addr: str = "127.0.0.1"
     stack_dir: Path = Path(".stack")
 
     topic_requests: str = "erasure.requests"
@@ -31,6 +33,8 @@ class Settings(BaseSettings):
     topic_receipts: str = "erasure.receipts"
     consumer_group: str = "unlearning-intake"
     event_source: str = "urn:unlearning-worker"
+    # how long an unlearning task waits so erasures arriving together share one retrain
+    coalesce_seconds: float = Field(1.0, ge=0)
 
     def public_items(self) -> list[tuple[str, str]]:
         """`NAME=value` pairs for `unlearn config`, with any password masked."""

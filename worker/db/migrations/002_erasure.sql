@@ -19,6 +19,9 @@ CREATE TABLE erasure_requests (
     completed_at      timestamptz,
     attempts          integer NOT NULL DEFAULT 0,
     last_error        text,
+    -- filled in as each affected model publishes its unlearned version
+    model_versions    jsonb NOT NULL DEFAULT '[]'::jsonb,
+    evidence          jsonb NOT NULL DEFAULT '{}'::jsonb,
     receipt           jsonb,
     receipt_sha256    text,
     updated_at        timestamptz NOT NULL DEFAULT now(),
@@ -29,13 +32,17 @@ CREATE INDEX erasure_requests_open_idx ON erasure_requests (status, updated_at)
     WHERE status NOT IN ('completed', 'rejected', 'failed');
 
 -- Deletions a model still has to unlearn: one row per (request, model, erased sample).
+-- The erased row's label and features stay here only until the model has forgotten it, so the
+-- membership-inference evidence can be measured; the row goes in the transaction that publishes.
 CREATE TABLE pending_unlearning (
     request_id uuid NOT NULL REFERENCES erasure_requests (request_id),
     model      text NOT NULL REFERENCES models (name) ON DELETE CASCADE,
     sample_id  text NOT NULL,
     shard      integer,
     slice      integer,
-    steps      integer[] NOT NULL DEFAULT '{}',
+    steps      integer[] NOT NULL DEFAULT '{}',  -- flattened (shard, epoch, step) triples
+    label      integer NOT NULL,
+    features   real[] NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (request_id, model, sample_id)
 );

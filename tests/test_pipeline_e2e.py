@@ -1,0 +1,298 @@
+"""The whole story against real services: tansu, PostgreSQL, Redis, a real `celery worker`
+process and the real intake process.
+
+Given a SISA model trained on `digits`, when upstream publishes erasure events, then the rows are
+gone, a model-version event and a receipt arrive with valid schemas, the new version loads and
+predicts, the ledger says completed and /metrics counted it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import psycopg
+import pytest
+import redis
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from worker import data, db, events, registry, serving
+from worker.config import Settings, get_settings
+from worker.core.base import TrainConfig
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+UNLEARN = str(Path(sys.executable).with_name("unlearn"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metric(port: int, name: str, labels: str = "") -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and (not labels or labels in line):
+            head, value = line.rsplit(" ", 1)
+            if head.split("{")[0] == name:
+                total += float(value)
+    return total
+
+
+def _wait_metrics(port: int, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"no /metrics on port {port}")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A fresh database with a trained model, unique topics, and running intake + worker."""
+    base = get_settings()
+    suffix = uuid.uuid4().hex[:10]
+    database_url = urlunsplit(urlsplit(base.database_url)._replace(path=f"/unlearn_e2e_{suffix}"))
+    broker = urlunsplit(urlsplit(base.celery_broker)._replace(path="/13"))
+    redis.Redis.from_url(broker).flushdb()
+    tmp = tmp_path_factory.mktemp("e2e")
+    env = {
+        "UNLEARN_DATABASE_URL": database_url,
+        "UNLEARN_CELERY_BROKER": broker,
+        "UNLEARN_ARTIFACT_DIR": str(tmp / "artifacts"),
+        "UNLEARN_STACK_DIR": str(tmp / "stack"),
+        "UNLEARN_INTAKE_METRICS_PORT": str(_free_port()),
+        "UNLEARN_WORKER_METRICS_PORT": str(_free_port()),
+        "UNLEARN_TOPIC_REQUESTS": f"erasure.requests.{suffix}",
+        "UNLEARN_TOPIC_DLQ": f"erasure.requests.dlq.{suffix}",
+        "UNLEARN_TOPIC_VERSIONS": f"model.versions.{suffix}",
+        "UNLEARN_TOPIC_RECEIPTS": f"erasure.receipts.{suffix}",
+        "UNLEARN_CONSUMER_GROUP": f"intake-{suffix}",
+    }
+    settings = Settings(**{k.removeprefix("UNLEARN_").lower(): v for k, v in env.items()},
+                        kafka_bootstrap=base.kafka_bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin.create_topics([NewTopic(t, 1, 1) for t in (settings.topic_requests, settings.topic_dlq,
+                                                     settings.topic_versions, settings.topic_receipts)])
+    admin.close()
+    db.ensure_database(database_url)
+    db.migrate(database_url)
+    with psycopg.connect(database_url) as conn:
+        data.load_into_postgres(conn, "digits")
+        registry.train_model(conn, settings, "digits-sisa", "sisa", "digits",
+                             TrainConfig(shards=3, slices=3, epochs=2, hidden=(32,), seed=7))
+    child_env = {**os.environ, **env, "UNLEARN_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "OMP_NUM_THREADS": "1"}
+    logs = {name: open(tmp / f"{name}.log", "w") for name in ("worker", "intake")}
+    procs = {
+        "worker": subprocess.Popen([UNLEARN, "worker", "--concurrency", "2"], env=child_env,
+                                   stdout=logs["worker"], stderr=subprocess.STDOUT, start_new_session=True),
+        "intake": subprocess.Popen([UNLEARN, "intake"], env=child_env,
+                                   stdout=logs["intake"], stderr=subprocess.STDOUT, start_new_session=True),
+    }
+    deadline = time.monotonic() + 60
+    _wait_metrics(settings.worker_metrics_port, deadline)
+    _wait_metrics(settings.intake_metrics_port, deadline)
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    listener = Listener(settings)
+    try:
+        yield settings, producer, listener, procs
+    finally:
+        for proc in procs.values():
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        producer.close()
+        listener.close()
+        for name, handle in logs.items():
+            handle.close()
+            print(f"----- {name} log -----\n" + (tmp / f"{name}.log").read_text()[-4000:])
+        with psycopg.connect(urlunsplit(urlsplit(base.database_url)._replace(path="/postgres")),
+                             autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "unlearn_e2e_{suffix}" WITH (FORCE)')
+
+
+class Listener:
+    """Reads the outgoing topics and dedupes on the CloudEvent id, as a downstream consumer must."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.consumer = KafkaConsumer(
+            settings.topic_versions, settings.topic_receipts, settings.topic_dlq,
+            bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest",
+            group_id=f"test-listener-{uuid.uuid4().hex[:8]}", session_timeout_ms=6000, heartbeat_interval_ms=1000,
+        )
+        self.seen: dict[str, dict] = {}
+        self.dlq: list = []
+
+    def pump(self, timeout_ms: int = 500) -> None:
+        for records in self.consumer.poll(timeout_ms=timeout_ms).values():
+            for record in records:
+                if record.topic == self.settings.topic_dlq:
+                    self.dlq.append(record)
+                    continue
+                event = events.decode(record.value, record.headers)
+                self.seen[event.id] = {"topic": record.topic, "type": event.type, "data": event.data,
+                                       "headers": record.headers, "key": record.key}
+
+    def receipts(self) -> dict[str, dict]:
+        return {e["data"]["request_id"]: e for e in self.seen.values() if e["type"] == events.ERASURE_COMPLETED}
+
+    def versions(self) -> list[dict]:
+        return [e for e in self.seen.values() if e["type"] == events.MODEL_VERSION_PUBLISHED]
+
+    def wait_receipts(self, request_ids, timeout: float = 240) -> dict[str, dict]:
+        deadline = time.monotonic() + timeout
+        wanted = {str(r) for r in request_ids}
+        while time.monotonic() < deadline:
+            self.pump()
+            got = self.receipts()
+            if wanted <= got.keys():
+                return {r: got[r] for r in wanted}
+        raise AssertionError(f"receipts missing for {sorted(wanted - self.receipts().keys())}")
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def _erase(producer: KafkaProducer, settings: Settings, *, subject_id=None, sample_ids=None,
+           event_id=None, request_id=None) -> str:
+    request_id = request_id or str(uuid.uuid4())
+    payload = {"request_id": request_id, "regulation": "gdpr",
+               "submitted_at": datetime.now(timezone.utc).isoformat()}
+    if subject_id:
+        payload["subject_id"] = subject_id
+    if sample_ids:
+        payload["sample_ids"] = sample_ids
+    event = events.build_event(events.ERASURE_REQUESTED, payload, source="urn:test:crm", event_id=event_id)
+    value, headers = events.encode(event)
+    producer.send(settings.topic_requests, value=value, headers=headers, key=request_id.encode())
+    producer.flush()
+    return request_id
+
+
+def _subjects_in_train(settings: Settings, count: int) -> list[str]:
+    with psycopg.connect(settings.database_url) as conn:
+        return [s for (s,) in conn.execute(
+            "SELECT subject_id FROM training_samples WHERE split = 'train' GROUP BY subject_id"
+            " ORDER BY subject_id LIMIT %s", (count,))]
+
+
+def test_erasure_flows_end_to_end(pipeline):
+    settings, producer, listener, _ = pipeline
+    [subject] = _subjects_in_train(settings, 1)
+    histogram_before = _metric(settings.worker_metrics_port, "unlearning_erasure_duration_seconds_count")
+
+    # When upstream asks to erase one subject
+    request_id = _erase(producer, settings, subject_id=subject)
+    receipt_event = listener.wait_receipts([request_id])[request_id]
+
+    # Then a receipt says completed, with exact verification from SISA
+    receipt = receipt_event["data"]
+    assert receipt["status"] == "completed"
+    assert receipt["rows_deleted"] >= 1
+    assert receipt["verification"]["kind"] == "exact"
+    assert receipt["model_versions"] == [{"model": "digits-sisa", "version": 2}]
+    # And no subject identifier travels in keys or headers
+    assert subject.encode() not in b"".join(v for _, v in receipt_event["headers"])
+    # And the rows are gone
+    with psycopg.connect(settings.database_url) as conn:
+        left = conn.execute("SELECT count(*) FROM training_samples WHERE subject_id = %s", (subject,)).fetchone()[0]
+        status = conn.execute("SELECT status FROM erasure_requests WHERE request_id = %s",
+                              (request_id,)).fetchone()[0]
+    assert left == 0 and status == "completed"
+    # And a model-version event announced version 2, revoking version 1
+    deadline = time.monotonic() + 30
+    while not listener.versions() and time.monotonic() < deadline:
+        listener.pump()
+    [version] = [v["data"] for v in listener.versions() if v["data"]["version"] == 2]
+    assert version["revokes"] == [1] and request_id in version["erasure_request_ids"]
+    # And the new version loads (hashes checked) and predicts
+    model = serving.load_version("digits-sisa", 2, settings=settings)
+    with psycopg.connect(settings.database_url) as conn:
+        holdout = data.read_training_set(conn, "digits", "holdout")
+    probabilities = model.predict_proba(holdout.features)
+    assert probabilities.shape == (len(holdout), 10)
+    assert float(np.mean(probabilities.argmax(1) == holdout.labels)) > 0.5
+    # And the duration histogram counted it
+    assert _metric(settings.worker_metrics_port, "unlearning_erasure_duration_seconds_count") > histogram_before
+    assert _metric(settings.intake_metrics_port, "unlearning_erasures_pending") == 0
+
+
+def test_duplicate_event_is_applied_once(pipeline):
+    settings, producer, listener, _ = pipeline
+    [_, subject] = _subjects_in_train(settings, 2)
+    duplicates_before = _metric(settings.intake_metrics_port, "unlearning_erasure_requests_total",
+                                'outcome="duplicate"')
+    request_id = _erase(producer, settings, subject_id=subject, event_id="evt-dup-1")
+    _erase(producer, settings, subject_id=subject, event_id="evt-dup-1", request_id=request_id)
+    listener.wait_receipts([request_id])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if _metric(settings.intake_metrics_port, "unlearning_erasure_requests_total",
+                   'outcome="duplicate"') > duplicates_before:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the duplicate was not counted")
+    with psycopg.connect(settings.database_url) as conn:
+        rows = conn.execute("SELECT count(*) FROM erasure_requests WHERE event_id = 'evt-dup-1'").fetchone()[0]
+    assert rows == 1
+
+
+def test_invalid_event_goes_to_dlq_and_intake_keeps_going(pipeline):
+    settings, producer, listener, _ = pipeline
+    producer.send(settings.topic_requests, value=b'{"specversion": "1.0", "id": "x"')
+    producer.send(settings.topic_requests, value=json.dumps({
+        "specversion": "1.0", "id": "bad-1", "source": "urn:test", "type": events.ERASURE_REQUESTED,
+        "datacontenttype": "application/json", "data": {"request_id": "not-a-uuid", "regulation": "gdpr"}}).encode(),
+        headers=[("content-type", events.CONTENT_TYPE.encode())])
+    producer.flush()
+    [_, _, subject] = _subjects_in_train(settings, 3)
+    request_id = _erase(producer, settings, subject_id=subject)
+    listener.wait_receipts([request_id])
+    deadline = time.monotonic() + 30
+    while len(listener.dlq) < 2 and time.monotonic() < deadline:
+        listener.pump()
+    reasons = sorted(dict(r.headers)["dlq_reason"].decode() for r in listener.dlq)
+    assert len(reasons) == 2
+    errors = [dict(r.headers)["dlq_error"].decode() for r in listener.dlq]
+    assert any("request_id" in e for e in errors)
+
+
+def test_fifty_erasures_coalesce_into_far_fewer_retrains(pipeline):
+    settings, producer, listener, _ = pipeline
+    subjects = _subjects_in_train(settings, 60)[10:60]
+    with psycopg.connect(settings.database_url) as conn:
+        before = conn.execute("SELECT max(version) FROM model_versions WHERE model = 'digits-sisa'").fetchone()[0]
+    request_ids = [_erase(producer, settings, subject_id=s) for s in subjects]
+    receipts = listener.wait_receipts(request_ids, timeout=400)
+    assert all(r["data"]["status"] == "completed" for r in receipts.values())
+    with psycopg.connect(settings.database_url) as conn:
+        after = conn.execute("SELECT max(version) FROM model_versions WHERE model = 'digits-sisa'").fetchone()[0]
+        left = conn.execute("SELECT count(*) FROM training_samples WHERE subject_id = ANY(%s)",
+                            (subjects,)).fetchone()[0]
+    retrains = after - before
+    assert left == 0
+    assert 1 <= retrains <= 15, f"{retrains} retrains for 50 erasures"
+    # every receipt is chained to an earlier one
+    assert all(r["data"]["previous_receipt_sha256"] for r in receipts.values())
