@@ -25,12 +25,13 @@ import numpy as np
 import psycopg
 import pytest
 import redis
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from worker import data, db, events, registry, serving
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
+from worker.pipeline.watch import TopicWatcher
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -110,7 +111,7 @@ def pipeline(tmp_path_factory):
     _wait_metrics(settings.worker_metrics_port, deadline)
     _wait_metrics(settings.intake_metrics_port, deadline)
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    listener = Listener(settings)
+    listener = TopicWatcher(settings, with_dlq=True)
     try:
         yield settings, producer, listener, procs
     finally:
@@ -129,49 +130,6 @@ def pipeline(tmp_path_factory):
         with psycopg.connect(urlunsplit(urlsplit(base.database_url)._replace(path="/postgres")),
                              autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "unlearn_e2e_{suffix}" WITH (FORCE)')
-
-
-class Listener:
-    """Reads the outgoing topics and dedupes on the CloudEvent id, as a downstream consumer must."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.consumer = KafkaConsumer(
-            settings.topic_versions, settings.topic_receipts, settings.topic_dlq,
-            bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest",
-            group_id=f"test-listener-{uuid.uuid4().hex[:8]}", session_timeout_ms=6000, heartbeat_interval_ms=1000,
-        )
-        self.seen: dict[str, dict] = {}
-        self.dlq: list = []
-
-    def pump(self, timeout_ms: int = 500) -> None:
-        for records in self.consumer.poll(timeout_ms=timeout_ms).values():
-            for record in records:
-                if record.topic == self.settings.topic_dlq:
-                    self.dlq.append(record)
-                    continue
-                event = events.decode(record.value, record.headers)
-                self.seen[event.id] = {"topic": record.topic, "type": event.type, "data": event.data,
-                                       "headers": record.headers, "key": record.key}
-
-    def receipts(self) -> dict[str, dict]:
-        return {e["data"]["request_id"]: e for e in self.seen.values() if e["type"] == events.ERASURE_COMPLETED}
-
-    def versions(self) -> list[dict]:
-        return [e for e in self.seen.values() if e["type"] == events.MODEL_VERSION_PUBLISHED]
-
-    def wait_receipts(self, request_ids, timeout: float = 240) -> dict[str, dict]:
-        deadline = time.monotonic() + timeout
-        wanted = {str(r) for r in request_ids}
-        while time.monotonic() < deadline:
-            self.pump()
-            got = self.receipts()
-            if wanted <= got.keys():
-                return {r: got[r] for r in wanted}
-        raise AssertionError(f"receipts missing for {sorted(wanted - self.receipts().keys())}")
-
-    def close(self) -> None:
-        self.consumer.close()
 
 
 def _erase(producer: KafkaProducer, settings: Settings, *, subject_id=None, sample_ids=None,
@@ -207,13 +165,13 @@ def test_erasure_flows_end_to_end(pipeline):
     receipt_event = listener.wait_receipts([request_id])[request_id]
 
     # Then a receipt says completed, with exact verification from SISA
-    receipt = receipt_event["data"]
+    receipt = receipt_event.data
     assert receipt["status"] == "completed"
     assert receipt["rows_deleted"] >= 1
     assert receipt["verification"]["kind"] == "exact"
     assert receipt["model_versions"] == [{"model": "digits-sisa", "version": 2}]
     # And no subject identifier travels in keys or headers
-    assert subject.encode() not in b"".join(v for _, v in receipt_event["headers"])
+    assert subject.encode() not in b"".join(v for _, v in receipt_event.headers)
     # And the rows are gone
     with psycopg.connect(settings.database_url) as conn:
         left = conn.execute("SELECT count(*) FROM training_samples WHERE subject_id = %s", (subject,)).fetchone()[0]
@@ -224,7 +182,7 @@ def test_erasure_flows_end_to_end(pipeline):
     deadline = time.monotonic() + 30
     while not listener.versions() and time.monotonic() < deadline:
         listener.pump()
-    [version] = [v["data"] for v in listener.versions() if v["data"]["version"] == 2]
+    [version] = [v.data for v in listener.versions() if v.data["version"] == 2]
     assert version["revokes"] == [1] and request_id in version["erasure_request_ids"]
     # And the new version loads (hashes checked) and predicts
     model = serving.load_version("digits-sisa", 2, settings=settings)
@@ -270,12 +228,10 @@ def test_invalid_event_goes_to_dlq_and_intake_keeps_going(pipeline):
     [_, _, subject] = _subjects_in_train(settings, 3)
     request_id = _erase(producer, settings, subject_id=subject)
     listener.wait_receipts([request_id])
-    deadline = time.monotonic() + 30
-    while len(listener.dlq) < 2 and time.monotonic() < deadline:
-        listener.pump()
-    reasons = sorted(dict(r.headers)["dlq_reason"].decode() for r in listener.dlq)
-    assert len(reasons) == 2
-    errors = [dict(r.headers)["dlq_error"].decode() for r in listener.dlq]
+    dlq = listener.wait_dlq(2)
+    reasons = sorted(dict(r.headers)["dlq_reason"].decode() for r in dlq)
+    assert reasons == ["not_json", "schema"]
+    errors = [dict(r.headers)["dlq_error"].decode() for r in dlq]
     assert any("request_id" in e for e in errors)
 
 
@@ -286,7 +242,7 @@ def test_fifty_erasures_coalesce_into_far_fewer_retrains(pipeline):
         before = conn.execute("SELECT max(version) FROM model_versions WHERE model = 'digits-sisa'").fetchone()[0]
     request_ids = [_erase(producer, settings, subject_id=s) for s in subjects]
     receipts = listener.wait_receipts(request_ids, timeout=400)
-    assert all(r["data"]["status"] == "completed" for r in receipts.values())
+    assert all(r.data["status"] == "completed" for r in receipts.values())
     with psycopg.connect(settings.database_url) as conn:
         after = conn.execute("SELECT max(version) FROM model_versions WHERE model = 'digits-sisa'").fetchone()[0]
         left = conn.execute("SELECT count(*) FROM training_samples WHERE subject_id = ANY(%s)",
@@ -295,4 +251,4 @@ def test_fifty_erasures_coalesce_into_far_fewer_retrains(pipeline):
     assert left == 0
     assert 1 <= retrains <= 15, f"{retrains} retrains for 50 erasures"
     # every receipt is chained to an earlier one
-    assert all(r["data"]["previous_receipt_sha256"] for r in receipts.values())
+    assert all(r.data["previous_receipt_sha256"] for r in receipts.values())

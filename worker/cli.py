@@ -318,3 +318,15 @@ def status_cmd(request_id) -> None:
     with database.connect(get_settings().database_url) as conn:
         if not report.show(conn, Console(), request_id):
             raise click.ClickException(f"no erasure request {request_id}")
+
+
+@main.command("demo")
+@click.option("--subjects", type=int, default=3, show_default=True, help="How many subjects to erase.")
+def demo_cmd(subjects: int) -> None:
+    """The whole story on the local stack: load, train, erase, receipts, new versions, metrics."""
+    from rich.console import Console
+
+    from worker import demo
+
+    console = Console()
+    demo.run(get_settings(), console if console.is_terminal else Console(width=120), subjects)
