@@ -13,6 +13,13 @@ import numpy as np
 RULES = ("vote", "mean", "weighted")
 
 
+def check_rule(rule: str) -> str:
+    """`rule` itself when it names one of RULES, else a ValueError naming the choices."""
+    if rule not in RULES:
+        raise ValueError(f"aggregation must be one of {', '.join(RULES)}, not {rule!r}")
+    return rule
+
+
 def majority_vote(probas: np.ndarray) -> np.ndarray:
     """(m, n, c) -> (n, c): share of components whose argmax is each class."""
     m, _, c = probas.shape
@@ -47,10 +54,3 @@ def aggregate(rule: str, probas: np.ndarray, weights: Sequence[float] | None = N
     if weights is None:
         raise ValueError("aggregation 'weighted' needs one weight per component")
     return weighted_mean(probas, weights)
-
-
-def check_rule(rule: str) -> str:
-    """`rule` itself when it names one of RULES, else a ValueError naming the choices."""
-    if rule not in RULES:
-        raise ValueError(f"aggregation must be one of {', '.join(RULES)}, not {rule!r}")
-    return rule
