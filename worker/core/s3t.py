@@ -1,0 +1,455 @@
+"""S3T: Sequence-aware Sharded Sliced Training (Chowdhury et al., ICLR 2025).
+
+A frozen base network is trained once on `public` rows, which no data subject owns and no
+erasure can touch. Each shard then trains, for each of B slice orders (π_0..π_{L-1}), a stack of
+L low-rank adapters (`worker.core.lora`): adapter i is trained on slices π_0..π_i together, with
+the base and adapters 0..i-1 frozen. Adapter i has therefore seen exactly the slices π_0..π_i.
+
+Erasing a row of slice s deactivates, in every order of its shard, the adapters from the
+position of s onward; nothing is trained. Each shard serves the order with the longest intact
+prefix. When every order of a shard has lost its first adapter, the shard is left out of
+aggregation and must have its adapters retrained (`S3T.retrain_shard`, on the gpu queue).
+
+Orders: cyclic rotation (each slice once in each position) for a uniform deletion prior, or
+bipartite-matching sequence selection (BMS) for a per-slice deletion prior, which puts the slices
+most likely to be deleted last.
+
+State (JSON, kept in the manifest):
+    {"config": TrainConfig.to_json(), "aggregation": "mean"|"vote"|"weighted",
+     "input_shape": [...], "num_classes": c, "rank": r, "orders": [[π_0..π_{L-1}], ...B],
+     "base": {"sha256", "lineage_sha256", "rows"},
+     "shards": [{"shard": k, "status": "serving"|"needs_retrain", "served": b|None,
+                 "slice_rows": [rows left in slice 0..L-1],
+                 "orders": [{"layers": [{"sha256", "lineage_sha256", "rows"}, ...active prefix]}]}]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, ClassVar
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from worker.artifacts import ArtifactStore
+from worker.core.aggregate import aggregate, check_rule
+from worker.core.base import (
+    Component,
+    DeletedSample,
+    DeletionPlan,
+    Progress,
+    TrainConfig,
+    TrainingSet,
+    TrainResult,
+    UnlearnResult,
+    lineage_sha256,
+    no_progress,
+)
+from worker.core.lora import (
+    AdaptedNet,
+    AdapterStack,
+    adapter_from_tensors,
+    freeze,
+    hidden_features,
+    new_adapter,
+    split_base,
+)
+from worker.core.nets import build_net, load_tensors, state_tensors
+from worker.core.placement import place, shard_of, slice_of
+from worker.core.sisa import expected_deletions_until_full_retrain
+from worker.core.training import fit, predict_proba
+
+DEFAULT_RANK = 16
+SERVING, NEEDS_RETRAIN = "serving", "needs_retrain"
+
+
+def cyclic_orders(slices: int, budget: int) -> list[list[int]]:
+    """The first `budget` cyclic rotations of (0..L-1): order b is (b, b+1, ..., b-1) mod L.
+
+    Over B = L orders every slice sits in every position exactly once.
+    """
+    _check_budget(slices, budget)
+    return [[(b + i) % slices for i in range(slices)] for b in range(budget)]
+
+
+def bms_orders(prior: Sequence[float], budget: int) -> list[list[int]]:
+    """Bipartite-matching sequence selection for a per-slice deletion prior (len L).
+
+    Deleting the slice at position j kills L - j adapters, so an order should minimise the
+    expected loss Σ_s prior_s (L - pos_s), i.e. maximise Σ_s prior_s · pos_s: a maximum-weight
+    perfect matching of slices to positions, which puts the likeliest deletions last. Each next
+    order is the best matching that reuses no (slice, position) pair of the earlier ones, so the
+    orders differ in every position (a Latin rectangle; a regular bipartite graph minus perfect
+    matchings always keeps one, so B <= L orders always exist).
+    """
+    p = np.asarray(prior, dtype=np.float64)
+    if p.ndim != 1 or p.size == 0 or not np.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
+        raise ValueError("deletion_prior must be a list of non-negative per-slice probabilities, not all zero")
+    slices = p.size
+    _check_budget(slices, budget)
+    weight = np.outer(p / p.sum(), np.arange(slices, dtype=np.float64))  # (slice, position)
+    used = np.zeros((slices, slices), dtype=bool)
+    # a used pair costs more than any matching of unused pairs can gain (weights lie in [0, L))
+    penalty = float(slices * slices + 1)
+    orders = []
+    for _ in range(budget):
+        rows, positions = linear_sum_assignment(np.where(used, -penalty, weight), maximize=True)
+        order = [0] * slices
+        for s, j in zip(rows, positions):
+            order[j] = int(s)
+            used[s, j] = True
+        orders.append(order)
+    return orders
+
+
+def _check_budget(slices: int, budget: int) -> None:
+    if not isinstance(budget, int) or isinstance(budget, bool) or not 1 <= budget <= slices:
+        raise ValueError(f"orders (the budget B) must be an integer in 1..{slices} (the number of slices), not {budget!r}")
+
+
+def orders_for(config: TrainConfig) -> list[list[int]]:
+    """Option `orders` (B, default min(3, L)); option `deletion_prior` switches to BMS."""
+    budget = config.options.get("orders", min(3, config.slices))
+    prior = config.options.get("deletion_prior")
+    if prior is None:
+        return cyclic_orders(config.slices, budget)
+    if not isinstance(prior, (list, tuple)) or len(prior) != config.slices:
+        raise ValueError(f"deletion_prior must list one probability per slice ({config.slices}), not {prior!r}")
+    return bms_orders(prior, budget)
+
+
+def rank_of(config: TrainConfig) -> int:
+    rank = config.options.get("rank", DEFAULT_RANK)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"option rank must be a positive integer, not {rank!r}")
+    return rank
+
+
+def component_name(shard: int, order: int, layer: int) -> str:
+    return f"shard-{shard}/order-{order}/layer-{layer}"
+
+
+def served_order(orders: list[dict[str, Any]], current: int | None) -> int | None:
+    """Index of the order with the longest intact prefix (the current one on a tie, else the
+    lowest index); None when every order has lost its first adapter."""
+    longest = max(len(o["layers"]) for o in orders)
+    if longest == 0:
+        return None
+    if current is not None and len(orders[current]["layers"]) == longest:
+        return current
+    return next(b for b, o in enumerate(orders) if len(o["layers"]) == longest)
+
+
+class ShardPredictor:
+    """Serving shards' networks (base + served adapters), combined by an aggregation rule."""
+
+    def __init__(self, nets: list[AdaptedNet], weights: list[float], rule: str):
+        self.nets = nets
+        self.weights = weights
+        self.rule = check_rule(rule)
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """(n, *input_shape) float32 -> (n, num_classes) probabilities."""
+        probas = np.stack([predict_proba(net, features) for net in self.nets])  # (shards, n, c)
+        return aggregate(self.rule, probas, self.weights)
+
+
+class S3T:
+    """Exact unlearning without training: deactivate the adapters that saw an erased slice."""
+
+    name: ClassVar[str] = "s3t"
+
+    def train(self, data: TrainingSet, config: TrainConfig, store: ArtifactStore,
+              progress: Progress = no_progress, public: TrainingSet | None = None) -> TrainResult:
+        """Train the base on `public`, then every shard's B orders of L adapters on `data`."""
+        aggregation = check_rule(config.options.get("aggregation", "mean"))
+        orders, rank = orders_for(config), rank_of(config)
+        public = self._check_public(public, data)
+        base = build_net(config, data.input_shape, data.num_classes, "s3t", "base")
+        steps = fit(base, public, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                    seed_parts=(config.seed, "s3t", "base"))
+        state = {
+            "config": config.to_json(),
+            "aggregation": aggregation,
+            "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes,
+            "rank": rank,
+            "orders": orders,
+            "base": {"sha256": store.put(state_tensors(base)),
+                     "lineage_sha256": lineage_sha256(public.sample_ids), "rows": len(public)},
+            "shards": [],
+        }
+        for k in range(config.shards):
+            shard_state, shard_steps = self._train_shard(state, base, data, k, store, progress)
+            state["shards"].append(shard_state)
+            steps += shard_steps
+        return TrainResult(
+            state=state,
+            components=self.components(state),
+            placements=place(data.sample_ids, config.shards, config.slices),
+            metrics={"optimizer_steps": float(steps)},
+        )
+
+    def plan(self, state: dict[str, Any], deleted: Sequence[DeletedSample]) -> DeletionPlan:
+        """For each order of each hit shard, the new active prefix: the position of the first
+        erased slice in that order (or the current prefix, if shorter).
+
+        work = {"prefixes": {shard: {order: new prefix}}, "erased_slices": {shard: [slices]},
+                "rows_erased": {shard: {slice: rows}}, "retrain_shards": [shards with no order left]}
+        (JSON object keys are strings).
+        """
+        config = TrainConfig.from_json(state["config"])
+        rows_erased: dict[int, dict[int, int]] = {}
+        for sample in deleted:
+            shard = sample.shard if sample.shard is not None else shard_of(sample.sample_id, config.shards)
+            slice_ = sample.slice if sample.slice is not None else slice_of(sample.sample_id, config.slices)
+            if not 0 <= shard < config.shards:
+                raise ValueError(f"deleted sample's shard {shard} is outside 0..{config.shards - 1}")
+            if not 0 <= slice_ < config.slices:
+                raise ValueError(f"deleted sample's slice {slice_} is outside 0..{config.slices - 1}")
+            per_slice = rows_erased.setdefault(shard, {})
+            per_slice[slice_] = per_slice.get(slice_, 0) + 1
+        prefixes = {
+            k: {b: min(len(state["shards"][k]["orders"][b]["layers"]), min(order.index(s) for s in hit))
+                for b, order in enumerate(state["orders"])}
+            for k, hit in sorted(rows_erased.items())
+        }
+        work = {
+            "prefixes": {str(k): {str(b): p for b, p in by_order.items()} for k, by_order in prefixes.items()},
+            "erased_slices": {str(k): sorted(hit) for k, hit in sorted(rows_erased.items())},
+            "rows_erased": {str(k): {str(s): n for s, n in sorted(hit.items())} for k, hit in sorted(rows_erased.items())},
+            "retrain_shards": [k for k, by_order in prefixes.items() if max(by_order.values()) == 0],
+        }
+        after = self._after(state, work)
+        retrain = work["retrain_shards"]
+        return DeletionPlan(
+            components_changed=self._changed(state, after),
+            work=work,
+            fallback=(f"shard(s) {retrain} lost every order: their adapters must be retrained without "
+                      "the erased rows (left out of aggregation meanwhile)") if retrain else None,
+        )
+
+    def apply(self, state: dict[str, Any], plan: DeletionPlan, remaining: TrainingSet,
+              store: ArtifactStore, progress: Progress = no_progress,
+              public: TrainingSet | None = None) -> UnlearnResult:
+        """Deactivate the planned adapters (a state change, no gradient step) and delete their
+        files, which encode erased rows. `remaining` and `public` are not needed: S3T never trains
+        here."""
+        after = self._after(state, plan.work)
+        live = {layer["sha256"] for entry in after["shards"] for o in entry["orders"] for layer in o["layers"]}
+        dead = {layer["sha256"] for entry in state["shards"] for o in entry["orders"] for layer in o["layers"]}
+        removed = sorted(dead - live)
+        for digest in removed:
+            store.delete(digest)
+        return UnlearnResult(
+            state=after,
+            components=self.components(after),
+            components_changed=self._changed(state, after),
+            verification={
+                "kind": "exact",
+                "method": self.name,
+                "erased_slices": plan.work["erased_slices"],
+                "lineage": self.lineage(after),
+                "retrain_shards": list(plan.work["retrain_shards"]),
+                "optimizer_steps": 0,
+            },
+            removed_artifacts=removed,
+            optimizer_steps=0,
+        )
+
+    def retrain_shard(self, state: dict[str, Any], shard: int, remaining: TrainingSet,
+                      public: TrainingSet | None, store: ArtifactStore,
+                      progress: Progress = no_progress) -> UnlearnResult:
+        """Retrain every order of one shard on its rows in `remaining` (all the model's training
+        rows minus the erased ones; other shards' rows are ignored). Bit-identical to what
+        `train` would give that shard on those rows. `public`, when given, must be the rows the
+        base was trained on."""
+        config = TrainConfig.from_json(state["config"])
+        if not 0 <= shard < config.shards:
+            raise ValueError(f"shard {shard} is outside 0..{config.shards - 1}")
+        if public is not None and lineage_sha256(public.sample_ids) != state["base"]["lineage_sha256"]:
+            raise ValueError("public rows differ from the rows the S3T base was trained on")
+        self._check_rows(state, remaining)
+        entry, steps = self._train_shard(state, self._base(state, store), remaining, shard, store, progress)
+        shards = [entry if k == shard else old for k, old in enumerate(state["shards"])]
+        after = {**state, "shards": shards}
+        live = {layer["sha256"] for o in entry["orders"] for layer in o["layers"]}
+        removed = sorted({layer["sha256"] for o in state["shards"][shard]["orders"] for layer in o["layers"]} - live)
+        for digest in removed:
+            store.delete(digest)
+        shard_ids = [s for s in remaining.sample_ids if shard_of(s, config.shards) == shard]
+        return UnlearnResult(
+            state=after,
+            components=self.components(after),
+            components_changed=self._changed(state, after),
+            verification={
+                "kind": "exact",
+                "method": self.name,
+                "lineage": self.lineage(after),
+                "retrained_shards": [shard],
+                "optimizer_steps": steps,
+            },
+            removed_artifacts=removed,
+            placements=place(shard_ids, config.shards, config.slices),
+            optimizer_steps=steps,
+        )
+
+    def budget(self, state: dict[str, Any]) -> float:
+        """Expected number of further deletions, each of a uniformly random training row, until
+        every shard has lost all its orders — the point where the whole model needs retraining
+        (the paper's deletion rate, counted from the current state).
+
+        A shard is lost when the first slice of each of its live orders has been hit, so this is
+        a coupon collector over the pairs (serving shard k, first slice of a live order of k),
+        each drawn with probability rows(k, slice) / rows left; the row counts are taken as
+        fixed (rows far outnumber deletions). Slices emptied before training never die:
+        a coupon of probability 0 makes the budget infinite.
+        """
+        total = sum(sum(entry["slice_rows"]) for entry in state["shards"])
+        coupons = [
+            (entry["slice_rows"][first], total)
+            for entry in state["shards"] if entry["status"] == SERVING
+            for first in sorted({state["orders"][b][0] for b, o in enumerate(entry["orders"]) if o["layers"]})
+        ]
+        if not coupons:
+            return 0.0
+        if any(rows == 0 for rows, _ in coupons):
+            return float("inf")
+        return expected_deletions_until_full_retrain([rows / total for rows, total in coupons])
+
+    def predictor(self, state: dict[str, Any], store: ArtifactStore) -> ShardPredictor:
+        """Per serving shard, the base with its served order's active adapters; shards that need
+        retraining are left out. With no serving shard, the public base alone answers."""
+        base = self._base(state, store)
+        trunk, head, _ = split_base(base)
+        nets, weights = [], []
+        for entry in state["shards"]:
+            if entry["status"] != SERVING:
+                continue
+            layers = entry["orders"][entry["served"]]["layers"]
+            adapters = [adapter_from_tensors(store.get(layer["sha256"])) for layer in layers]
+            nets.append(AdaptedNet(trunk, AdapterStack(adapters, head)))
+            weights.append(float(sum(entry["slice_rows"])))
+        if not nets:
+            return ShardPredictor([AdaptedNet(trunk, AdapterStack([], head))], [1.0], "mean")
+        return ShardPredictor(nets, weights, state["aggregation"])
+
+    @staticmethod
+    def components(state: dict[str, Any]) -> list[Component]:
+        """`base`, then per serving shard one component per active adapter of its served order."""
+        components = [Component("base", state["base"]["sha256"], state["base"]["lineage_sha256"],
+                                {"kind": "base", "rows": state["base"]["rows"]})]
+        for entry in state["shards"]:
+            if entry["status"] != SERVING:
+                continue
+            b = entry["served"]
+            layers = entry["orders"][b]["layers"]
+            for i, layer in enumerate(layers):
+                components.append(Component(
+                    name=component_name(entry["shard"], b, i),
+                    sha256=layer["sha256"],
+                    lineage_sha256=layer["lineage_sha256"],
+                    meta={"kind": "adapter", "shard": entry["shard"], "order": b, "layer": i,
+                          "active_layers": len(layers), "slices": state["orders"][b][:i + 1],
+                          "rows": layer["rows"]},
+                ))
+        return components
+
+    @staticmethod
+    def lineage(state: dict[str, Any]) -> dict[str, Any]:
+        """Evidence per shard: the served order and, for each active adapter, the slices it saw."""
+        evidence = {}
+        for entry in state["shards"]:
+            b = entry["served"]
+            layers = [] if b is None else [state["orders"][b][:i + 1] for i in range(len(entry["orders"][b]["layers"]))]
+            evidence[str(entry["shard"])] = {"status": entry["status"], "order": b, "layers": layers}
+        return evidence
+
+    @staticmethod
+    def _after(state: dict[str, Any], work: dict[str, Any]) -> dict[str, Any]:
+        """The state once the planned adapters are deactivated (pure)."""
+        shards = []
+        for entry in state["shards"]:
+            k = str(entry["shard"])
+            if k not in work["prefixes"]:
+                shards.append(entry)
+                continue
+            orders = [{"layers": o["layers"][:work["prefixes"][k][str(b)]]} for b, o in enumerate(entry["orders"])]
+            served = served_order(orders, entry["served"])
+            erased = work["rows_erased"][k]
+            shards.append({
+                **entry,
+                "status": SERVING if served is not None else NEEDS_RETRAIN,
+                "served": served,
+                "slice_rows": [max(n - erased.get(str(s), 0), 0) for s, n in enumerate(entry["slice_rows"])],
+                "orders": orders,
+            })
+        return {**state, "shards": shards}
+
+    def _changed(self, before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+        """Names of the served components that appear or disappear (or change their bytes)."""
+        old = {(c.name, c.sha256) for c in self.components(before)}
+        new = {(c.name, c.sha256) for c in self.components(after)}
+        return sorted({name for name, _ in old ^ new})
+
+    @staticmethod
+    def _check_public(public: TrainingSet | None, data: TrainingSet) -> TrainingSet:
+        if public is None or len(public) == 0:
+            raise ValueError("S3T needs `public` rows (split 'public', never erasable) to train its frozen base; "
+                             "load a dataset with `unlearn data load` and pass its public split")
+        if public.input_shape != data.input_shape or public.num_classes != data.num_classes:
+            raise ValueError(f"public rows are {public.input_shape} with {public.num_classes} classes; "
+                             f"training rows are {data.input_shape} with {data.num_classes}")
+        if set(public.sample_ids) & set(data.sample_ids):
+            raise ValueError("public rows and training rows overlap: an erasable row would reach the frozen base")
+        return public
+
+    @staticmethod
+    def _check_rows(state: dict[str, Any], rows: TrainingSet) -> None:
+        if rows.input_shape != tuple(state["input_shape"]) or rows.num_classes != state["num_classes"]:
+            raise ValueError(f"remaining rows are {rows.input_shape} with {rows.num_classes} classes; the model "
+                             f"was trained on {tuple(state['input_shape'])} with {state['num_classes']}")
+
+    @staticmethod
+    def _base(state: dict[str, Any], store: ArtifactStore):
+        config = TrainConfig.from_json(state["config"])
+        base = build_net(config, tuple(state["input_shape"]), int(state["num_classes"]), "s3t", "base")
+        return freeze(load_tensors(base, store.get(state["base"]["sha256"])))
+
+    @staticmethod
+    def _train_shard(state: dict[str, Any], base, data: TrainingSet, shard: int, store: ArtifactStore,
+                     progress: Progress) -> tuple[dict[str, Any], int]:
+        """Train B orders x L adapters for one shard on its rows of `data`; returns its state
+        entry and the optimizer steps taken. Adapter i of order b sees slices π_0..π_i."""
+        config = TrainConfig.from_json(state["config"])
+        rank = int(state["rank"])
+        trunk, head, width = split_base(base)
+        freeze(base)
+        rows = data.select(np.array([shard_of(s, config.shards) == shard for s in data.sample_ids], dtype=bool))
+        slice_index = np.array([slice_of(s, config.slices) for s in rows.sample_ids], dtype=np.int64)
+        # the trunk is frozen: compute its (n, d) features once and train adapters on them
+        hidden = replace(rows, features=hidden_features(trunk, rows.features))
+        steps = 0
+        orders = []
+        for b, order in progress(list(enumerate(state["orders"])), description=f"S3T: shard {shard} orders",
+                                 total=len(state["orders"])):
+            adapters, layers = [], []
+            for i in range(config.slices):
+                seen = hidden.select(np.isin(slice_index, order[:i + 1]))
+                parts = (config.seed, "s3t", "shard", shard, "order", b, "layer", i)
+                adapter = new_adapter(width, rank, *parts)
+                steps += fit(AdapterStack([*adapters, adapter], head), seen, epochs=config.epochs,
+                             batch_size=config.batch_size, lr=config.lr, seed_parts=parts)
+                adapters.append(freeze(adapter))
+                layers.append({"sha256": store.put(state_tensors(adapter)),
+                               "lineage_sha256": lineage_sha256(seen.sample_ids), "rows": len(seen)})
+            orders.append({"layers": layers})
+        entry = {
+            "shard": shard,
+            "status": SERVING,
+            "served": 0,
+            "slice_rows": np.bincount(slice_index, minlength=config.slices).tolist(),
+            "orders": orders,
+        }
+        return entry, steps
