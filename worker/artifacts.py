@@ -74,6 +74,9 @@ class ArtifactStore:
     def put(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
         """Store the tensors; returns the sha256 of the file (identical tensors, identical digest)."""
         contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        if metadata and len(metadata) > 1:
+            # safetensors writes several metadata keys in random order; one key keeps bytes stable
+            metadata = {"metadata": json.dumps(metadata, sort_keys=True)}
         data = save_safetensors(contiguous, metadata=metadata)
         digest = sha256_bytes(data)
         target = self.path(digest)
