@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--hidden", default="128")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--trials", type=int, default=20, help="deletion replays per budget B")
+    parser.add_argument("--trials", type=int, default=40, help="deletion replays per budget B")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench-report/s3t_letter.json"))
     args = parser.parse_args()
