@@ -137,6 +137,7 @@ def main() -> None:
         report["accuracy"] = {"s3t": accuracy(S3T(), trained.state, store, test),
                               "s3t_public_base_alone": accuracy(S3T(), base_only, store, test)}
         report["train_seconds"] = {f"s3t_B{slices}": seconds}
+        report["s3t_base_epochs"] = trained.state["base"]["epochs"]
         print(f"S3T S={m} L={slices} B={slices}: accuracy {report['accuracy']['s3t']:.4f} "
               f"(public base alone {report['accuracy']['s3t_public_base_alone']:.4f}), train {seconds:.1f}s", flush=True)
         sisa_config = TrainConfig(hidden=hidden, epochs=args.epochs, seed=args.seed, shards=m, slices=slices)

@@ -19,7 +19,7 @@ from worker.artifacts import ArtifactStore
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet, lineage_sha256
 from worker.core.deletion_sim import paper_rate, simulate
 from worker.core.placement import shard_of, slice_of
-from worker.core.s3t import S3T, bms_orders, cyclic_orders, orders_for
+from worker.core.s3t import BASE_STEPS, S3T, base_epochs, bms_orders, cyclic_orders, orders_for
 
 SHARDS, SLICES, ORDERS = 2, 3, 3
 CONFIG = TrainConfig(hidden=(32,), epochs=4, batch_size=32, lr=0.05, seed=7, shards=SHARDS, slices=SLICES,
@@ -117,6 +117,15 @@ def test_a_deletion_prior_selects_bms_orders():
 
     assert orders_for(config) == bms_orders([0.1, 0.6, 0.2, 0.1], 2)
     assert orders_for(config)[0][-1] == 1
+
+
+def test_a_small_public_split_gets_enough_base_epochs():
+    # 180 public rows in batches of 64: 3 steps an epoch
+    assert base_epochs(TrainConfig(epochs=10, batch_size=64), 180) == -(-BASE_STEPS // 3)
+    assert base_epochs(TrainConfig(epochs=10, batch_size=64), 10**6) == 10
+    assert base_epochs(TrainConfig(options={"base_epochs": 5}), 180) == 5
+    with pytest.raises(ValueError, match="base_epochs"):
+        base_epochs(TrainConfig(options={"base_epochs": 0}), 180)
 
 
 def test_training_needs_public_rows(trained, tmp_path):

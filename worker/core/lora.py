@@ -1,23 +1,24 @@
-"""The S3T network: a frozen base network plus a stack of L low-rank residual adapters.
+"""The S3T network: a frozen base network plus a stack of L low-rank adapter layers.
 
 The base (an `MLP` or `SmallCNN` from `worker.core.nets`, trained only on public rows) is cut
-into a trunk and its final linear head:
+into a trunk and its final linear head W (classes, d), b (classes,):
 
-    x (n, *input_shape) --trunk--> h0 (n, d) --adapter 1..p--> h_p (n, d) --head--> (n, classes)
+    x (n, *input_shape) --trunk--> h_0 (n, d) --blocks 1..p--> h_p (n, d)
+    logits (n, classes) = h_p @ (W + Σ_{i<=p} head_up_i @ head_down_i).T + b
 
 where d is the width of the base's last hidden layer (`config.hidden[-1]` for the MLP, or the
-input width when it has no hidden layer; `config.hidden[0]` or 64 for the CNN). Adapter i is a
-LoRA-style bottleneck of rank r with a residual connection,
+input width when it has no hidden layer; `config.hidden[0]` or 64 for the CNN). Adapter layer
+i, of rank r, is a residual bottleneck block plus a LoRA update of the head:
 
     h_i = h_{i-1} + relu(h_{i-1} @ down_i.T + down_bias_i) @ up_i.T
-    down_i: (r, d), down_bias_i: (r,), up_i: (d, r)
+    down_i: (r, d), down_bias_i: (r,), up_i: (d, r), head_down_i: (r, d), head_up_i: (classes, r)
 
-and `up_i` starts at zero, so a fresh adapter is the identity (as LoRA's zero-initialised B).
-Deactivating (zeroing) an adapter therefore equals leaving it out of the stack: a model with
-active prefix p is exactly trunk -> adapters 1..p -> head, and p = 0 is the public base.
+`up_i` and `head_up_i` start at zero (as LoRA's B), so a fresh layer changes nothing, and
+deactivating (zeroing) a layer equals leaving it out of the stack: a model with active prefix p
+is exactly trunk -> layers 1..p -> head, and p = 0 is the public base.
 
-Only the adapters are ever trained on erasable rows, so the trunk's features of a shard can be
-computed once and every adapter trained on them (seconds on a CPU).
+Only the adapters are ever trained on erasable rows, so the trunk's features of a shard are
+computed once and every adapter is trained on them (seconds on a CPU).
 """
 
 from __future__ import annotations
@@ -31,25 +32,37 @@ from torch import nn
 from worker.core.nets import MLP, SmallCNN, derive_seed
 
 
-class ResidualAdapter(nn.Module):
-    """(n, d) -> (n, d): h + relu(down(h)) @ up.T, rank r; the identity until `up` is trained."""
+class AdapterLayer(nn.Module):
+    """One adapter layer: a residual bottleneck on h and a LoRA update of the head.
 
-    def __init__(self, width: int, rank: int):
+    block: (n, d) -> (n, d), h + relu(h @ down.T + down_bias) @ up.T
+    head delta: (n, d) -> (n, classes), (h @ head_down.T) @ head_up.T
+    down: (r, d), up: (d, r), head_down: (r, d), head_up: (classes, r); `up` and `head_up` start
+    at zero, so a fresh adapter changes nothing.
+    """
+
+    def __init__(self, width: int, rank: int, classes: int):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be at least 1, got {rank}")
         self.down = nn.Linear(width, rank)
         self.up = nn.Linear(rank, width, bias=False)
+        self.head_down = nn.Linear(width, rank, bias=False)
+        self.head_up = nn.Linear(rank, classes, bias=False)
         nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.head_up.weight)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.up(torch.relu(self.down(h)))
+
+    def head_delta(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head_up(self.head_down(h))
 
 
 class AdapterStack(nn.Module):
     """(n, d) hidden features -> (n, classes) logits through the active adapters and the head."""
 
-    def __init__(self, adapters: Sequence[ResidualAdapter], head: nn.Linear):
+    def __init__(self, adapters: Sequence[AdapterLayer], head: nn.Linear):
         super().__init__()
         self.adapters = nn.ModuleList(adapters)
         self.head = head
@@ -57,7 +70,10 @@ class AdapterStack(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for adapter in self.adapters:
             h = adapter(h)
-        return self.head(h)
+        logits = self.head(h)
+        for adapter in self.adapters:
+            logits = logits + adapter.head_delta(h)
+        return logits
 
 
 class AdaptedNet(nn.Module):
@@ -92,16 +108,16 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def new_adapter(width: int, rank: int, *seed_parts: object) -> ResidualAdapter:
+def new_adapter(width: int, rank: int, classes: int, *seed_parts: object) -> AdapterLayer:
     """A freshly initialised adapter, seeded from (*seed_parts, "init")."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(*seed_parts, "init"))
-        return ResidualAdapter(width, rank)
+        return AdapterLayer(width, rank, classes)
 
 
-def adapter_from_tensors(tensors: dict[str, torch.Tensor]) -> ResidualAdapter:
+def adapter_from_tensors(tensors: dict[str, torch.Tensor]) -> AdapterLayer:
     rank, width = tensors["down.weight"].shape
-    adapter = ResidualAdapter(width, rank)
+    adapter = AdapterLayer(width, rank, tensors["head_up.weight"].shape[0])
     adapter.load_state_dict(tensors, strict=True)
     return freeze(adapter)
 

@@ -14,10 +14,14 @@ Orders: cyclic rotation (each slice once in each position) for a uniform deletio
 bipartite-matching sequence selection (BMS) for a per-slice deletion prior, which puts the slices
 most likely to be deleted last.
 
+Options (`config.options`): `orders` (B, 1..L, default min(3, L)), `deletion_prior` (L per-slice
+probabilities: BMS), `rank` (adapter rank, default 16), `base_epochs` (see `base_epochs`),
+`aggregation` (`mean`, `vote` or `weighted` by rows, default `mean`).
+
 State (JSON, kept in the manifest):
     {"config": TrainConfig.to_json(), "aggregation": "mean"|"vote"|"weighted",
      "input_shape": [...], "num_classes": c, "rank": r, "orders": [[π_0..π_{L-1}], ...B],
-     "base": {"sha256", "lineage_sha256", "rows"},
+     "base": {"sha256", "lineage_sha256", "rows", "epochs"},
      "shards": [{"shard": k, "status": "serving"|"needs_retrain", "served": b|None,
                  "slice_rows": [rows left in slice 0..L-1],
                  "orders": [{"layers": [{"sha256", "lineage_sha256", "rows"}, ...active prefix]}]}]}
@@ -25,6 +29,7 @@ State (JSON, kept in the manifest):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -61,6 +66,7 @@ from worker.core.sisa import expected_deletions_until_full_retrain
 from worker.core.training import fit, predict_proba
 
 DEFAULT_RANK = 16
+BASE_STEPS = 2000
 SERVING, NEEDS_RETRAIN = "serving", "needs_retrain"
 
 
@@ -126,6 +132,18 @@ def rank_of(config: TrainConfig) -> int:
     return rank
 
 
+def base_epochs(config: TrainConfig, public_rows: int) -> int:
+    """Option `base_epochs`; by default enough epochs for BASE_STEPS optimizer steps (at least
+    `config.epochs`). The public split is small, so `config.epochs` alone leaves the base, and
+    with it every adapter, undertrained; the base is trained once and never retrained, so the
+    extra steps are paid once."""
+    default = max(config.epochs, math.ceil(BASE_STEPS / max(1, math.ceil(public_rows / config.batch_size))))
+    epochs = config.options.get("base_epochs", default)
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"option base_epochs must be a positive integer, not {epochs!r}")
+    return epochs
+
+
 def component_name(shard: int, order: int, layer: int) -> str:
     return f"shard-{shard}/order-{order}/layer-{layer}"
 
@@ -167,7 +185,8 @@ class S3T:
         orders, rank = orders_for(config), rank_of(config)
         public = self._check_public(public, data)
         base = build_net(config, data.input_shape, data.num_classes, "s3t", "base")
-        steps = fit(base, public, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+        epochs = base_epochs(config, len(public))
+        steps = fit(base, public, epochs=epochs, batch_size=config.batch_size, lr=config.lr,
                     seed_parts=(config.seed, "s3t", "base"))
         state = {
             "config": config.to_json(),
@@ -177,7 +196,7 @@ class S3T:
             "rank": rank,
             "orders": orders,
             "base": {"sha256": store.put(state_tensors(base)),
-                     "lineage_sha256": lineage_sha256(public.sample_ids), "rows": len(public)},
+                     "lineage_sha256": lineage_sha256(public.sample_ids), "rows": len(public), "epochs": epochs},
             "shards": [],
         }
         for k in range(config.shards):
@@ -438,7 +457,7 @@ class S3T:
             for i in range(config.slices):
                 seen = hidden.select(np.isin(slice_index, order[:i + 1]))
                 parts = (config.seed, "s3t", "shard", shard, "order", b, "layer", i)
-                adapter = new_adapter(width, rank, *parts)
+                adapter = new_adapter(width, rank, rows.num_classes, *parts)
                 steps += fit(AdapterStack([*adapters, adapter], head), seen, epochs=config.epochs,
                              batch_size=config.batch_size, lr=config.lr, seed_parts=parts)
                 adapters.append(freeze(adapter))
