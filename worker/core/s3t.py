@@ -322,20 +322,22 @@ class S3T:
         A shard is lost when the first slice of each of its live orders has been hit, so this is
         a coupon collector over the pairs (serving shard k, first slice of a live order of k),
         each drawn with probability rows(k, slice) / rows left; the row counts are taken as
-        fixed (rows far outnumber deletions). Slices emptied before training never die:
-        a coupon of probability 0 makes the budget infinite.
+        fixed (rows far outnumber deletions). An order's first slice is the first one in its
+        intact prefix that has rows: an adapter trained on no rows is the identity.
         """
         total = sum(sum(entry["slice_rows"]) for entry in state["shards"])
-        coupons = [
-            (entry["slice_rows"][first], total)
-            for entry in state["shards"] if entry["status"] == SERVING
-            for first in sorted({state["orders"][b][0] for b, o in enumerate(entry["orders"]) if o["layers"]})
-        ]
-        if not coupons:
+        first_slice_rows = []
+        for entry in state["shards"]:
+            if entry["status"] != SERVING:
+                continue
+            firsts = set()
+            for b, o in enumerate(entry["orders"]):
+                nonempty = [s for s in state["orders"][b][:len(o["layers"])] if entry["slice_rows"][s] > 0]
+                firsts.update(nonempty[:1])
+            first_slice_rows += [entry["slice_rows"][s] for s in sorted(firsts)]
+        if not first_slice_rows:
             return 0.0
-        if any(rows == 0 for rows, _ in coupons):
-            return float("inf")
-        return expected_deletions_until_full_retrain([rows / total for rows, total in coupons])
+        return expected_deletions_until_full_retrain([rows / total for rows in first_slice_rows])
 
     def predictor(self, state: dict[str, Any], store: ArtifactStore) -> ShardPredictor:
         """Per serving shard, the base with its served order's active adapters; shards that need
