@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 ERASE_ROWS = "unlearning.erase_rows"
 UNLEARN_MODEL = "unlearning.unlearn_model"
+RETRAIN_SHARD = "unlearning.retrain_shard"
 
 app = Celery("unlearning-worker")
 app.conf.update(
@@ -31,7 +32,8 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     task_ignore_result=True,
     task_default_queue="erasure",
-    task_routes={ERASE_ROWS: {"queue": "erasure"}, UNLEARN_MODEL: {"queue": "gpu"}},
+    task_routes={ERASE_ROWS: {"queue": "erasure"}, UNLEARN_MODEL: {"queue": "gpu"},
+                 RETRAIN_SHARD: {"queue": "gpu"}},
     worker_hijack_root_logger=False,
 )
 
@@ -69,7 +71,9 @@ def unlearn_model(self, model: str) -> None:
     settings = get_settings()
     try:
         with psycopg.connect(settings.database_url) as conn:
-            unlearning.unlearn_model(conn, settings, model)
+            done = unlearning.unlearn_model(conn, settings, model)
+        for shard in done.retrain_shards if done else []:
+            retrain_shard.delay(model, shard)
     except unlearning.ModelBusy:
         # another worker holds the model; it may have read the pending rows before ours arrived
         raise self.retry(countdown=2, max_retries=None)
@@ -79,6 +83,17 @@ def unlearn_model(self, model: str) -> None:
             raise self.retry(exc=exc)
         log.exception("unlearning %s failed for good; failing its pending requests", model)
         _fail_pending(model, f"{exc.__class__.__name__}: {exc}")
+    _publish_outbox()
+
+
+@app.task(name=RETRAIN_SHARD, bind=True, max_retries=3, default_retry_delay=30)
+def retrain_shard(self, model: str, shard: int) -> None:
+    settings = get_settings()
+    try:
+        with psycopg.connect(settings.database_url) as conn:
+            unlearning.retrain_shard(conn, settings, model, shard)
+    except unlearning.ModelBusy:
+        raise self.retry(countdown=2, max_retries=None)
     _publish_outbox()
 
 

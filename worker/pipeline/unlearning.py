@@ -111,8 +111,35 @@ def unlearn_model(conn: psycopg.Connection, settings: Settings, model: str) -> U
             (now - received[request_id]).total_seconds())
     log.info("model %s: version %d forgets %d rows of %d requests in %.2fs", model, version.version,
              len(rows), len(request_ids), retrain_seconds)
-    return Unlearned(model, version.version, request_ids, finished, retrain_seconds, evidence,
-                     list(result.verification.get("retrain_shards", [])))
+    # S3T: a shard with no live order serves nothing until its adapters are retrained
+    retrain = list(result.verification.get("retrain_shards", [])) if hasattr(method, "retrain_shard") else []
+    return Unlearned(model, version.version, request_ids, finished, retrain_seconds, evidence, retrain)
+
+
+def retrain_shard(conn: psycopg.Connection, settings: Settings, model: str, shard: int) -> int | None:
+    """Retrain the adapters of an S3T shard that lost every slice order, and publish the result.
+
+    Returns the new version, or None when the shard no longer needs it (a repeated task).
+    """
+    with conn.transaction():
+        if not conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (model_lock_key(model),)).fetchone()[0]:
+            raise ModelBusy(model)
+        current = registry.current_version(conn, model)
+        state = registry.load_state(settings, model, current.version)
+        if state["shards"][shard]["status"] != "needs_retrain":
+            return None
+        dataset = conn.execute("SELECT dataset FROM models WHERE name = %s", (model,)).fetchone()[0]
+        method = registry.method_for(current.method)()
+        store = ArtifactStore(settings.artifact_dir, model)
+        started = time.perf_counter()
+        result = method.retrain_shard(state, shard, data.read_training_set(conn, dataset, "train"),
+                                      data.read_training_set(conn, dataset, "public"), store)
+        seconds = time.perf_counter() - started
+        version = registry.publish_version(conn, settings, model, current, result, [])
+        outbox.enqueue(conn, settings.topic_versions, _version_event(settings, version))
+    RETRAIN_DURATION.labels(model=model, method=current.method).observe(seconds)
+    log.info("model %s: shard %d retrained in %.1fs, version %d", model, shard, seconds, version.version)
+    return version.version
 
 
 def _membership_evidence(conn, method, state, store, dataset: str, rows) -> dict:
