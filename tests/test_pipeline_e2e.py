@@ -31,6 +31,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from worker import data, db, events, registry, serving
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
+from worker.demo import wait_for_metrics
 from worker.pipeline.watch import TopicWatcher
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -53,16 +54,6 @@ def _metric(port: int, name: str, labels: str = "") -> float:
             if head.split("{")[0] == name:
                 total += float(value)
     return total
-
-
-def _wait_metrics(port: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"no /metrics on port {port}")
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +98,8 @@ def pipeline(tmp_path_factory):
         "intake": subprocess.Popen([UNLEARN, "intake"], env=child_env,
                                    stdout=logs["intake"], stderr=subprocess.STDOUT, start_new_session=True),
     }
-    deadline = time.monotonic() + 60
-    _wait_metrics(settings.worker_metrics_port, deadline)
-    _wait_metrics(settings.intake_metrics_port, deadline)
+    wait_for_metrics(settings.worker_metrics_port)
+    wait_for_metrics(settings.intake_metrics_port)
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
     listener = TopicWatcher(settings, with_dlq=True)
     try:

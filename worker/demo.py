@@ -44,8 +44,8 @@ def running(settings: Settings, console: Console):
                                                      start_new_session=True)))
         console.print(f"started `unlearn {verb}` (log: {logs / f'{verb}.log'})")
     try:
-        _wait_for_metrics(settings.worker_metrics_port)
-        _wait_for_metrics(settings.intake_metrics_port)
+        wait_for_metrics(settings.worker_metrics_port)
+        wait_for_metrics(settings.intake_metrics_port)
         yield
     finally:
         for _, _, proc in procs:
@@ -58,7 +58,7 @@ def running(settings: Settings, console: Console):
             handle.close()
 
 
-def _wait_for_metrics(port: int, timeout: float = 60) -> None:
+def wait_for_metrics(port: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

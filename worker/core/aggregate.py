@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from worker.core.training import predict_proba
+
 RULES = ("vote", "mean", "weighted")
 
 
@@ -54,3 +56,20 @@ def aggregate(rule: str, probas: np.ndarray, weights: Sequence[float] | None = N
     if weights is None:
         raise ValueError("aggregation 'weighted' needs one weight per component")
     return weighted_mean(probas, weights)
+
+
+class Ensemble:
+    """Component networks whose posteriors are combined by an aggregation rule."""
+
+    def __init__(self, nets: list, weights: list[float], rule: str):
+        if not nets:
+            raise ValueError("an ensemble needs at least one component network to predict")
+        self.nets = nets
+        self.weights = weights
+        self.rule = check_rule(rule)
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """(n, *input_shape) float32 -> (n, num_classes) probabilities."""
+        probas = np.stack([predict_proba(net, features) for net in self.nets])  # (m, n, c)
+        return aggregate(self.rule, probas, self.weights)
+

@@ -38,7 +38,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from worker.artifacts import ArtifactStore
-from worker.core.aggregate import aggregate, check_rule
+from worker.core.aggregate import Ensemble, check_rule
 from worker.core.base import (
     Component,
     DeletedSample,
@@ -63,7 +63,7 @@ from worker.core.lora import (
 from worker.core.nets import build_net, load_tensors, state_tensors
 from worker.core.placement import place, shard_of, slice_of
 from worker.core.sisa import expected_deletions_until_full_retrain
-from worker.core.training import fit, predict_proba
+from worker.core.training import fit
 
 DEFAULT_RANK = 16
 BASE_STEPS = 2000
@@ -157,20 +157,6 @@ def served_order(orders: list[dict[str, Any]], current: int | None) -> int | Non
     if current is not None and len(orders[current]["layers"]) == longest:
         return current
     return next(b for b, o in enumerate(orders) if len(o["layers"]) == longest)
-
-
-class ShardPredictor:
-    """Serving shards' networks (base + served adapters), combined by an aggregation rule."""
-
-    def __init__(self, nets: list[AdaptedNet], weights: list[float], rule: str):
-        self.nets = nets
-        self.weights = weights
-        self.rule = check_rule(rule)
-
-    def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """(n, *input_shape) float32 -> (n, num_classes) probabilities."""
-        probas = np.stack([predict_proba(net, features) for net in self.nets])  # (shards, n, c)
-        return aggregate(self.rule, probas, self.weights)
 
 
 class S3T:
@@ -339,7 +325,7 @@ class S3T:
             return 0.0
         return expected_deletions_until_full_retrain([rows / total for rows in first_slice_rows])
 
-    def predictor(self, state: dict[str, Any], store: ArtifactStore) -> ShardPredictor:
+    def predictor(self, state: dict[str, Any], store: ArtifactStore) -> Ensemble:
         """Per serving shard, the base with its served order's active adapters; shards that need
         retraining are left out. With no serving shard, the public base alone answers."""
         base = self._base(state, store)
@@ -353,8 +339,8 @@ class S3T:
             nets.append(AdaptedNet(trunk, AdapterStack(adapters, head)))
             weights.append(float(sum(entry["slice_rows"])))
         if not nets:
-            return ShardPredictor([AdaptedNet(trunk, AdapterStack([], head))], [1.0], "mean")
-        return ShardPredictor(nets, weights, state["aggregation"])
+            return Ensemble([AdaptedNet(trunk, AdapterStack([], head))], [1.0], "mean")
+        return Ensemble(nets, weights, state["aggregation"])
 
     @staticmethod
     def components(state: dict[str, Any]) -> list[Component]:

@@ -26,7 +26,7 @@ import numpy as np
 from scipy import integrate
 
 from worker.artifacts import ArtifactStore
-from worker.core.aggregate import aggregate, check_rule
+from worker.core.aggregate import Ensemble, check_rule
 from worker.core.base import (
     Component,
     DeletedSample,
@@ -41,7 +41,7 @@ from worker.core.base import (
 )
 from worker.core.nets import build_net, load_tensors, state_tensors
 from worker.core.placement import place, shard_of, slice_of
-from worker.core.training import fit, predict_proba
+from worker.core.training import fit
 
 
 @dataclass(frozen=True)
@@ -131,22 +131,6 @@ def expected_deletions_until_full_retrain(first_slice_shares: Sequence[float]) -
     head, _ = integrate.quad(not_all_hit, 0.0, knee, limit=200, epsabs=1e-9, epsrel=1e-10)
     tail, _ = integrate.quad(not_all_hit, knee, math.inf, limit=200, epsabs=1e-9, epsrel=1e-10)
     return head + tail
-
-
-class ShardEnsemble:
-    """The shard networks of one SISA version, combined by an aggregation rule."""
-
-    def __init__(self, nets: list, weights: list[float], rule: str):
-        if not nets:
-            raise ValueError("a SISA model needs at least one trained (non-empty) shard to predict")
-        self.nets = nets
-        self.weights = weights
-        self.rule = check_rule(rule)
-
-    def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """(n, *input_shape) float32 -> (n, num_classes) probabilities."""
-        probas = np.stack([predict_proba(net, features) for net in self.nets])  # (shards, n, c)
-        return aggregate(self.rule, probas, self.weights)
 
 
 class Sisa:
@@ -285,7 +269,7 @@ class Sisa:
             return 0.0
         return expected_deletions_until_full_retrain([n / total for n in first_slice_sizes])
 
-    def predictor(self, state: dict[str, Any], store: ArtifactStore) -> ShardEnsemble:
+    def predictor(self, state: dict[str, Any], store: ArtifactStore) -> Ensemble:
         """Shards with no rows have an untrained network and take no part in predictions."""
         config = TrainConfig.from_json(state["config"])
         input_shape, num_classes = tuple(state["input_shape"]), int(state["num_classes"])
@@ -297,7 +281,7 @@ class Sisa:
             net = build_net(config, input_shape, num_classes, "shard", component.meta["shard"])
             nets.append(load_tensors(net, store.get(component.sha256)))
             weights.append(float(n_samples))
-        return ShardEnsemble(nets, weights, state["aggregation"])
+        return Ensemble(nets, weights, state["aggregation"])
 
     @staticmethod
     def components(state: dict[str, Any]) -> list[Component]:
