@@ -18,6 +18,8 @@ from worker.config import get_settings
 from worker.pipeline import erasure, ledger, outbox, receipts, unlearning
 
 log = logging.getLogger(__name__)
+# kafka-python narrates every connection at INFO; the worker log is for erasures
+logging.getLogger("kafka").setLevel(logging.WARNING)
 
 ERASE_ROWS = "unlearning.erase_rows"
 UNLEARN_MODEL = "unlearning.unlearn_model"
