@@ -225,7 +225,7 @@ def test_invalid_event_goes_to_dlq_and_intake_keeps_going(pipeline):
     assert any("request_id" in e for e in errors)
 
 
-def test_fifty_erasures_coalesce_into_far_fewer_retrains(pipeline):
+def test_fifty_erasures_coalesce_into_far_fewer_retrains(pipeline, record_property):
     settings, producer, listener, _ = pipeline
     subjects = _subjects_in_train(settings, 60)[10:60]
     with psycopg.connect(settings.database_url) as conn:
@@ -238,6 +238,7 @@ def test_fifty_erasures_coalesce_into_far_fewer_retrains(pipeline):
         left = conn.execute("SELECT count(*) FROM training_samples WHERE subject_id = ANY(%s)",
                             (subjects,)).fetchone()[0]
     retrains = after - before
+    record_property("retrains_for_50_erasures", retrains)
     assert left == 0
     assert 1 <= retrains <= 15, f"{retrains} retrains for 50 erasures"
     # every receipt is chained to an earlier one
