@@ -107,6 +107,7 @@ def test_rollback_deletes_erased_rows_updates_and_keeps_initial_plus_kept_update
     # When the deletion is planned and applied
     plan = method.plan(trained.state, deleted_samples(trained, erased))
     result = method.apply(trained.state, plan, digits.without(erased), store)
+    store.delete_all(result.removed_artifacts)  # as the adapter does once the version is published
     # Then the steps reverted are exactly the batches that held an erased row, in every epoch
     assert plan.fallback is None
     assert {tuple(s) for s in plan.work["steps"]} == tainted
@@ -150,6 +151,7 @@ def test_finetune_touches_retained_rows_only_and_is_itself_revertible(digits, tm
         b for b in trained.batches if step_key(b.epoch, b.step) in first.state["updates"]] + first.batches)
     plan = method.plan(first.state, deleted_samples(history, {later}))
     second = method.apply(first.state, plan, remaining.without({later}), store)
+    store.delete_all(second.removed_artifacts)
     # Then its fine-tune step is reverted too, and the invariant still holds
     assert (0, first.batches[0].epoch, first.batches[0].step) in second.removed_batches
     assert first.batches[0].update_sha256 not in store.digests()
@@ -171,6 +173,7 @@ def test_over_threshold_request_falls_back_to_an_exact_retrain(digits, tmp_path)
     assert f"{DEFAULT_MAX_REVERT_FRACTION:.2%}" in plan.fallback
     # When it is applied
     result = method.apply(trained.state, plan, digits.without(erased), store)
+    store.delete_all(result.removed_artifacts)
     # Then the model is bit-identical to a fresh training without the row
     fresh = method.train(digits.without(erased), config, ArtifactStore(tmp_path / "fresh", "m"))
     assert result.components[0].sha256 == fresh.components[0].sha256
@@ -258,7 +261,7 @@ def test_retried_apply_after_the_updates_were_deleted_retrains_exactly(digits, t
     trained = method.train(digits, make_config(), store)
     erased = {"digits-0077"}
     plan = method.plan(trained.state, deleted_samples(trained, erased))
-    method.apply(trained.state, plan, digits.without(erased), store)
+    store.delete_all(method.apply(trained.state, plan, digits.without(erased), store).removed_artifacts)
     # When the same plan is applied again to the old state
     retried = method.apply(trained.state, plan, digits.without(erased), store)
     # Then it cannot roll back, so it retrains exactly and says why

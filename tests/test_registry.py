@@ -122,7 +122,11 @@ def test_publishing_an_unlearned_version(conn, trained):
     assert all(positions == list(range(len(positions))) for _, _, positions in rows)
     assert sum(len(p) for *_, p in rows) == len(data.read_training_set(conn, "digits", "train"))
 
-    # serving loads version 2; version 1 lost its tainted files
+    # the tainted checkpoints were queued for purging in the same transaction; once purged,
+    # serving loads version 2 and version 1 has lost its tainted files
+    queued = {d for (d,) in conn.execute("SELECT sha256 FROM artifact_purges WHERE model = 'digits-sisa'")}
+    assert queued == set(result.removed_artifacts) != set()
+    assert registry.purge_artifacts(conn, settings) == len(queued)
     assert load_version("digits-sisa", 2).predict_proba(
         data.read_training_set(conn, "digits", "holdout").features).shape[1] == 10
     with pytest.raises(ArtifactIntegrityError, match="missing from the artifact store"):

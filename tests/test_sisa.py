@@ -65,6 +65,7 @@ def test_unlearning_is_bit_identical_to_training_from_scratch(digits, trained, s
     sisa = Sisa()
     plan = sisa.plan(result.state, [DeletedSample(s) for s in erased])
     unlearned = sisa.apply(result.state, plan, remaining, store)
+    store.delete_all(unlearned.removed_artifacts)  # as the adapter does once the version is published
 
     # Then every shard's weights equal, byte for byte, a model trained from scratch without them
     scratch_store = ArtifactStore(tmp_path / "scratch", "another-name")
@@ -135,11 +136,13 @@ def test_tainted_checkpoints_are_gone_from_the_store(digits, trained, store):
     unlearned = sisa.apply(result.state, sisa.plan(result.state, [DeletedSample(erased[0])]),
                            digits.without(erased), store)
 
-    # Then the checkpoints that saw it (slices 1..3) are deleted; the clean one stays
+    # Then the checkpoints that saw it (slices 1..3) are listed for purging, and are gone once
+    # purged (the adapter purges after publishing); the clean one stays
+    store.delete_all(unlearned.removed_artifacts)
     assert all(not store.exists(c.sha256) for c in before[1:])
     assert store.exists(before[0].sha256)
     assert sorted(unlearned.removed_artifacts) == sorted(c.sha256 for c in before[1:])
-    assert unlearned.verification["checkpoints_deleted"] == 3
+    assert unlearned.verification["checkpoints_purged"] == 3
     assert all(store.exists(c.sha256) for c in checkpoints(unlearned.state, 2))
     # and the new lineage no longer covers the erased row
     assert checkpoints(unlearned.state, 2)[-1].lineage_sha256 == lineage_sha256(

@@ -6,8 +6,10 @@ from __future__ import annotations
 import uuid
 
 import pytest
+import torch
 
 from worker import data, events, registry
+from worker.artifacts import ArtifactStore
 from worker.config import get_settings
 from worker.core.base import TrainConfig
 from worker.pipeline import erasure, ledger, unlearning
@@ -56,9 +58,17 @@ def test_amnesiac_rollback_receipt_is_approximate_with_membership_evidence(conn,
     registry.train_model(conn, digits, "amn", "amnesiac", "digits",
                          TrainConfig(epochs=2, hidden=(32,), options={"max_revert_fraction": 0.5}))
     [subject] = _subjects(conn, 1)
+    tainted = {d for (d,) in conn.execute(
+        "SELECT b.update_sha256 FROM batch_log b JOIN training_samples t ON t.sample_id = ANY(b.sample_ids)"
+        " WHERE b.model = 'amn' AND t.subject_id = %s", (subject,))}
+    store = ArtifactStore(digits.artifact_dir, "amn")
+    assert tainted and tainted <= store.digests()
     # When the subject is erased and the model unlearns
     request_id = _request(conn, digits, [subject])
     done = unlearning.unlearn_model(conn, digits, "amn")
+    # Then the updates that encode the subject's rows are purged from the store, none left queued
+    assert not tainted & store.digests()
+    assert conn.execute("SELECT count(*) FROM artifact_purges").fetchone()[0] == 0
     # Then the receipt is approximate, with steps reverted and a membership-inference figure
     [receipt] = _outbox(conn, events.ERASURE_COMPLETED)
     assert receipt["request_id"] == str(request_id) and receipt["status"] == "completed"
@@ -104,6 +114,19 @@ def test_s3t_deletion_takes_no_gradient_step_and_dead_shard_is_retrained(conn, d
     assert state["shards"][0]["status"] == "serving"
     # And a repeated retrain task does nothing
     assert unlearning.retrain_shard(conn, digits, "s3t", 0) is None
+
+
+def test_purges_queued_before_a_crash_are_finished_later(conn, digits):
+    # Given a file queued for purging whose deletion never ran (the process died after commit)
+    store = ArtifactStore(digits.artifact_dir, "m")
+    digest = store.put({"w": torch.ones(3)})
+    conn.execute("INSERT INTO artifact_purges (model, sha256) VALUES ('m', %s)", (digest,))
+    conn.commit()
+    # When the purge runs (after each publication, and from the sweeper)
+    assert registry.purge_artifacts(conn, digits) == 1
+    # Then the file and the queue entry are gone, and running it again is harmless
+    assert not store.exists(digest)
+    assert registry.purge_artifacts(conn, digits) == 0
 
 
 def test_model_filter_limits_which_models_unlearn(conn, digits):

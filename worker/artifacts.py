@@ -103,6 +103,10 @@ class ArtifactStore:
         target.unlink(missing_ok=True)
         return existed
 
+    def delete_all(self, digests) -> int:
+        """Remove several files; returns how many existed."""
+        return sum(self.delete(digest) for digest in digests)
+
     def digests(self) -> set[str]:
         if not self.directory.exists():
             return set()

@@ -168,6 +168,11 @@ def publish_version(conn: psycopg.Connection, settings: Settings, model: str, pa
         )
         conn.execute("UPDATE model_versions SET revoked = true WHERE model = %s AND version = %s",
                      (model, parent.version))
+        if result.removed_artifacts:
+            conn.execute(
+                "INSERT INTO artifact_purges (model, sha256) SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING",
+                (model, list(result.removed_artifacts)),
+            )
         if result.placements is not None:
             shards = {p.shard for p in result.placements} | {
                 c.meta["shard"] for c in result.components
@@ -184,6 +189,26 @@ def publish_version(conn: psycopg.Connection, settings: Settings, model: str, pa
             )
         _copy_batches(conn, model, result.batches)
     return version
+
+
+def purge_artifacts(conn: psycopg.Connection, settings: Settings) -> int:
+    """Delete the queued files that carry erased rows; returns how many files were removed.
+
+    Call after the publishing transaction committed; safe to run concurrently and repeatedly.
+    """
+    removed = 0
+    with conn.transaction():
+        rows = conn.execute(
+            "SELECT model, sha256 FROM artifact_purges ORDER BY queued_at FOR UPDATE SKIP LOCKED"
+        ).fetchall()
+        for model, digest in rows:
+            removed += ArtifactStore(settings.artifact_dir, model).delete(digest)
+        if rows:
+            conn.execute(
+                "DELETE FROM artifact_purges WHERE (model, sha256) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                ([m for m, _ in rows], [d for _, d in rows]),
+            )
+    return removed
 
 
 def current_version(conn: psycopg.Connection, model: str) -> ModelVersion | None:

@@ -7,7 +7,7 @@ to the `batch_log` table). The model is kept equal to `initial + Σ stored Δθ`
 optimizer step the parameters are reset to `before + dequantised(Δθ)`, so the log reproduces
 the model exactly (up to float addition order) whatever the storage dtype.
 
-Erasing a sample subtracts the Δθ of every step whose batch held it, deletes those updates
+Erasing a sample subtracts the Δθ of every step whose batch held it, lists those updates for purging
 (they encode the erased rows) and optionally fine-tunes a few steps on retained rows with a fresh
 optimizer. The result is approximate: later steps were still shaped by the reverted ones. When
 the share of reverted steps passes a threshold the plan falls back to an exact full retrain.
@@ -296,9 +296,8 @@ class Amnesiac:
             "reverted": sorted(set(state["reverted"]) | reverted, key=parse_step_key),
             "next_epoch": next_epoch,
         }
-        # Only after the new model is safely stored: the subtracted updates encode the erased rows.
-        for digest in removed:
-            store.delete(digest)
+        # the subtracted updates encode the erased rows: the caller purges them once the new
+        # version is durable
         return UnlearnResult(
             state=new_state,
             components=[self._component(new_state)],
@@ -350,8 +349,6 @@ class Amnesiac:
         trained = self.train(remaining, config, store, progress)
         keep = set(trained.state["updates"].values())
         removed = [d for d in state["updates"].values() if d not in keep]
-        for digest in removed:
-            store.delete(digest)
         return UnlearnResult(
             state=trained.state,
             components=trained.components,

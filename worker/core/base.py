@@ -187,6 +187,8 @@ class UnlearnResult:
     components: list[Component]
     components_changed: list[str]
     verification: dict[str, Any]  # {"kind": "exact"|"approximate", ...evidence}
+    # files that carry erased rows; the caller deletes them once the new version is durable, so a
+    # failed publication never leaves the current version without its files
     removed_artifacts: list[str] = field(default_factory=list)
     removed_batches: list[tuple[int, int, int]] = field(default_factory=list)  # (shard, epoch, step)
     placements: list[Placement] | None = None  # replaces the placement of the retrained shards

@@ -238,15 +238,13 @@ class S3T:
     def apply(self, state: dict[str, Any], plan: DeletionPlan, remaining: TrainingSet,
               store: ArtifactStore, progress: Progress = no_progress,
               public: TrainingSet | None = None) -> UnlearnResult:
-        """Deactivate the planned adapters (a state change, no gradient step) and delete their
-        files, which encode erased rows. `remaining` and `public` are not needed: S3T never trains
-        here."""
+        """Deactivate the planned adapters (a state change, no gradient step) and list their files,
+        which encode erased rows, in `removed_artifacts` for the caller to purge. `remaining` and
+        `public` are not needed: S3T never trains here."""
         after = self._after(state, plan.work)
         live = {layer["sha256"] for entry in after["shards"] for o in entry["orders"] for layer in o["layers"]}
         dead = {layer["sha256"] for entry in state["shards"] for o in entry["orders"] for layer in o["layers"]}
         removed = sorted(dead - live)
-        for digest in removed:
-            store.delete(digest)
         return UnlearnResult(
             state=after,
             components=self.components(after),
@@ -281,8 +279,6 @@ class S3T:
         after = {**state, "shards": shards}
         live = {layer["sha256"] for o in entry["orders"] for layer in o["layers"]}
         removed = sorted({layer["sha256"] for o in state["shards"][shard]["orders"] for layer in o["layers"]} - live)
-        for digest in removed:
-            store.delete(digest)
         shard_ids = [s for s in remaining.sample_ids if shard_of(s, config.shards) == shard]
         return UnlearnResult(
             state=after,

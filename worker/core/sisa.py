@@ -187,7 +187,7 @@ class Sisa:
               store: ArtifactStore, progress: Progress = no_progress,
               public: TrainingSet | None = None) -> UnlearnResult:
         """Retrain each tainted shard from its last clean checkpoint on `remaining` (the rows the
-        model was trained on, minus the erased ones), then delete the tainted checkpoints.
+        model was trained on, minus the erased ones), then list the tainted checkpoints for purging.
 
         The retrained shards end up exactly as `train(remaining)` would make them: a shard
         whose earlier slices also lost rows is retrained from the first slice that did.
@@ -218,13 +218,12 @@ class Sisa:
             **state,
             "shards": [{"shard": k, "checkpoints": [c.to_json() for c in new_shards[k]]} for k in sorted(new_shards)],
         }
-        # the tainted checkpoints hold what the erased rows taught; keep only those a retrain
-        # reproduced byte for byte (possible when a "deleted" row was never trained on)
+        # the tainted checkpoints hold what the erased rows taught: the caller purges them once the
+        # new version is durable; a checkpoint a retrain reproduced byte for byte (possible when a
+        # "deleted" row was never trained on) stays
         live = {c.sha256 for cps in new_shards.values() for c in cps}
         tainted = {c.sha256 for k, r in start.items() for c in old[k][r:]}
         removed = sorted(tainted - live)
-        for digest in removed:
-            store.delete(digest)
 
         retrained_ids = [s for k in sorted(start) for s in rows[k].rows.sample_ids]
         return UnlearnResult(
@@ -241,7 +240,7 @@ class Sisa:
                                         "after": new_shards[k][-1].lineage_sha256}
                     for k in sorted(start)
                 },
-                "checkpoints_deleted": len(removed),
+                "checkpoints_purged": len(removed),
             },
             removed_artifacts=removed,
             placements=place(retrained_ids, config.shards, config.slices),

@@ -14,6 +14,7 @@ import psycopg
 from celery import Celery
 from celery.signals import worker_process_shutdown
 
+from worker import registry
 from worker.config import get_settings
 from worker.pipeline import erasure, ledger, outbox, receipts, unlearning
 
@@ -124,7 +125,14 @@ def dispatch(request_id: uuid.UUID) -> None:
 
 
 def redispatch_stuck(conn: psycopg.Connection, older_than_seconds: float = 60.0) -> int:
-    """Re-send the tasks of requests stuck in a non-final state (a lost Celery message)."""
+    """Finish what a crash or a lost Celery message left behind; returns the requests re-sent.
+
+    Purges artifact files still queued, re-sends the tasks of requests stuck in a non-final state,
+    and (much later, as a shard retrain can take long) re-sends S3T shard retrains.
+    """
+    registry.purge_artifacts(conn, get_settings())
+    for model, shard in unlearning.shards_awaiting_retrain(conn, get_settings(), 10 * older_than_seconds):
+        retrain_shard.delay(model, shard)
     stuck = ledger.stuck(conn, older_than_seconds)
     if not stuck:
         return 0

@@ -104,6 +104,7 @@ def unlearn_model(conn: psycopg.Connection, settings: Settings, model: str) -> U
         received = dict(conn.execute(
             "SELECT request_id, received_at FROM erasure_requests WHERE request_id = ANY(%s)", (request_ids,)
         ).fetchall())
+    registry.purge_artifacts(conn, settings)
     RETRAIN_DURATION.labels(model=model, method=current.method).observe(retrain_seconds)
     now = datetime.now(timezone.utc)
     for request_id in request_ids:
@@ -137,6 +138,7 @@ def retrain_shard(conn: psycopg.Connection, settings: Settings, model: str, shar
         seconds = time.perf_counter() - started
         version = registry.publish_version(conn, settings, model, current, result, [])
         outbox.enqueue(conn, settings.topic_versions, _version_event(settings, version))
+    registry.purge_artifacts(conn, settings)
     RETRAIN_DURATION.labels(model=model, method=current.method).observe(seconds)
     log.info("model %s: shard %d retrained in %.1fs, version %d", model, shard, seconds, version.version)
     return version.version
@@ -174,6 +176,21 @@ def _version_event(settings: Settings, version: registry.ModelVersion):
     }
     return events.build_event(events.MODEL_VERSION_PUBLISHED, payload, source=settings.event_source,
                               event_id=f"model-version-{version.model}-{version.version}")
+
+
+def shards_awaiting_retrain(conn: psycopg.Connection, settings: Settings,
+                            older_than_seconds: float) -> list[tuple[str, int]]:
+    """(model, shard) of S3T shards that lost every order in a version published a while ago."""
+    found = []
+    for model, version in conn.execute(
+        "SELECT m.name, m.current_version FROM models m JOIN model_versions v"
+        " ON v.model = m.name AND v.version = m.current_version"
+        " WHERE m.method = 's3t' AND v.created_at < now() - make_interval(secs => %s)",
+        (older_than_seconds,),
+    ).fetchall():
+        state = registry.load_state(settings, model, version)
+        found += [(model, entry["shard"]) for entry in state["shards"] if entry["status"] == "needs_retrain"]
+    return found
 
 
 def pending_models(conn: psycopg.Connection) -> list[str]:
