@@ -6,10 +6,12 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from click.testing import CliRunner
 import torch
 
 from worker import data, events, registry
-from worker.artifacts import ArtifactStore
+from worker.artifacts import ArtifactStore, read_manifest
+from worker.cli import main
 from worker.config import get_settings
 from worker.core.base import TrainConfig
 from worker.pipeline import erasure, ledger, unlearning
@@ -143,3 +145,34 @@ def test_unknown_subject_completes_with_nothing_deleted(conn, digits):
     assert receipt["request_id"] == str(request_id)
     assert receipt["rows_deleted"] == 0 and receipt["model_versions"] == []
     assert unlearning.pending_models(conn) == []
+
+
+def test_verify_rechecks_a_receipt_and_catches_tampering(conn, digits):
+    from worker.pipeline.verify import verify_request
+
+    # Given a completed SISA erasure
+    registry.train_model(conn, digits, "a", "sisa", "digits", TrainConfig(shards=2, slices=2, epochs=1, hidden=(16,)))
+    request_id = _request(conn, digits, _subjects(conn, 1))
+    unlearning.unlearn_model(conn, digits, "a")
+    # When it is verified, every check passes
+    checks = verify_request(conn, digits, request_id)
+    assert [c.name for c in checks] == ["receipt hash", "receipt chain", "a v2 files",
+                                        "a v2 erased influence purged", "a v2 evidence"]
+    assert all(c.passed for c in checks), checks
+    conn.commit()
+    shown = CliRunner().invoke(main, ["verify", "--request", str(request_id)])
+    assert shown.exit_code == 0 and shown.output.count("ok  ") == 5, shown.output
+    # When a purged tainted checkpoint reappears, the purge check fails
+    removed = read_manifest(digits.artifact_dir, "a", 2)["lineage"]["removed_artifacts"]
+    stale = ArtifactStore(digits.artifact_dir, "a").path(removed[0])
+    stale.write_bytes(b"stale copy")
+    failed = {c.name for c in verify_request(conn, digits, request_id) if not c.passed}
+    assert failed == {"a v2 erased influence purged"}
+    stale.unlink()
+    # When the stored receipt is edited, the hash check fails
+    conn.execute("UPDATE erasure_requests SET receipt = jsonb_set(receipt, '{rows_deleted}', '0')"
+                 " WHERE request_id = %s", (request_id,))
+    failed = {c.name for c in verify_request(conn, digits, request_id) if not c.passed}
+    assert failed == {"receipt hash"}
+    conn.commit()
+    assert CliRunner().invoke(main, ["verify", "--request", str(request_id)]).exit_code == 1

@@ -330,3 +330,22 @@ def demo_cmd(subjects: int) -> None:
 
     console = Console()
     demo.run(get_settings(), console if console.is_terminal else Console(width=120), subjects)
+
+
+@main.command("verify")
+@click.option("--request", "request_id", type=click.UUID, required=True, help="The erasure request to re-check.")
+def verify_cmd(request_id) -> None:
+    """Re-check a completed erasure's receipt and evidence; exits 1 when a check fails."""
+    from worker import db as database
+    from worker.pipeline.verify import verify_request
+
+    settings = get_settings()
+    with database.connect(settings.database_url) as conn:
+        try:
+            checks = verify_request(conn, settings, request_id)
+        except LookupError as exc:
+            raise click.ClickException(str(exc)) from None
+    for check in checks:
+        click.echo(f"{'ok  ' if check.passed else 'FAIL'} {check.name}: {check.detail}")
+    if not all(check.passed for check in checks):
+        raise SystemExit(1)
