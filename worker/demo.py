@@ -28,7 +28,7 @@ from worker.core.base import TrainConfig
 from worker.pipeline.watch import TopicWatcher
 
 MODEL = "demo-letter-sisa"
-DEMO_CONFIG = TrainConfig(shards=5, slices=4, epochs=4, hidden=(128,), seed=0)
+DEMO_CONFIG = TrainConfig(shards=5, slices=4, epochs=10, hidden=(128,), seed=0)
 
 
 @contextmanager
@@ -135,4 +135,5 @@ def run(settings: Settings, console: Console, subjects: int = 3) -> None:
     console.print(f"While `unlearn intake` and `unlearn worker` run, Prometheus scrapes"
                   f" http://127.0.0.1:{settings.intake_metrics_port}/metrics and"
                   f" http://127.0.0.1:{settings.worker_metrics_port}/metrics (deploy/prometheus.yml,"
-                  f" deploy/grafana/unlearning.json). `unlearn status` shows the ledger.")
+                  f" deploy/grafana/unlearning.json). `unlearn status` shows the ledger;"
+                  f" `unlearn verify --request {request_ids[0]}` re-checks a receipt.")
