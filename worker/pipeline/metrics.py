@@ -86,6 +86,9 @@ def serve(port: int, database_url: str, addr: str = "127.0.0.1", tries: int = 10
     else:
         from prometheus_client import REGISTRY as registry  # noqa: N811 - the process default
     registry.register(LedgerCollector(database_url))
+    for outcome in OUTCOMES:
+        # every outcome's series exists from the start at 0, so increase() sees the first failure
+        ERASURE_REQUESTS.labels(outcome=outcome)
     for candidate in range(port, port + tries):
         try:
             start_http_server(candidate, addr=addr, registry=registry)
