@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import click
 
@@ -349,3 +350,40 @@ def verify_cmd(request_id) -> None:
         click.echo(f"{'ok  ' if check.passed else 'FAIL'} {check.name}: {check.detail}")
     if not all(check.passed for check in checks):
         raise SystemExit(1)
+
+
+def _benchmark_names(ctx, param, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    from worker.bench import selected
+
+    try:
+        return selected([name.strip() for name in value.split(",") if name.strip()])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix("only: ")) from None
+
+
+@main.command("bench")
+@click.option("--quick", is_flag=True, help="Small datasets, few epochs and runs: the suite in well under a minute.")
+@click.option("--only", callback=_benchmark_names, help="Comma-separated subset of sisa,amnesiac,s3t,e2e.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-report"),
+              show_default=True, help="Directory for the JSON files, PNG figures and report.md.")
+def bench_cmd(quick: bool, only: list[str] | None, out: Path) -> None:
+    """The benchmark suite: SISA, Amnesiac, S3T and end-to-end latency; writes a report with figures."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from worker import bench
+
+    columns = (TextColumn("{task.fields[name]:<8}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TimeElapsedColumn(), TextColumn("{task.description}"))
+    with Progress(*columns, console=Console(stderr=True)) as display:
+        tasks = {name: display.add_task("waiting", name=name, total=None, start=False)
+                 for name in bench.selected(only)}
+
+        def progress(name: str, done: float, total: float, note: str) -> None:
+            display.start_task(tasks[name])  # the clock runs from a benchmark's first step
+            display.update(tasks[name], completed=done, total=total, description=note)
+
+        report = bench.run(out, quick=quick, only=only, progress=progress)
+    click.echo(f"wrote {report}")
