@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import psycopg
 import redis
 from rich.console import Console
@@ -207,8 +208,15 @@ def figures(report: dict[str, Any], out_dir: Path) -> list[Figure]:
     figure, axes = new_figure(width=7)
     ax = axes[0, 0]
     latencies = [m["receipt_seconds"] for m in report["methods"]]
-    ax.hist(latencies, bins=20, histtype="step", linewidth=2, label=[m["method"] for m in report["methods"]])
-    ax.set_xlabel("event published → receipt received, seconds")
+    everything = [seconds for method in latencies for seconds in method]
+    # log-spaced bins: a retrain fallback or an outlier is 10x the typical erasure
+    bins = np.geomspace(min(everything) * 0.9, max(everything) * 1.1, 30)
+    ax.hist(latencies, bins=bins, histtype="step", linewidth=2, label=[m["method"] for m in report["methods"]])
+    ax.set_xscale("log")
+    ticks = [t for t in (0.5, 1, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500) if bins[0] <= t <= bins[-1]]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("event published → receipt received, seconds (log scale)")
     ax.set_ylabel("erasures")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"End-to-end erasure latency on {report['dataset']}")
