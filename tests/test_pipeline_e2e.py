@@ -9,40 +9,27 @@ predicts, the ledger says completed and /metrics counted it.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import psycopg
 import pytest
-import redis
 from kafka import KafkaProducer
-from kafka.admin import KafkaAdminClient, NewTopic
+from rich.console import Console
 
-from worker import data, db, events, registry, serving
+from worker import data, events, registry, serving
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
-from worker.demo import wait_for_metrics
+from worker.demo import running
 from worker.pipeline.watch import TopicWatcher
+from worker.sandbox import isolated
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
-UNLEARN = str(Path(sys.executable).with_name("unlearn"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+REDIS_DB = 13  # the benchmark uses 14; the default broker is 0
 
 
 def _metric(port: int, name: str, labels: str = "") -> float:
@@ -59,67 +46,24 @@ def _metric(port: int, name: str, labels: str = "") -> float:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """A fresh database with a trained model, unique topics, and running intake + worker."""
-    base = get_settings()
-    suffix = uuid.uuid4().hex[:10]
-    database_url = urlunsplit(urlsplit(base.database_url)._replace(path=f"/unlearn_e2e_{suffix}"))
-    broker = urlunsplit(urlsplit(base.celery_broker)._replace(path="/13"))
-    redis.Redis.from_url(broker).flushdb()
-    tmp = tmp_path_factory.mktemp("e2e")
-    env = {
-        "UNLEARN_DATABASE_URL": database_url,
-        "UNLEARN_CELERY_BROKER": broker,
-        "UNLEARN_ARTIFACT_DIR": str(tmp / "artifacts"),
-        "UNLEARN_STACK_DIR": str(tmp / "stack"),
-        "UNLEARN_INTAKE_METRICS_PORT": str(_free_port()),
-        "UNLEARN_WORKER_METRICS_PORT": str(_free_port()),
-        "UNLEARN_TOPIC_REQUESTS": f"erasure.requests.{suffix}",
-        "UNLEARN_TOPIC_DLQ": f"erasure.requests.dlq.{suffix}",
-        "UNLEARN_TOPIC_VERSIONS": f"model.versions.{suffix}",
-        "UNLEARN_TOPIC_RECEIPTS": f"erasure.receipts.{suffix}",
-        "UNLEARN_CONSUMER_GROUP": f"intake-{suffix}",
-    }
-    settings = Settings(**{k.removeprefix("UNLEARN_").lower(): v for k, v in env.items()},
-                        kafka_bootstrap=base.kafka_bootstrap)
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    admin.create_topics([NewTopic(t, 1, 1) for t in (settings.topic_requests, settings.topic_dlq,
-                                                     settings.topic_versions, settings.topic_receipts)])
-    admin.close()
-    db.ensure_database(database_url)
-    db.migrate(database_url)
-    with psycopg.connect(database_url) as conn:
-        data.load_into_postgres(conn, "digits")
-        registry.train_model(conn, settings, "digits-sisa", "sisa", "digits",
-                             TrainConfig(shards=3, slices=3, epochs=2, hidden=(32,), seed=7))
-    child_env = {**os.environ, **env, "UNLEARN_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "OMP_NUM_THREADS": "1"}
-    logs = {name: open(tmp / f"{name}.log", "w") for name in ("worker", "intake")}
-    procs = {
-        "worker": subprocess.Popen([UNLEARN, "worker", "--concurrency", "2"], env=child_env,
-                                   stdout=logs["worker"], stderr=subprocess.STDOUT, start_new_session=True),
-        "intake": subprocess.Popen([UNLEARN, "intake"], env=child_env,
-                                   stdout=logs["intake"], stderr=subprocess.STDOUT, start_new_session=True),
-    }
-    wait_for_metrics(settings.worker_metrics_port)
-    wait_for_metrics(settings.intake_metrics_port)
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    listener = TopicWatcher(settings, with_dlq=True)
-    try:
-        yield settings, producer, listener, procs
-    finally:
-        for proc in procs.values():
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        producer.close()
-        listener.close()
-        for name, handle in logs.items():
-            handle.close()
-            print(f"----- {name} log -----\n" + (tmp / f"{name}.log").read_text()[-4000:])
-        with psycopg.connect(urlunsplit(urlsplit(base.database_url)._replace(path="/postgres")),
-                             autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "unlearn_e2e_{suffix}" WITH (FORCE)')
+    root = tmp_path_factory.mktemp("e2e")
+    with isolated(get_settings(), root, REDIS_DB, "e2e") as settings:
+        with psycopg.connect(settings.database_url) as conn:
+            data.load_into_postgres(conn, "digits")
+            registry.train_model(conn, settings, "digits-sisa", "sisa", "digits",
+                                 TrainConfig(shards=3, slices=3, epochs=2, hidden=(32,), seed=7))
+        producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+        try:
+            with running(settings, Console(quiet=True)):
+                listener = TopicWatcher(settings, with_dlq=True)
+                try:
+                    yield settings, producer, listener
+                finally:
+                    listener.close()
+        finally:
+            producer.close()
+            for log in sorted((settings.stack_dir / "demo").glob("*.log")):
+                print(f"----- {log.name} -----\n" + log.read_text()[-4000:])
 
 
 def _erase(producer: KafkaProducer, settings: Settings, *, subject_id=None, sample_ids=None,
@@ -146,7 +90,7 @@ def _subjects_in_train(settings: Settings, count: int) -> list[str]:
 
 
 def test_erasure_flows_end_to_end(pipeline):
-    settings, producer, listener, _ = pipeline
+    settings, producer, listener = pipeline
     [subject] = _subjects_in_train(settings, 1)
     histogram_before = _metric(settings.worker_metrics_port, "unlearning_erasure_duration_seconds_count")
 
@@ -187,7 +131,7 @@ def test_erasure_flows_end_to_end(pipeline):
 
 
 def test_duplicate_event_is_applied_once(pipeline):
-    settings, producer, listener, _ = pipeline
+    settings, producer, listener = pipeline
     [_, subject] = _subjects_in_train(settings, 2)
     duplicates_before = _metric(settings.intake_metrics_port, "unlearning_erasure_requests_total",
                                 'outcome="duplicate"')
@@ -208,7 +152,7 @@ def test_duplicate_event_is_applied_once(pipeline):
 
 
 def test_invalid_event_goes_to_dlq_and_intake_keeps_going(pipeline):
-    settings, producer, listener, _ = pipeline
+    settings, producer, listener = pipeline
     producer.send(settings.topic_requests, value=b'{"specversion": "1.0", "id": "x"')
     producer.send(settings.topic_requests, value=json.dumps({
         "specversion": "1.0", "id": "bad-1", "source": "urn:test", "type": events.ERASURE_REQUESTED,
@@ -226,7 +170,7 @@ def test_invalid_event_goes_to_dlq_and_intake_keeps_going(pipeline):
 
 
 def test_fifty_erasures_coalesce_into_far_fewer_retrains(pipeline, record_property):
-    settings, producer, listener, _ = pipeline
+    settings, producer, listener = pipeline
     subjects = _subjects_in_train(settings, 60)[10:60]
     with psycopg.connect(settings.database_url) as conn:
         before = conn.execute("SELECT max(version) FROM model_versions WHERE model = 'digits-sisa'").fetchone()[0]

@@ -12,31 +12,26 @@ Needs Kafka, PostgreSQL and Redis (`unlearn stack up`); skipped when one does no
 
 from __future__ import annotations
 
-import os
-import socket
 import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import psycopg
-import redis
 from rich.console import Console
 
-from worker import data, db, events, registry
+from worker import data, events, registry
 from worker import stack as local_stack
 from worker.bench.base import Figure, Progress, Skipped, new_figure, save, table
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
 from worker.pipeline.watch import TopicWatcher
+from worker.sandbox import isolated
 
 TITLE = "End to end: erasure event → receipt, through Kafka, the intake and a Celery worker"
 REDIS_DB = 14  # the tests use 13; the default broker is 0
@@ -62,62 +57,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _with_path(url: str, path: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=path))
-
-
-@contextmanager
-def isolated(base: Settings, artifacts: Path) -> Iterator[Settings]:
-    """Settings (and UNLEARN_* variables, which the intake and worker processes inherit) for a
-    private database, topics, consumer group, Redis database and metrics ports; restored after."""
-    suffix = uuid.uuid4().hex[:10]
-    env = {
-        "UNLEARN_DATABASE_URL": _with_path(base.database_url, f"/unlearn_bench_{suffix}"),
-        "UNLEARN_CELERY_BROKER": _with_path(base.celery_broker, f"/{REDIS_DB}"),
-        "UNLEARN_ARTIFACT_DIR": str(artifacts),
-        "UNLEARN_STACK_DIR": str(base.stack_dir.resolve() / "bench"),
-        "UNLEARN_INTAKE_METRICS_PORT": str(_free_port()),
-        "UNLEARN_WORKER_METRICS_PORT": str(_free_port()),
-        "UNLEARN_TOPIC_REQUESTS": f"erasure.requests.bench-{suffix}",
-        "UNLEARN_TOPIC_DLQ": f"erasure.requests.dlq.bench-{suffix}",
-        "UNLEARN_TOPIC_VERSIONS": f"model.versions.bench-{suffix}",
-        "UNLEARN_TOPIC_RECEIPTS": f"erasure.receipts.bench-{suffix}",
-        "UNLEARN_CONSUMER_GROUP": f"intake-bench-{suffix}",
-        "UNLEARN_KAFKA_BOOTSTRAP": base.kafka_bootstrap,
-    }
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    get_settings.cache_clear()
-    settings = get_settings()
-    try:
-        yield settings
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        get_settings.cache_clear()
-        with psycopg.connect(_with_path(base.database_url, "/postgres"), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{urlsplit(settings.database_url).path[1:]}" WITH (FORCE)')
-
-
 def one_method(base: Settings, params: Params, method: str, progress: Progress, done: int, steps: int) -> dict:
     from worker.demo import running  # the demo's intake + worker runner
 
     config = params.configs[method]
-    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp, isolated(base, Path(tmp)) as settings:
+    with (tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp,
+          isolated(base, Path(tmp), REDIS_DB, "bench", base.stack_dir.resolve() / "bench") as settings):
         progress(done, steps, f"{method}: training on {params.dataset} in a fresh database")
-        redis.Redis.from_url(settings.celery_broker).flushdb()  # tasks left by an interrupted run
-        local_stack.create_topics(settings)
-        db.ensure_database(settings.database_url)
-        db.migrate(settings.database_url)
         with psycopg.connect(settings.database_url) as conn:
             data.load_into_postgres(conn, params.dataset)
             started = time.perf_counter()
