@@ -61,3 +61,32 @@ def artifact_dir(tmp_path, monkeypatch):
 
 def pytest_configure(config):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+class MemoryPublisher:
+    """Stands in for the Kafka broker behind the outbox: acknowledges everything and keeps it,
+    or refuses from the `fail_from`-th message on (a broker going away mid-batch)."""
+
+    def __init__(self, fail_from: int | None = None):
+        self.sent = []
+        self.fail_from = fail_from
+
+    def send(self, messages):
+        acked = []
+        for message in messages:
+            ok = self.fail_from is None or len(self.sent) < self.fail_from
+            if ok:
+                self.sent.append(message)
+            acked.append(ok)
+        return acked
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def ctx(database_url, artifact_dir):
+    """The pipeline's context over a real, fresh database and artifact dir; Kafka stood in for."""
+    from worker.pipeline.context import Context
+
+    return Context(get_settings(), lambda: psycopg.connect(database_url), MemoryPublisher())

@@ -12,7 +12,7 @@ from worker.artifacts import ArtifactIntegrityError, ArtifactStore, read_manifes
 from worker.config import get_settings
 from worker.core.base import DeletedSample, TrainConfig
 from worker.core.placement import shard_of, slice_of
-from worker.serving import load_version
+from worker.serving import VersionRevoked, load_version
 
 pytestmark = pytest.mark.services
 
@@ -104,13 +104,13 @@ def test_publishing_an_unlearned_version(conn, trained):
     plan = method.plan(state, [DeletedSample(s, shard, slice_) for s, shard, slice_ in erased])
     result = method.apply(state, plan, data.read_training_set(conn, "digits", "train"), store)
     request_id = str(uuid.uuid4())
-    with conn.transaction():
-        version = registry.publish_version(conn, settings, "digits-sisa", trained, result, [request_id])
+    version = registry.publish_version(conn, settings, "digits-sisa", trained, result, [request_id])
 
     # Then version 2 is current, revokes version 1 and names the request
     assert (version.version, version.parent_version, version.revokes) == (2, 1, [1])
     assert registry.current_version(conn, "digits-sisa").version == 2
-    assert conn.execute("SELECT version, revoked FROM model_versions ORDER BY version").fetchall() == [(1, True), (2, False)]
+    assert conn.execute("SELECT version, revoked, superseded_by FROM model_versions ORDER BY version"
+                        ).fetchall() == [(1, True, 2), (2, False, None)]
     manifest = read_manifest(settings.artifact_dir, "digits-sisa", 2, version.manifest_sha256)
     assert manifest["erasure_request_ids"] == [request_id]
     assert manifest["lineage"]["verification"]["kind"] == "exact"
@@ -131,7 +131,19 @@ def test_publishing_an_unlearned_version(conn, trained):
         data.read_training_set(conn, "digits", "holdout").features).shape[1] == 10
     with pytest.raises(ArtifactIntegrityError, match="missing from the artifact store"):
         load_version("digits-sisa", 1)
+    # and once its revocation is recorded, serving refuses version 1 by name, files or not
+    assert registry.record_revocations(conn, settings, "digits-sisa") == 1
+    with pytest.raises(VersionRevoked, match="digits-sisa v1 is revoked .*by v2"):
+        load_version("digits-sisa", 1)
+    assert registry.record_revocations(conn, settings, "digits-sisa") == 0
 
-    # and a second publication from the stale parent is refused
-    with pytest.raises(registry.StaleVersion, match="at version 2, not 1"):
+    # and a second publication from the stale parent is refused before its manifest is written
+    with pytest.raises(registry.StaleVersion, match="already has a version 2"):
         registry.publish_version(conn, settings, "digits-sisa", trained, result, [request_id])
+    assert read_manifest(settings.artifact_dir, "digits-sisa", 2, version.manifest_sha256)
+    # and a staged version commits only while its parent is current (compare-and-swap)
+    staged = registry.stage_version(conn, settings, version, result, [])
+    with conn.transaction():
+        registry.commit_version(conn, staged)
+    with pytest.raises(registry.StaleVersion, match="at version 3, not 2"), conn.transaction():
+        registry.commit_version(conn, staged)

@@ -28,6 +28,7 @@ def digits(conn, artifact_dir):
 def _request(conn, settings, subject_ids: list[str], models: list[str] | None = None) -> uuid.UUID:
     """One erasure request per subject, recorded and with its rows deleted; returns the first id."""
     request_ids = [uuid.uuid4() for _ in subject_ids]
+    conn.commit()  # an open read would turn the blocks below into savepoints the worker cannot see
     with conn.transaction():
         for request_id, subject in zip(request_ids, subject_ids):
             payload = {"request_id": str(request_id), "regulation": "gdpr", "subject_id": subject,
@@ -37,6 +38,7 @@ def _request(conn, settings, subject_ids: list[str], models: list[str] | None = 
             ledger.record(conn, source="urn:test", event_id=str(request_id), data=payload)
     for request_id in request_ids:
         erasure.delete_rows(conn, settings, request_id)
+    conn.commit()
     return request_ids[0]
 
 
@@ -44,6 +46,11 @@ def _subjects(conn, count: int, offset: int = 0) -> list[str]:
     return [s for (s,) in conn.execute(
         "SELECT subject_id FROM training_samples WHERE split = 'train' GROUP BY subject_id"
         " ORDER BY subject_id OFFSET %s LIMIT %s", (offset, count))]
+
+
+def _pass(ctx, model: str):
+    """Run the model's passes until nothing is pending; the last one's outcome."""
+    return unlearning.unlearn_until_idle(ctx, model)[-1]
 
 
 def _outbox(conn, event_type: str) -> list[dict]:
@@ -55,7 +62,7 @@ def _outbox(conn, event_type: str) -> list[dict]:
     return found
 
 
-def test_amnesiac_rollback_receipt_is_approximate_with_membership_evidence(conn, digits):
+def test_amnesiac_rollback_receipt_is_approximate_with_membership_evidence(conn, digits, ctx):
     # Given an Amnesiac model whose threshold allows a rollback of one subject
     registry.train_model(conn, digits, "amn", "amnesiac", "digits",
                          TrainConfig(epochs=2, hidden=(32,), options={"max_revert_fraction": 0.5}))
@@ -67,7 +74,7 @@ def test_amnesiac_rollback_receipt_is_approximate_with_membership_evidence(conn,
     assert tainted and tainted <= store.digests()
     # When the subject is erased and the model unlearns
     request_id = _request(conn, digits, [subject])
-    done = unlearning.unlearn_model(conn, digits, "amn")
+    done = _pass(ctx, "amn")
     # Then the updates that encode the subject's rows are purged from the store, none left queued
     assert not tainted & store.digests()
     assert conn.execute("SELECT count(*) FROM artifact_purges").fetchone()[0] == 0
@@ -83,10 +90,10 @@ def test_amnesiac_rollback_receipt_is_approximate_with_membership_evidence(conn,
     assert conn.execute("SELECT count(*) FROM pending_unlearning").fetchone()[0] == 0
 
 
-def test_amnesiac_over_threshold_falls_back_to_exact_retrain_and_says_so(conn, digits):
+def test_amnesiac_over_threshold_falls_back_to_exact_retrain_and_says_so(conn, digits, ctx):
     registry.train_model(conn, digits, "amn", "amnesiac", "digits", TrainConfig(epochs=2, hidden=(32,)))
     _request(conn, digits, _subjects(conn, 3))
-    unlearning.unlearn_model(conn, digits, "amn")
+    _pass(ctx, "amn")
     receipts = _outbox(conn, events.ERASURE_COMPLETED)
     assert len(receipts) == 3
     for receipt in receipts:
@@ -95,27 +102,27 @@ def test_amnesiac_over_threshold_falls_back_to_exact_retrain_and_says_so(conn, d
         assert evidence["fallback"].startswith("retrain")
 
 
-def test_s3t_deletion_takes_no_gradient_step_and_dead_shard_is_retrained(conn, digits):
+def test_s3t_deletion_takes_no_gradient_step_and_dead_shard_is_retrained(conn, digits, ctx):
     # Given an S3T model with one shard, two slices and two orders
     registry.train_model(conn, digits, "s3t", "s3t", "digits",
                          TrainConfig(shards=1, slices=2, epochs=2, hidden=(32,), options={"orders": 2, "base_epochs": 5}))
     # When one subject is erased
     _request(conn, digits, _subjects(conn, 1))
-    first = unlearning.unlearn_model(conn, digits, "s3t")
+    first = _pass(ctx, "s3t")
     # Then version 2 came from zero optimizer steps, with exact lineage evidence
     [version] = _outbox(conn, events.MODEL_VERSION_PUBLISHED)
     assert version["method"] == "s3t" and version["metrics"]["optimizer_steps"] == 0
-    assert first.verification["kind"] == "exact"
+    assert first.receipts[0].body["verification"]["kind"] == "exact"
     # When enough subjects are erased that every order loses its first layer
     _request(conn, digits, _subjects(conn, 40, offset=1))
-    second = unlearning.unlearn_model(conn, digits, "s3t")
+    second = _pass(ctx, "s3t")
     assert second.retrain_shards == [0]
     # Then retraining the shard brings it back into service
-    version = unlearning.retrain_shard(conn, digits, "s3t", 0)
+    version = unlearning.retrain_shard(ctx, "s3t", 0)
     state = registry.load_state(digits, "s3t", version)
     assert state["shards"][0]["status"] == "serving"
     # And a repeated retrain task does nothing
-    assert unlearning.retrain_shard(conn, digits, "s3t", 0) is None
+    assert unlearning.retrain_shard(ctx, "s3t", 0) is None
 
 
 def test_purges_queued_before_a_crash_are_finished_later(conn, digits):
@@ -131,11 +138,26 @@ def test_purges_queued_before_a_crash_are_finished_later(conn, digits):
     assert registry.purge_artifacts(conn, digits) == 0
 
 
-def test_model_filter_limits_which_models_unlearn(conn, digits):
-    registry.train_model(conn, digits, "a", "sisa", "digits", TrainConfig(shards=2, slices=2, epochs=1, hidden=(16,)))
-    registry.train_model(conn, digits, "b", "sisa", "digits", TrainConfig(shards=2, slices=2, epochs=1, hidden=(16,)))
-    _request(conn, digits, _subjects(conn, 1), models=["b"])
-    assert unlearning.pending_models(conn) == ["b"]
+def test_naming_one_model_never_exempts_another_that_trained_on_the_rows(conn, digits, ctx):
+    # Given two models trained on the same rows
+    config = TrainConfig(shards=2, slices=2, epochs=1, hidden=(16,))
+    registry.train_model(conn, digits, "a", "sisa", "digits", config)
+    registry.train_model(conn, digits, "b", "sisa", "digits", config)
+    # When a request names only model "b"
+    request_id = _request(conn, digits, _subjects(conn, 1), models=["b"])
+    # Then both models must unlearn, and the request is not complete after "b" alone
+    assert unlearning.pending_models(conn) == ["a", "b"]
+    _pass(ctx, "b")
+    assert _outbox(conn, events.ERASURE_COMPLETED) == []
+    _pass(ctx, "a")
+    [receipt] = _outbox(conn, events.ERASURE_COMPLETED)
+    assert receipt["request_id"] == str(request_id) and receipt["status"] == "completed"
+    assert sorted((v["model"], v["version"]) for v in receipt["model_versions"]) == [("a", 2), ("b", 2)]
+    # And model "a" is now exactly what training from scratch without the rows gives
+    registry.train_model(conn, digits, "a-fresh", "sisa", "digits", config)
+    unlearned = read_manifest(digits.artifact_dir, "a", 2)["components"]
+    fresh = read_manifest(digits.artifact_dir, "a-fresh", 1)["components"]
+    assert [c["sha256"] for c in unlearned] == [c["sha256"] for c in fresh]
 
 
 def test_unknown_subject_completes_with_nothing_deleted(conn, digits):
@@ -147,21 +169,21 @@ def test_unknown_subject_completes_with_nothing_deleted(conn, digits):
     assert unlearning.pending_models(conn) == []
 
 
-def test_verify_rechecks_a_receipt_and_catches_tampering(conn, digits):
+def test_verify_rechecks_a_receipt_and_catches_tampering(conn, digits, ctx):
     from worker.pipeline.verify import verify_request
 
     # Given a completed SISA erasure
     registry.train_model(conn, digits, "a", "sisa", "digits", TrainConfig(shards=2, slices=2, epochs=1, hidden=(16,)))
     request_id = _request(conn, digits, _subjects(conn, 1))
-    unlearning.unlearn_model(conn, digits, "a")
+    _pass(ctx, "a")
     # When it is verified, every check passes
     checks = verify_request(conn, digits, request_id)
-    assert [c.name for c in checks] == ["receipt hash", "receipt chain", "a v2 files",
-                                        "a v2 erased influence purged", "a v2 evidence"]
+    assert [c.name for c in checks] == ["receipt #1 (completed) hash", "receipt #1 link", "receipt chain",
+                                        "a v2 manifest", "a v2 files", "a v2 erased influence purged", "a v2 evidence"]
     assert all(c.passed for c in checks), checks
     conn.commit()
     shown = CliRunner().invoke(main, ["verify", "--request", str(request_id)])
-    assert shown.exit_code == 0 and shown.output.count("ok  ") == 5, shown.output
+    assert shown.exit_code == 0 and shown.output.count("ok  ") == 7, shown.output
     # When a purged tainted checkpoint reappears, the purge check fails
     removed = read_manifest(digits.artifact_dir, "a", 2)["lineage"]["removed_artifacts"]
     stale = ArtifactStore(digits.artifact_dir, "a").path(removed[0])
@@ -170,9 +192,9 @@ def test_verify_rechecks_a_receipt_and_catches_tampering(conn, digits):
     assert failed == {"a v2 erased influence purged"}
     stale.unlink()
     # When the stored receipt is edited, the hash check fails
-    conn.execute("UPDATE erasure_requests SET receipt = jsonb_set(receipt, '{rows_deleted}', '0')"
-                 " WHERE request_id = %s", (request_id,))
+    conn.execute("UPDATE receipts SET body = jsonb_set(body, '{rows_deleted}', '0') WHERE request_id = %s",
+                 (request_id,))
     failed = {c.name for c in verify_request(conn, digits, request_id) if not c.passed}
-    assert failed == {"receipt hash"}
+    assert failed == {"receipt #1 (completed) hash"}
     conn.commit()
     assert CliRunner().invoke(main, ["verify", "--request", str(request_id)]).exit_code == 1

@@ -122,12 +122,12 @@ def manifest_path(root: Path | str, model: str, version: int) -> Path:
     return Path(root).resolve() / "manifests" / model / f"{version}.json"
 
 
-def write_manifest(root: Path | str, model: str, version: int, manifest: dict) -> tuple[Path, str]:
-    """Write a manifest atomically; returns its path and the sha256 of its bytes."""
+def write_manifest(root: Path | str, model: str, version: int, manifest: dict) -> tuple[str, str]:
+    """Write a manifest atomically; returns its URI and the sha256 of its bytes."""
     data = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8") + b"\n"
     path = manifest_path(root, model, version)
     atomic_write(path, data)
-    return path, sha256_bytes(data)
+    return path.as_uri(), sha256_bytes(data)
 
 
 def read_manifest(root: Path | str, model: str, version: int, expected_sha256: str | None = None) -> dict:
@@ -136,3 +136,21 @@ def read_manifest(root: Path | str, model: str, version: int, expected_sha256: s
     if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
         raise ArtifactIntegrityError(f"manifest {model} v{version} does not match its recorded sha256")
     return json.loads(data)
+
+
+def revocation_path(root: Path | str, model: str, version: int) -> Path:
+    return manifest_path(root, model, version).with_suffix(".revoked.json")
+
+
+def write_revocation(root: Path | str, model: str, version: int, record: dict) -> None:
+    """Record next to its manifest that a version must no longer be served (idempotent)."""
+    atomic_write(revocation_path(root, model, version),
+                 json.dumps(record, indent=2, sort_keys=True).encode("utf-8") + b"\n")
+
+
+def read_revocation(root: Path | str, model: str, version: int) -> dict | None:
+    """The revocation record of a version, or None while it may be served."""
+    try:
+        return json.loads(revocation_path(root, model, version).read_bytes())
+    except FileNotFoundError:
+        return None

@@ -255,18 +255,21 @@ def intake_cmd(max_seconds: float | None) -> None:
 
     import psycopg
 
-    from worker.pipeline import intake, metrics, outbox
+    from worker import events
+    from worker.pipeline import context, intake, metrics, outbox
 
     _logging()
     settings = get_settings()
     port = metrics.serve(settings.intake_metrics_port, settings.database_url, settings.metrics_addr)
     click.echo(f"intake: metrics on http://127.0.0.1:{port}/metrics; consuming {settings.topic_requests}")
-    relay = outbox.Relay(settings.database_url, settings.kafka_bootstrap)
-    sweeper = intake.Sweeper(settings.database_url)
+    ctx = context.from_settings(settings)
+    relay = outbox.Relay(ctx.connect, ctx.publisher)
+    sweeper = intake.Sweeper(context.from_settings(settings), settings.sweep_interval_seconds,
+                             settings.stuck_after_seconds)
     relay.start()
     sweeper.start()
     consumer = intake.make_consumer(settings)
-    dlq = outbox.make_producer(settings.kafka_bootstrap)
+    dlq = events.open_producer(settings.kafka_bootstrap)
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     try:
         with psycopg.connect(settings.database_url) as conn:
@@ -308,8 +311,9 @@ def worker_cmd(concurrency: int, queues: str) -> None:
 
 
 @main.command("status")
-@click.option("--request", "request_id", type=click.UUID, default=None, help="Show one request and its receipt.")
-def status_cmd(request_id) -> None:
+@click.option("--request", "request_id", type=click.UUID, default=None, help="Show one request and its receipts.")
+@click.option("--overdue", is_flag=True, help="Only open requests past, or within a week of, their due date.")
+def status_cmd(request_id, overdue: bool) -> None:
     """Ledger, models, versions, budgets and due dates."""
     from rich.console import Console
 
@@ -317,8 +321,67 @@ def status_cmd(request_id) -> None:
     from worker.pipeline import report
 
     with database.connect(get_settings().database_url) as conn:
-        if not report.show(conn, Console(), request_id):
+        if not report.show(conn, Console(), request_id, overdue=overdue):
             raise click.ClickException(f"no erasure request {request_id}")
+
+
+@main.command("retry")
+@click.option("--request", "request_ids", type=click.UUID, multiple=True, help="A failed request (repeatable).")
+@click.option("--model", "model", default=None, help="Every failed request waiting for this model.")
+def retry_cmd(request_ids, model: str | None) -> None:
+    """Re-drive failed requests once the cause is fixed; a withdrawn model retrains from scratch.
+
+    A request gets a new `completed` receipt only when the work really completes.
+    """
+    from worker import db as database
+    from worker.pipeline import ledger, tasks
+
+    if not request_ids and model is None:
+        raise click.UsageError("give --request ID (repeatable) or --model NAME")
+    settings = get_settings()
+    with database.connect(settings.database_url) as conn:
+        targets = list(request_ids)
+        if model is not None:
+            targets += [r for (r,) in conn.execute(
+                "SELECT DISTINCT p.request_id FROM pending_unlearning p JOIN erasure_requests e USING (request_id)"
+                " WHERE p.model = %s AND e.status = 'failed'", (model,))]
+            conn.execute("UPDATE models SET status = 'full_retrain_requested' WHERE name = %s"
+                         " AND status = 'needs_full_retrain'", (model,))
+            conn.commit()
+        erase, models = [], {model} if model else set()
+        for request_id in dict.fromkeys(targets):
+            try:
+                with conn.transaction():
+                    status, waiting = ledger.reopen(conn, request_id)
+            except (LookupError, ValueError) as exc:
+                raise click.ClickException(str(exc)) from None
+            if status == "received":
+                erase.append(request_id)
+            models.update(waiting)
+            click.echo(f"{request_id}: back to {status}" + (f", waiting for {', '.join(waiting)}" if waiting else ""))
+    for request_id in erase:
+        tasks.dispatch(request_id)
+    for name in sorted(models):
+        tasks.unlearn_model.delay(name)
+    if model is not None and not targets:
+        click.echo(f"no failed request waits for {model}; its full retrain is queued")
+
+
+@main.command("extend")
+@click.option("--request", "request_id", type=click.UUID, required=True, help="The open request.")
+@click.option("--reason", required=True, help="Why more time is needed (shown on the receipt; no personal data).")
+def extend_cmd(request_id, reason: str) -> None:
+    """Extend an open request's deadline by two months, once (GDPR Art. 12(3))."""
+    from worker import db as database
+    from worker.pipeline import ledger
+
+    with database.connect(get_settings().database_url) as conn:
+        try:
+            with conn.transaction():
+                due = ledger.extend_deadline(conn, request_id, reason)
+        except (LookupError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"{request_id}: due {due:%Y-%m-%d %H:%M} UTC (extended by two months)")
 
 
 @main.command("demo")

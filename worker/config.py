@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     event_source: str = "urn:unlearning-worker"
     # how long an unlearning task waits so erasures arriving together share one retrain
     coalesce_seconds: float = Field(1.0, ge=0)
+    # the intake's sweeper re-drives requests untouched this long (a lost Celery message, a crash)
+    stuck_after_seconds: float = Field(60.0, gt=0)
+    sweep_interval_seconds: float = Field(15.0, gt=0)
 
     def public_items(self) -> list[tuple[str, str]]:
         """`NAME=value` pairs for `unlearn config`, with any password masked."""

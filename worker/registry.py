@@ -1,16 +1,22 @@
 """Model versions: the adapter between PostgreSQL, the artifact store and any unlearning method.
 
-`train_model` publishes version 1 of a model; `publish_version` publishes the version an
-unlearning produced. Each version is a manifest at `$UNLEARN_ARTIFACT_DIR/manifests/<model>/
-<version>.json` listing its component files with their sha256, the aggregation rule, the
-lineage and the method's state, plus a `model_versions` row pointing at it.
+Publishing a version has two halves, so no database transaction waits on training or on storage:
+- `stage_version` (no transaction): computes the version's figures and writes its manifest to
+  `$UNLEARN_ARTIFACT_DIR/manifests/<model>/<version>.json`, listing its component files with their
+  sha256, the aggregation rule, the lineage and the method's state;
+- `commit_version` (inside the caller's short transaction): checks that the model still serves
+  the parent the work started from (compare-and-swap), then records the version, revokes the
+  parent, queues the tainted files for purging and rewrites placement and batch log.
+A manifest staged by a pass that then loses the race is never referenced and is overwritten by
+the next pass. `train_model` publishes version 1 the same way.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,7 +25,13 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from worker import data
-from worker.artifacts import NAMESPACE, ArtifactStore, read_manifest, write_manifest
+from worker.artifacts import (
+    NAMESPACE,
+    ArtifactStore,
+    read_manifest,
+    write_manifest,
+    write_revocation,
+)
 from worker.config import Settings
 from worker.core.base import (
     BatchRecord,
@@ -27,12 +39,14 @@ from worker.core.base import (
     Progress,
     TrainConfig,
     TrainingSet,
-    TrainResult,
     UnlearningMethod,
     UnlearnResult,
     lineage_sha256,
     no_progress,
 )
+from worker.pipeline import failpoints
+
+log = logging.getLogger(__name__)
 
 # imported on first use, so a method whose module is missing or broken never stops the others
 METHODS: dict[str, str] = {
@@ -40,6 +54,8 @@ METHODS: dict[str, str] = {
     "amnesiac": "worker.core.amnesiac:Amnesiac",
     "s3t": "worker.core.s3t:S3T",
 }
+# training again when rows were erased while it ran; more than this means erasures keep racing it
+TRAIN_ATTEMPTS = 3
 
 
 class ModelExists(ValueError):
@@ -48,6 +64,10 @@ class ModelExists(ValueError):
 
 class StaleVersion(RuntimeError):
     """The version an unlearning started from is no longer the model's current one."""
+
+
+class RowsErasedDuringTraining(RuntimeError):
+    """Training rows were erased while a model trained on them; it must train again."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,21 @@ class ModelVersion:
     revokes: list[int]
     created_at: str  # RFC 3339
     erasure_request_ids: list[str] = field(default_factory=list)  # as written in the manifest
+    servable: bool = True  # False: a withdrawal marker, nothing to serve until a full retrain
+
+
+@dataclass(frozen=True)
+class StagedVersion:
+    """A version whose manifest is written but which is not recorded yet."""
+
+    version: ModelVersion
+    dataset: str
+    removed_artifacts: list[str] = field(default_factory=list)
+    placements: list[Placement] | None = None  # replaces the placement of `placement_shards`
+    placement_shards: list[int] | None = None  # None with placements: every shard (a full retrain)
+    batches: list[BatchRecord] = field(default_factory=list)
+    removed_batches: list[tuple[int, int, int]] = field(default_factory=list)
+    replace_batch_log: bool = False  # a full retrain: the whole batch log is new
 
 
 def method_for(name: str) -> type[UnlearningMethod]:
@@ -85,124 +120,212 @@ def train_model(conn: psycopg.Connection, settings: Settings, name: str, method:
     """Train `method` on the dataset's training rows and publish version 1 of model `name`.
 
     Training runs outside any transaction; the model, its placement, batch log and version are
-    then written in one. Refuses a name that is already taken, before and after training.
+    then written in one, which first locks the rows it trained on: a row erased meanwhile means
+    training again (an erasure that committed first would otherwise leave the new model holding
+    it unnoticed, and one that comes later waits for the lock and then sees the placement).
+    Refuses a name that is already taken, before and after training.
     """
     if not NAMESPACE.match(name):
         raise ValueError(f"model name {name!r} must be 1-128 letters, digits, '.', '_' or '-', starting alphanumeric")
     implementation = method_for(method)()
-    with conn.transaction():
-        if conn.execute("SELECT 1 FROM models WHERE name = %s", (name,)).fetchone():
-            raise ModelExists(f"model {name!r} already exists; choose another name")
-        rows = data.read_training_set(conn, dataset, "train")
-        public = data.read_training_set(conn, dataset, "public")
-        holdout = data.read_training_set(conn, dataset, "holdout")
-    if len(rows) == 0:
-        raise ValueError(f"dataset {dataset!r} has no training rows in PostgreSQL; run `unlearn data load {dataset}`")
-
-    store = ArtifactStore(settings.artifact_dir, name)
-    result: TrainResult = implementation.train(rows, config, store, progress, public if len(public) else None)
-    metrics = {**result.metrics, "train_rows": float(len(rows)),
-               **_holdout_metrics(implementation, result.state, store, holdout)}
-    created_at = _now()
-
-    with conn.transaction():
-        try:
-            conn.execute(
-                "INSERT INTO models (name, method, dataset, seed, options) VALUES (%s, %s, %s, %s, %s)",
-                (name, method, dataset, config.seed, Jsonb(config.to_json())),
-            )
-        except psycopg.errors.UniqueViolation:
-            raise ModelExists(f"model {name!r} already exists; choose another name") from None
+    for attempt in range(1, TRAIN_ATTEMPTS + 1):
+        with conn.transaction():
+            if conn.execute("SELECT 1 FROM models WHERE name = %s", (name,)).fetchone():
+                raise ModelExists(f"model {name!r} already exists; choose another name")
+            rows = data.read_training_set(conn, dataset, "train")
+            public = data.read_training_set(conn, dataset, "public")
+            holdout = data.read_training_set(conn, dataset, "holdout")
+        if len(rows) == 0:
+            raise ValueError(f"dataset {dataset!r} has no training rows in PostgreSQL; run `unlearn data load {dataset}`")
+        store = ArtifactStore(settings.artifact_dir, name)
+        result = implementation.train(rows, config, store, progress, public if len(public) else None)
+        unlearned = UnlearnResult(
+            state=result.state, components=result.components,
+            components_changed=[c.name for c in result.components], verification={},
+            placements=result.placements, batches=result.batches,
+        )
         lineage = {
-            "dataset": dataset,
-            "split": "train",
-            "train_rows": len(rows),
-            "train_lineage_sha256": lineage_sha256(rows.sample_ids),
-            "public_rows": len(public),
+            "dataset": dataset, "split": "train", "train_rows": len(rows),
+            "train_lineage_sha256": lineage_sha256(rows.sample_ids), "public_rows": len(public),
             "seed": config.seed,
         }
-        version = _publish(
-            conn, settings, store, implementation, model=name, dataset=dataset, version=1, parent_version=None,
-            state=result.state, components=result.components,
-            components_changed=[c.name for c in result.components], lineage=lineage,
-            erasure_request_ids=[], metrics=metrics, created_at=created_at,
+        staged = _stage(conn, settings, implementation, model=name, dataset=dataset, parent=None,
+                        result=unlearned, lineage=lineage, request_ids=[], holdout=holdout,
+                        extra_metrics={**result.metrics, "train_rows": float(len(rows))})
+        try:
+            with conn.transaction():
+                try:
+                    conn.execute(
+                        "INSERT INTO models (name, method, dataset, seed, options) VALUES (%s, %s, %s, %s, %s)",
+                        (name, method, dataset, config.seed, Jsonb(config.to_json())),
+                    )
+                except psycopg.errors.UniqueViolation:
+                    raise ModelExists(f"model {name!r} already exists; choose another name") from None
+                _lock_rows_still_there(conn, rows.sample_ids)
+                return commit_version(conn, replace(staged, placements=result.placements, placement_shards=None,
+                                                    batches=result.batches, replace_batch_log=True))
+        except RowsErasedDuringTraining:
+            log.warning("model %s: training rows were erased while it trained; training again (%d/%d)",
+                        name, attempt, TRAIN_ATTEMPTS)
+    raise RowsErasedDuringTraining(f"model {name!r}: training rows kept being erased while it trained; try again")
+
+
+def _lock_rows_still_there(conn: psycopg.Connection, sample_ids: Sequence[str]) -> None:
+    still = conn.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM training_samples WHERE sample_id = ANY(%s) FOR KEY SHARE) AS kept",
+        (list(sample_ids),),
+    ).fetchone()[0]
+    if still != len(sample_ids):
+        raise RowsErasedDuringTraining(f"{len(sample_ids) - still} training rows were erased during training")
+
+
+def stage_version(conn: psycopg.Connection, settings: Settings, parent: ModelVersion, result: UnlearnResult,
+                  request_ids: Sequence[str], *, full_retrain: bool = False) -> StagedVersion:
+    """Write the manifest of the version an unlearning of `parent` produced; nothing is recorded.
+
+    Reads the holdout rows on `conn` (no transaction is left open) to put the version's accuracy
+    in its event. `full_retrain`: the result replaces every component, placement and batch.
+    """
+    implementation = method_for(parent.method)()
+    dataset = _dataset(conn, parent.model)
+    holdout = data.read_training_set(conn, dataset, "holdout")
+    conn.commit()
+    lineage = {
+        "parent_version": parent.version,
+        "parent_manifest_sha256": parent.manifest_sha256,
+        "verification": result.verification,
+        "removed_artifacts": list(result.removed_artifacts),
+    }
+    staged = _stage(conn, settings, implementation, model=parent.model, dataset=dataset, parent=parent,
+                    result=result, lineage=lineage, request_ids=list(request_ids), holdout=holdout,
+                    extra_metrics={"optimizer_steps": float(result.optimizer_steps)})
+    if full_retrain:
+        return replace(staged, placements=result.placements, placement_shards=None,
+                       batches=result.batches, replace_batch_log=True)
+    shards = None
+    if result.placements is not None:
+        shards = sorted({p.shard for p in result.placements} | {
+            c.meta["shard"] for c in result.components if c.name in result.components_changed and "shard" in c.meta})
+    return replace(staged, placements=result.placements, placement_shards=shards, batches=result.batches,
+                   removed_batches=list(result.removed_batches))
+
+
+def stage_withdrawal(conn: psycopg.Connection, settings: Settings, parent: ModelVersion, code: str) -> StagedVersion:
+    """A withdrawal marker: the next version of a model that could not unlearn. It keeps the
+    parent's state (the next pass needs its configuration) but serves nothing, and revokes the
+    parent, which still carries rows that were erased."""
+    manifest = read_manifest(settings.artifact_dir, parent.model, parent.version, parent.manifest_sha256)
+    version = parent.version + 1
+    _check_unpublished(conn, parent.model, version)
+    created_at = _now()
+    body = {
+        **{key: manifest[key] for key in ("model", "method", "aggregation", "input", "state")},
+        "version": version, "parent_version": parent.version, "created_at": _rfc3339(created_at),
+        "servable": False, "withdrawn": {"code": code}, "components": [],
+        "lineage": {"parent_version": parent.version, "parent_manifest_sha256": parent.manifest_sha256,
+                    "verification": {"kind": "none", "withdrawn": code}, "removed_artifacts": []},
+        "erasure_request_ids": [], "revokes": [parent.version], "deletion_budget_remaining": 0.0, "metrics": {},
+    }
+    uri, digest = write_manifest(settings.artifact_dir, parent.model, version, body)
+    return StagedVersion(ModelVersion(
+        model=parent.model, version=version, parent_version=parent.version, method=parent.method,
+        manifest_uri=uri, manifest_sha256=digest, components_changed=[], deletion_budget_remaining=0.0,
+        metrics={}, revokes=[parent.version], created_at=_rfc3339(created_at), servable=False,
+    ), dataset=manifest["input"]["dataset"])
+
+
+def commit_version(conn: psycopg.Connection, staged: StagedVersion) -> ModelVersion:
+    """Record a staged version inside the caller's transaction and make it current.
+
+    Raises StaleVersion when the model no longer serves the staged version's parent.
+    """
+    version = staged.version
+    model = version.model
+    current = conn.execute("SELECT current_version FROM models WHERE name = %s FOR UPDATE", (model,)).fetchone()
+    if current is None:
+        raise ValueError(f"unknown model {model!r}")
+    if current[0] != version.parent_version:
+        raise StaleVersion(f"model {model!r} is at version {current[0]}, not {version.parent_version}; plan again")
+    conn.execute(
+        "INSERT INTO model_versions (model, version, parent_version, method, manifest_uri, manifest_sha256,"
+        " components_changed, deletion_budget_remaining, metrics, created_at, servable)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (model, version.version, version.parent_version, version.method, version.manifest_uri,
+         version.manifest_sha256, version.components_changed, version.deletion_budget_remaining,
+         Jsonb(version.metrics), version.created_at, version.servable),
+    )
+    conn.execute("UPDATE models SET current_version = %s WHERE name = %s", (version.version, model))
+    if version.parent_version is not None:
+        conn.execute("UPDATE model_versions SET revoked = true, superseded_by = %s WHERE model = %s AND version = %s",
+                     (version.version, model, version.parent_version))
+    if staged.removed_artifacts:
+        conn.execute(
+            "INSERT INTO artifact_purges (model, sha256) SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING",
+            (model, list(staged.removed_artifacts)),
         )
-        _copy_placements(conn, name, result.placements)
-        _copy_batches(conn, name, result.batches)
+    if staged.placements is not None:
+        if staged.placement_shards is None:
+            conn.execute("DELETE FROM sample_placement WHERE model = %s", (model,))
+        else:
+            conn.execute("DELETE FROM sample_placement WHERE model = %s AND shard = ANY(%s)",
+                         (model, staged.placement_shards))
+        _copy_placements(conn, model, staged.placements)
+    if staged.replace_batch_log:
+        conn.execute("DELETE FROM batch_log WHERE model = %s", (model,))
+    elif staged.removed_batches:
+        shard, epoch, step = (list(column) for column in zip(*staged.removed_batches))
+        conn.execute(
+            "DELETE FROM batch_log WHERE model = %s AND (shard, epoch, step) IN"
+            " (SELECT * FROM unnest(%s::int[], %s::int[], %s::int[]))",
+            (model, shard, epoch, step),
+        )
+    _copy_batches(conn, model, staged.batches)
     return version
 
 
 def publish_version(conn: psycopg.Connection, settings: Settings, model: str, parent: ModelVersion,
                     result: UnlearnResult, erasure_request_ids: Sequence[str]) -> ModelVersion:
-    """Publish the version an unlearning of `parent` produced, inside the caller's transaction.
-
-    Revokes the parent, replaces the placement of the retrained shards and drops the batch-log
-    rows of the batches the method removed. Raises StaleVersion when `parent` is no longer the
-    model's current version (another worker published first): the caller must plan again.
-    """
+    """Stage and commit in one go (the caller's transaction must not be open yet)."""
+    staged = stage_version(conn, settings, parent, result, erasure_request_ids)
     with conn.transaction():
-        row = conn.execute(
-            "SELECT dataset, current_version FROM models WHERE name = %s FOR UPDATE", (model,)
-        ).fetchone()
-        if row is None:
-            raise ValueError(f"unknown model {model!r}")
-        dataset, current = row
-        if current != parent.version:
-            raise StaleVersion(f"model {model!r} is at version {current}, not {parent.version}; plan again")
-        implementation = method_for(parent.method)()
-        store = ArtifactStore(settings.artifact_dir, model)
-        holdout = data.read_training_set(conn, dataset, "holdout")
-        metrics = {"optimizer_steps": float(result.optimizer_steps),
-                   **_holdout_metrics(implementation, result.state, store, holdout)}
-        lineage = {
-            "parent_version": parent.version,
-            "parent_manifest_sha256": parent.manifest_sha256,
-            "verification": result.verification,
-            "removed_artifacts": list(result.removed_artifacts),
-        }
-        version = _publish(
-            conn, settings, store, implementation, model=model, dataset=dataset, version=parent.version + 1,
-            parent_version=parent.version, state=result.state, components=result.components,
-            components_changed=list(result.components_changed), lineage=lineage,
-            erasure_request_ids=list(erasure_request_ids), metrics=metrics, created_at=_now(),
-        )
-        conn.execute("UPDATE model_versions SET revoked = true WHERE model = %s AND version = %s",
-                     (model, parent.version))
-        if result.removed_artifacts:
-            conn.execute(
-                "INSERT INTO artifact_purges (model, sha256) SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING",
-                (model, list(result.removed_artifacts)),
-            )
-        if result.placements is not None:
-            shards = {p.shard for p in result.placements} | {
-                c.meta["shard"] for c in result.components
-                if c.name in result.components_changed and "shard" in c.meta
-            }
-            conn.execute("DELETE FROM sample_placement WHERE model = %s AND shard = ANY(%s)", (model, sorted(shards)))
-            _copy_placements(conn, model, result.placements)
-        if result.removed_batches:
-            shard, epoch, step = (list(column) for column in zip(*result.removed_batches))
-            conn.execute(
-                "DELETE FROM batch_log WHERE model = %s AND (shard, epoch, step) IN"
-                " (SELECT * FROM unnest(%s::int[], %s::int[], %s::int[]))",
-                (model, shard, epoch, step),
-            )
-        _copy_batches(conn, model, result.batches)
-    return version
+        return commit_version(conn, staged)
+
+
+def record_revocations(conn: psycopg.Connection, settings: Settings, model: str | None = None) -> int:
+    """Write the revocation record of every revoked version that lacks one (after the commit that
+    revoked it, and from the sweeper after a crash), so `serving.load_version` refuses it.
+    Returns how many were written."""
+    rows = conn.execute(
+        "SELECT v.model, v.version, v.superseded_by, s.servable FROM model_versions v"
+        " LEFT JOIN model_versions s ON s.model = v.model AND s.version = v.superseded_by"
+        " WHERE v.revoked AND NOT v.revocation_recorded AND (%s::text IS NULL OR v.model = %s)",
+        (model, model),
+    ).fetchall()
+    conn.commit()
+    for name, version, superseded_by, successor_servable in rows:
+        why = "superseded by an unlearned version" if successor_servable else "withdrawn: could not unlearn"
+        write_revocation(settings.artifact_dir, name, version, {"superseded_by": superseded_by, "reason": why})
+        conn.execute("UPDATE model_versions SET revocation_recorded = true WHERE model = %s AND version = %s",
+                     (name, version))
+        conn.commit()
+    return len(rows)
 
 
 def purge_artifacts(conn: psycopg.Connection, settings: Settings) -> int:
     """Delete the queued files that carry erased rows; returns how many files were removed.
 
-    Call after the publishing transaction committed; safe to run concurrently and repeatedly.
+    Call after the publishing transaction committed; safe to run concurrently and repeatedly:
+    a crash mid-purge leaves the rest queued for the next run.
     """
     removed = 0
     with conn.transaction():
         rows = conn.execute(
             "SELECT model, sha256 FROM artifact_purges ORDER BY queued_at FOR UPDATE SKIP LOCKED"
         ).fetchall()
-        for model, digest in rows:
+        for i, (model, digest) in enumerate(rows):
             removed += ArtifactStore(settings.artifact_dir, model).delete(digest)
+            if i == 0:
+                failpoints.hit("mid_purge")
         if rows:
             conn.execute(
                 "DELETE FROM artifact_purges WHERE (model, sha256) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
@@ -215,19 +338,19 @@ def current_version(conn: psycopg.Connection, model: str) -> ModelVersion | None
     """The version the model serves now; None for an unknown model."""
     row = conn.execute(
         "SELECT v.version, v.parent_version, v.method, v.manifest_uri, v.manifest_sha256,"
-        " v.components_changed, v.deletion_budget_remaining, v.metrics, v.created_at"
+        " v.components_changed, v.deletion_budget_remaining, v.metrics, v.created_at, v.servable"
         " FROM models m JOIN model_versions v ON v.model = m.name AND v.version = m.current_version"
         " WHERE m.name = %s",
         (model,),
     ).fetchone()
     if row is None:
         return None
-    version, parent, method, uri, digest, changed, budget, metrics, created_at = row
+    version, parent, method, uri, digest, changed, budget, metrics, created_at, servable = row
     return ModelVersion(
         model=model, version=version, parent_version=parent, method=method, manifest_uri=uri,
         manifest_sha256=digest, components_changed=list(changed), deletion_budget_remaining=budget,
         metrics=dict(metrics), revokes=[parent] if parent is not None else [],
-        created_at=_rfc3339(created_at),
+        created_at=_rfc3339(created_at), servable=servable,
     )
 
 
@@ -236,49 +359,70 @@ def load_state(settings: Settings, model: str, version: int, expected_sha256: st
     return read_manifest(settings.artifact_dir, model, version, expected_sha256)["state"]
 
 
-def _publish(conn: psycopg.Connection, settings: Settings, store: ArtifactStore,
-             implementation: UnlearningMethod, *, model: str, dataset: str, version: int, parent_version: int | None,
-             state: dict[str, Any], components, components_changed: list[str], lineage: dict[str, Any],
-             erasure_request_ids: list[str], metrics: dict[str, float], created_at: datetime) -> ModelVersion:
-    """Write the manifest, then the model_versions row, and make it the model's current version."""
+def training_config(conn: psycopg.Connection, model: str) -> TrainConfig:
+    """The configuration a model was first trained with (a full retrain repeats it)."""
+    row = conn.execute("SELECT options FROM models WHERE name = %s", (model,)).fetchone()
+    if row is None:
+        raise ValueError(f"unknown model {model!r}")
+    return TrainConfig.from_json(row[0])
+
+
+def _dataset(conn: psycopg.Connection, model: str) -> str:
+    return conn.execute("SELECT dataset FROM models WHERE name = %s", (model,)).fetchone()[0]
+
+
+def _check_unpublished(conn: psycopg.Connection, model: str, version: int) -> None:
+    """Refuse to overwrite the manifest of a recorded version (the pass lost a race it should
+    not have entered: only the holder of the model's lock stages, so this is a last fence)."""
+    if conn.execute("SELECT 1 FROM model_versions WHERE model = %s AND version = %s", (model, version)).fetchone():
+        conn.commit()
+        raise StaleVersion(f"model {model!r} already has a version {version}; plan again")
+    conn.commit()
+
+
+def _stage(conn: psycopg.Connection, settings: Settings, implementation: UnlearningMethod, *, model: str,
+           dataset: str, parent: ModelVersion | None, result: UnlearnResult, lineage: dict[str, Any],
+           request_ids: list[str], holdout: TrainingSet, extra_metrics: dict[str, float]) -> StagedVersion:
+    """Compute a version's figures and write its manifest (no transaction)."""
+    version = 1 if parent is None else parent.version + 1
+    _check_unpublished(conn, model, version)
+    store = ArtifactStore(settings.artifact_dir, model)
     spec = data.spec(dataset)
-    budget = implementation.budget(state)
-    revokes = [parent_version] if parent_version is not None else []
+    budget = implementation.budget(result.state)
+    metrics = {**extra_metrics, **_holdout_metrics(implementation, result.state, store, holdout)}
+    revokes = [] if parent is None else [parent.version]
+    created_at = _now()
     manifest = {
         "model": model,
         "version": version,
-        "parent_version": parent_version,
+        "parent_version": None if parent is None else parent.version,
         "method": implementation.name,
         "created_at": _rfc3339(created_at),
-        "aggregation": state.get("aggregation", "single"),
+        "servable": True,
+        "aggregation": result.state.get("aggregation", "single"),
         "components": [
             {**c.meta, "name": c.name, "uri": store.uri(c.sha256), "sha256": c.sha256,
              "lineage_sha256": c.lineage_sha256}
-            for c in components
+            for c in result.components
         ],
         "input": {"dataset": dataset, "shape": list(spec.input_shape), "scale": spec.scale},
         "lineage": lineage,
-        "state": state,
-        "erasure_request_ids": erasure_request_ids,
+        "state": result.state,
+        "erasure_request_ids": request_ids,
         "revokes": revokes,
         "deletion_budget_remaining": budget,
         "metrics": metrics,
     }
-    # an orphan manifest (the transaction below failing) is harmless: nothing points at it
-    path, manifest_sha256 = write_manifest(settings.artifact_dir, model, version, manifest)
-    conn.execute(
-        "INSERT INTO model_versions (model, version, parent_version, method, manifest_uri, manifest_sha256,"
-        " components_changed, deletion_budget_remaining, metrics, created_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (model, version, parent_version, implementation.name, path.as_uri(), manifest_sha256,
-         components_changed, budget, Jsonb(metrics), created_at),
-    )
-    conn.execute("UPDATE models SET current_version = %s WHERE name = %s", (version, model))
-    return ModelVersion(
-        model=model, version=version, parent_version=parent_version, method=implementation.name,
-        manifest_uri=path.as_uri(), manifest_sha256=manifest_sha256, components_changed=components_changed,
-        deletion_budget_remaining=budget, metrics=metrics, revokes=revokes,
-        created_at=_rfc3339(created_at), erasure_request_ids=erasure_request_ids,
+    uri, manifest_sha256 = write_manifest(settings.artifact_dir, model, version, manifest)
+    return StagedVersion(
+        ModelVersion(
+            model=model, version=version, parent_version=None if parent is None else parent.version,
+            method=implementation.name, manifest_uri=uri, manifest_sha256=manifest_sha256,
+            components_changed=list(result.components_changed), deletion_budget_remaining=budget,
+            metrics=metrics, revokes=revokes, created_at=_rfc3339(created_at), erasure_request_ids=request_ids,
+        ),
+        dataset=dataset,
+        removed_artifacts=list(result.removed_artifacts),
     )
 
 
@@ -292,11 +436,19 @@ def _holdout_metrics(implementation: UnlearningMethod, state: dict[str, Any], st
 
 
 def _copy_placements(conn: psycopg.Connection, model: str, placements: Iterable[Placement]) -> None:
+    """Write placements, leaving out rows erased since the work read them (their erasure already
+    queued their unlearning; a placement would make them look present)."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS placement_in (LIKE sample_placement) ON COMMIT DROP")
     with conn.cursor() as cur, cur.copy(
-        "COPY sample_placement (model, sample_id, shard, slice, position) FROM STDIN"
+        "COPY placement_in (model, sample_id, shard, slice, position) FROM STDIN"
     ) as copy:
         for p in placements:
             copy.write_row((model, p.sample_id, p.shard, p.slice, p.position))
+    conn.execute(
+        "INSERT INTO sample_placement SELECT p.* FROM placement_in p"
+        " JOIN training_samples t ON t.sample_id = p.sample_id"
+    )
+    conn.execute("DROP TABLE placement_in")
 
 
 def _copy_batches(conn: psycopg.Connection, model: str, batches: Sequence[BatchRecord]) -> None:

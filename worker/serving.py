@@ -13,10 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from worker.artifacts import ArtifactIntegrityError, ArtifactStore, read_manifest, sha256_file
+from worker.artifacts import ArtifactIntegrityError, ArtifactStore, read_manifest, read_revocation, sha256_file
 from worker.config import Settings, get_settings
 from worker.core.base import Predictor
 from worker.registry import method_for
+
+
+class VersionRevoked(ArtifactIntegrityError):
+    """The version must no longer be served: superseded by an unlearned one, or withdrawn."""
 
 
 @dataclass(frozen=True)
@@ -51,14 +55,21 @@ class LoadedVersion:
 
 
 def load_version(name: str, version: int, settings: Settings | None = None,
-                 expected_sha256: str | None = None) -> LoadedVersion:
+                 expected_sha256: str | None = None, allow_revoked: bool = False) -> LoadedVersion:
     """Read manifest `version` of model `name`, verify every component file, build its predictor.
 
-    Raises ArtifactIntegrityError when the manifest does not match `expected_sha256`, or a
-    component file is missing (a revoked version's tainted files are deleted) or altered.
+    Raises VersionRevoked for a version that must no longer be served (it has a revocation
+    record, or it is a withdrawal marker with nothing to serve) unless `allow_revoked`, and
+    ArtifactIntegrityError when the manifest does not match `expected_sha256`, or a component file
+    is missing (a revoked version's tainted files are deleted) or altered.
     """
     settings = settings or get_settings()
     manifest = read_manifest(settings.artifact_dir, name, version, expected_sha256)
+    if not manifest.get("servable", True):
+        raise VersionRevoked(f"{name} v{version} was withdrawn ({manifest['withdrawn']['code']}): it has nothing to serve")
+    revocation = None if allow_revoked else read_revocation(settings.artifact_dir, name, version)
+    if revocation is not None:
+        raise VersionRevoked(f"{name} v{version} is revoked ({revocation['reason']}, by v{revocation['superseded_by']})")
     if manifest.get("model") != name or manifest.get("version") != version:
         raise ArtifactIntegrityError(f"manifest file for {name} v{version} describes "
                                      f"{manifest.get('model')} v{manifest.get('version')}")

@@ -17,6 +17,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from worker import events
 from worker.config import Settings
 from worker.pipeline import ledger, tasks
+from worker.pipeline.context import Context
 from worker.pipeline.metrics import ERASURE_REQUESTS
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,9 @@ class Intake:
 
 
 class Sweeper(threading.Thread):
-    def __init__(self, database_url: str, interval: float = 15.0, older_than: float = 60.0):
+    def __init__(self, ctx: Context, interval: float = 15.0, older_than: float = 60.0):
         super().__init__(name="ledger-sweeper", daemon=True)
-        self.database_url = database_url
+        self.ctx = ctx
         self.interval = interval
         self.older_than = older_than
         self.stopping = threading.Event()
@@ -91,8 +92,7 @@ class Sweeper(threading.Thread):
     def run(self) -> None:
         while not self.stopping.wait(self.interval):
             try:
-                with psycopg.connect(self.database_url) as conn:
-                    count = tasks.redispatch_stuck(conn, self.older_than)
+                count = tasks.redrive(self.ctx, self.older_than)
                 if count:
                     log.info("sweeper re-dispatched %d stuck requests", count)
             except Exception as exc:

@@ -22,6 +22,7 @@ class ErasureRequest:
     sample_ids: list[str]
     models: list[str] | None
     status: str
+    rows_deleted: int | None
     received_at: datetime
     due_at: datetime
 
@@ -47,7 +48,7 @@ def record(conn: psycopg.Connection, *, source: str, event_id: str, data: dict) 
 def lock(conn: psycopg.Connection, request_id: uuid.UUID) -> ErasureRequest | None:
     row = conn.execute(
         "SELECT request_id, source, event_id, regulation, subject_id, sample_ids, models, status,"
-        " received_at, due_at FROM erasure_requests WHERE request_id = %s FOR UPDATE",
+        " rows_deleted, received_at, due_at FROM erasure_requests WHERE request_id = %s FOR UPDATE",
         (request_id,),
     ).fetchone()
     return ErasureRequest(*row) if row else None
@@ -78,3 +79,68 @@ def add_model_version(conn: psycopg.Connection, request_id: uuid.UUID, model: st
         (Jsonb([{"model": model, "version": version}]), Jsonb({model: evidence}), request_id),
     )
 
+
+
+def open_requests_pending_on(conn: psycopg.Connection, model: str) -> list[uuid.UUID]:
+    """Requests with rows deleted that still wait for `model` to unlearn them."""
+    return [r for (r,) in conn.execute(
+        "SELECT DISTINCT p.request_id FROM pending_unlearning p JOIN erasure_requests e USING (request_id)"
+        " WHERE p.model = %s AND e.status = 'rows_deleted' ORDER BY p.request_id",
+        (model,),
+    )]
+
+
+def still_pending(conn: psycopg.Connection, request_id: uuid.UUID) -> bool:
+    return conn.execute(
+        "SELECT 1 FROM pending_unlearning WHERE request_id = %s LIMIT 1", (request_id,)).fetchone() is not None
+
+
+def set_failure(conn: psycopg.Connection, request_id: uuid.UUID, code: str) -> None:
+    conn.execute("UPDATE erasure_requests SET failure_code = %s, updated_at = now() WHERE request_id = %s",
+                 (code, request_id))
+
+
+def reopen(conn: psycopg.Connection, request_id: uuid.UUID) -> tuple[str, list[str]]:
+    """Re-drive a failed request (`unlearn retry`): back to the step it failed in. Returns its
+    new status and the models it still waits for, whose full retrain is requested. Raises
+    LookupError for an unknown request and ValueError for one that did not fail."""
+    request = lock(conn, request_id)
+    if request is None:
+        raise LookupError(f"no erasure request {request_id}")
+    if request.status != "failed":
+        raise ValueError(f"request {request_id} is {request.status}; only failed requests can be retried")
+    models = [m for (m,) in conn.execute(
+        "SELECT DISTINCT model FROM pending_unlearning WHERE request_id = %s ORDER BY model", (request_id,))]
+    status = "received" if request.rows_deleted is None else "rows_deleted"
+    conn.execute(
+        "UPDATE erasure_requests SET status = %s, failure_code = NULL, completed_at = NULL, updated_at = now(),"
+        " attempts = attempts + 1 WHERE request_id = %s",
+        (status, request_id),
+    )
+    conn.execute("UPDATE models SET status = 'full_retrain_requested' WHERE name = ANY(%s)"
+                 " AND status = 'needs_full_retrain'", (models,))
+    return status, models
+
+
+def extend_deadline(conn: psycopg.Connection, request_id: uuid.UUID, reason: str) -> datetime:
+    """GDPR Art. 12(3): extend an open request's deadline once, by two further months, with a
+    reason (shown on its receipt). Returns the new due date."""
+    reason = reason.strip()
+    if not 1 <= len(reason) <= 1000:
+        raise ValueError("the reason must be 1 to 1000 characters")
+    request = lock(conn, request_id)
+    if request is None:
+        raise LookupError(f"no erasure request {request_id}")
+    if request.status not in OPEN_STATUSES:
+        raise ValueError(f"request {request_id} is {request.status}; only open requests can be extended")
+    row = conn.execute(
+        "UPDATE erasure_requests SET extension = jsonb_build_object('reason', %s::text,"
+        " 'extended_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),"
+        " 'previous_due_at', to_char(due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')),"
+        " due_at = due_at + interval '2 months', updated_at = now()"
+        " WHERE request_id = %s AND extension IS NULL RETURNING due_at",
+        (reason, request_id),
+    ).fetchone()
+    if row is None:
+        raise ValueError(f"request {request_id} was extended already; GDPR allows one extension of two months")
+    return row[0]

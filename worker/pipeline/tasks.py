@@ -1,22 +1,28 @@
-"""Celery app and the two tasks of an erasure.
+"""Celery app and the tasks of an erasure; each is a thin shell around a pipeline step.
 
-`erase_rows` (queue `erasure`) deletes the rows in one transaction; `unlearn_model` (queue `gpu`,
-one worker per accelerator) makes a model forget everything pending for it. Both are idempotent:
-acks are late and a lost worker's task is re-queued, so a task may run twice and must not harm.
+`erase_rows` (queue `erasure`) deletes the rows; `unlearn_model` and `retrain_shard` (queue `gpu`,
+one worker per accelerator) make a model forget. Policy is declared, not hand-rolled: transient
+errors (`failures.TRANSIENT`) retry with exponential backoff and jitter, capped; permanent ones
+fail fast inside the step. Acks are late and a lost worker's task is re-queued, so every step is
+idempotent; a task whose worker keeps dying under it is parked after `failures.MAX_UNFINISHED`
+deliveries. The ledger is the source of truth: whatever a lost message leaves undone, the intake's
+sweeper re-drives.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
+from functools import cache
 
-import psycopg
 from celery import Celery
 from celery.signals import worker_process_shutdown
 
 from worker import registry
 from worker.config import get_settings
-from worker.pipeline import erasure, ledger, outbox, receipts, unlearning
+from worker.pipeline import context, erasure, failpoints, failures, ledger, unlearning
+from worker.pipeline.failures import FailureCode
 
 log = logging.getLogger(__name__)
 # kafka-python narrates every connection at INFO; the worker log is for erasures
@@ -29,9 +35,17 @@ RETRAIN_SHARD = "unlearning.retrain_shard"
 app = Celery("unlearning-worker")
 app.conf.update(
     broker_url=get_settings().celery_broker,
+    # a broker outage pauses the worker, however long it lasts, instead of ending it
     broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=None,
+    broker_channel_error_retry=True,
+    # sending a task while Redis is down gives up after a few seconds instead of blocking a step;
+    # the ledger still holds the work and the sweeper re-sends it
+    task_publish_retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_step": 1, "interval_max": 2},
+    broker_transport_options={"socket_connect_timeout": 5, "socket_timeout": 30, "retry_on_timeout": True},
     task_acks_late=True,
     task_reject_on_worker_lost=True,
+    worker_cancel_long_running_tasks_on_connection_loss=True,
     worker_prefetch_multiplier=1,
     task_ignore_result=True,
     task_default_queue="erasure",
@@ -39,75 +53,87 @@ app.conf.update(
                  RETRAIN_SHARD: {"queue": "gpu"}},
     worker_hijack_root_logger=False,
 )
+RETRY_POLICY = dict(autoretry_for=failures.TRANSIENT, retry_backoff=1, retry_backoff_max=60, retry_jitter=True,
+                    max_retries=10)
 
-_producer = None
+
+@cache
+def _context() -> context.Context:
+    """One per worker process: its publisher keeps a Kafka producer open between tasks."""
+    return context.from_settings(get_settings())
 
 
-def _publish_outbox() -> None:
-    """Send what this task queued right away; the intake's relay catches anything missed."""
-    global _producer
-    settings = get_settings()
+def _delivery(task: str, key: str, park: Callable[[], None]) -> bool:
+    """Count this delivery; False (after parking the work) when deliveries keep dying."""
+    with _context().connect() as conn:
+        unfinished = failures.begin_attempt(conn, task, key)
+    if unfinished <= failures.MAX_UNFINISHED:
+        return True
+    log.error("%s for %s: the worker died under it %d times; parking it as failed", task, key, unfinished - 1)
+    park()
+    _finished(task, key)
+    return False
+
+
+def _finished(task: str, key: str) -> None:
     try:
-        if _producer is None:
-            _producer = outbox.make_producer(settings.kafka_bootstrap)
-        outbox.drain(settings.database_url, _producer)
-    except Exception as exc:
-        log.warning("outbox not drained now (the relay will retry): %s", exc.__class__.__name__)
+        with _context().connect() as conn:
+            failures.end_attempt(conn, task, key)
+    except Exception as exc:  # the count only matters after a crash; a lost reset costs nothing now
+        log.debug("could not reset attempts of %s/%s: %s", task, key, exc.__class__.__name__)
 
 
-@app.task(name=ERASE_ROWS, bind=True, max_retries=5, default_retry_delay=5)
+@app.task(name=ERASE_ROWS, bind=True, **RETRY_POLICY)
 def erase_rows(self, request_id: str) -> None:
-    settings = get_settings()
-    with psycopg.connect(settings.database_url) as conn:
-        outcome = erasure.delete_rows(conn, settings, uuid.UUID(request_id))
-    if outcome is None:
+    ctx = _context()
+    request = uuid.UUID(request_id)
+    if not _delivery(ERASE_ROWS, request_id, lambda: unlearning.fail_request(
+            ctx, request, FailureCode.WORKER_CRASHED, "the worker process died repeatedly while deleting its rows")):
         return
-    for model in outcome.models:
-        # a short wait lets erasures arriving together share one retrain (coalescing)
-        unlearn_model.apply_async((model,), countdown=settings.coalesce_seconds)
-    if outcome.finished:
-        _publish_outbox()
+    try:
+        with ctx.connect() as conn:
+            try:
+                outcome = erasure.delete_rows(conn, ctx.settings, request)
+            except failures.TRANSIENT:
+                raise
+            except Exception as exc:
+                log.error("request %s: rows could not be deleted (%s)", request_id, exc.__class__.__name__)
+                conn.rollback()
+                unlearning.fail_request(ctx, request, FailureCode.ROW_DELETION_FAILED, "its rows could not be deleted")
+                return
+        if outcome is None:
+            return
+        failpoints.hit("after_rows_deleted")
+        if outcome.receipt is not None:
+            with ctx.connect() as conn:
+                unlearning.after_commit(ctx, conn, [outcome.receipt])
+        for model in outcome.models:
+            unlearn_model.apply_async((model,), countdown=ctx.settings.coalesce_seconds)
+    finally:
+        _finished(ERASE_ROWS, request_id)
 
 
-@app.task(name=UNLEARN_MODEL, bind=True, max_retries=3, default_retry_delay=10)
+@app.task(name=UNLEARN_MODEL, bind=True, **RETRY_POLICY)
 def unlearn_model(self, model: str) -> None:
-    settings = get_settings()
+    ctx = _context()
+
+    def park() -> None:
+        with ctx.connect() as conn, unlearning.model_lock(conn, model):
+            unlearning.withdraw(ctx, conn, model, FailureCode.WORKER_CRASHED, "the worker process died repeatedly")
+
+    if not _delivery(UNLEARN_MODEL, model, park):
+        return
     try:
-        with psycopg.connect(settings.database_url) as conn:
-            done = unlearning.unlearn_model(conn, settings, model)
-        for shard in done.retrain_shards if done else []:
-            retrain_shard.delay(model, shard)
-    except unlearning.ModelBusy:
-        # another worker holds the model; it may have read the pending rows before ours arrived
-        raise self.retry(countdown=2, max_retries=None)
-    except Exception as exc:
-        if self.request.retries < self.max_retries:
-            log.warning("unlearning %s failed, will retry: %s", model, exc.__class__.__name__)
-            raise self.retry(exc=exc)
-        log.exception("unlearning %s failed for good; failing its pending requests", model)
-        _fail_pending(model, f"{exc.__class__.__name__}: {exc}")
-    _publish_outbox()
+        for outcome in unlearning.unlearn_until_idle(ctx, model):
+            for shard in outcome.retrain_shards:
+                retrain_shard.delay(model, shard)
+    finally:
+        _finished(UNLEARN_MODEL, model)
 
 
-@app.task(name=RETRAIN_SHARD, bind=True, max_retries=3, default_retry_delay=30)
+@app.task(name=RETRAIN_SHARD, bind=True, **RETRY_POLICY)
 def retrain_shard(self, model: str, shard: int) -> None:
-    settings = get_settings()
-    try:
-        with psycopg.connect(settings.database_url) as conn:
-            unlearning.retrain_shard(conn, settings, model, shard)
-    except unlearning.ModelBusy:
-        raise self.retry(countdown=2, max_retries=None)
-    _publish_outbox()
-
-
-def _fail_pending(model: str, error: str) -> None:
-    settings = get_settings()
-    with psycopg.connect(settings.database_url) as conn, conn.transaction():
-        request_ids = [r for (r,) in conn.execute(
-            "SELECT DISTINCT request_id FROM pending_unlearning WHERE model = %s", (model,))]
-        conn.execute("DELETE FROM pending_unlearning WHERE model = %s", (model,))
-        for request_id in request_ids:
-            receipts.issue(conn, settings, request_id, "failed", reason=f"model {model} could not unlearn: {error}")
+    unlearning.retrain_shard(_context(), model, shard)
 
 
 @worker_process_shutdown.connect
@@ -124,23 +150,26 @@ def dispatch(request_id: uuid.UUID) -> None:
     erase_rows.delay(str(request_id))
 
 
-def redispatch_stuck(conn: psycopg.Connection, older_than_seconds: float = 60.0) -> int:
+def redrive(ctx: context.Context, older_than_seconds: float = 60.0) -> int:
     """Finish what a crash or a lost Celery message left behind; returns the requests re-sent.
 
-    Purges artifact files still queued, re-sends the tasks of requests stuck in a non-final state,
-    and (much later, as a shard retrain can take long) re-sends S3T shard retrains.
+    Purges artifact files still queued, writes missing revocation records, relays the outbox,
+    re-sends the tasks of requests stuck in a non-final state and (much later, as a shard retrain
+    can take long) re-sends S3T shard retrains.
     """
-    registry.purge_artifacts(conn, get_settings())
-    for model, shard in unlearning.shards_awaiting_retrain(conn, get_settings(), 10 * older_than_seconds):
-        retrain_shard.delay(model, shard)
-    stuck = ledger.stuck(conn, older_than_seconds)
-    if not stuck:
-        return 0
-    ledger.touch(conn, [request_id for request_id, _ in stuck])
-    conn.commit()
+    settings = ctx.settings
+    with ctx.connect() as conn:
+        registry.purge_artifacts(conn, settings)
+        registry.record_revocations(conn, settings)
+        for model, shard in unlearning.shards_awaiting_retrain(conn, settings, 10 * older_than_seconds):
+            retrain_shard.delay(model, shard)
+        with conn.transaction():
+            stuck = ledger.stuck(conn, older_than_seconds)
+            ledger.touch(conn, [request_id for request_id, _ in stuck])
+        models = unlearning.pending_models(conn) if stuck else []
     for request_id, status in stuck:
         if status == "received":
             erase_rows.delay(str(request_id))
-    for model in unlearning.pending_models(conn):
+    for model in models:
         unlearn_model.delay(model)
     return len(stuck)

@@ -1,9 +1,23 @@
 """Step two of an erasure: make one model forget every deletion pending for it.
 
-All pending deletions of a model are taken together (coalescing: fifty erasures in one shard cost
-one retrain), the model's method plans and applies the deletion, and the new version, its
-model-version event and the receipts of the requests it finishes are written in one transaction.
-A transaction-level advisory lock per model keeps concurrent workers from training it twice.
+A pass holds the model's lock (a session-level advisory lock: released if the process dies) and
+runs in four phases, so no database transaction waits on training or storage:
+1. snapshot (one read-only REPEATABLE READ transaction): the pending deletions, the current
+   version and the rows left, all as of one moment;
+2. compute (no transaction): the method plans and applies the deletion, writing new files; the
+   new version's manifest is staged;
+3. publish (one short transaction): the model must still serve the version the pass started from
+   (compare-and-swap), then the version, its event, the finished requests' receipts and the purge
+   queue are written together;
+4. after the commit: tainted files are deleted, revocation records written, metrics counted and
+   the outbox relayed. A crash here is finished later by the sweeper.
+
+Deletions arriving while a pass runs are picked up by the next one (group commit): an unlearning
+task finding the model busy leaves, and the lock holder looks again after releasing the lock.
+
+A permanent failure withdraws the model from serving (`withdraw`): a marker version revokes the
+one that still holds the erased rows, the pending deletions stay, and the requests waiting for the
+model are answered `failed` until `unlearn retry` asks for a full retrain.
 """
 
 from __future__ import annotations
@@ -12,8 +26,12 @@ import hashlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -21,145 +39,368 @@ import psycopg
 from worker import data, events, registry
 from worker.artifacts import ArtifactStore
 from worker.config import Settings
-from worker.core.base import DeletedSample
-from worker.pipeline import ledger, outbox, receipts
-from worker.pipeline.metrics import ERASURE_DURATION, RETRAIN_DURATION
+from worker.core.base import DeletedSample, TrainingSet, UnlearnResult
+from worker.pipeline import failpoints, ledger, outbox, receipts
+from worker.pipeline.context import Context
+from worker.pipeline.failures import FailureCode, ModelBusy, is_transient
+from worker.pipeline.metrics import ERASURE_DURATION, ERASURE_REQUESTS, RETRAIN_DURATION
 
 log = logging.getLogger(__name__)
 
 
-class ModelBusy(RuntimeError):
-    """Another worker is unlearning this model right now; try again shortly."""
+@dataclass(frozen=True)
+class PendingRow:
+    request_id: uuid.UUID
+    sample_id: str
+    shard: int | None
+    slice: int | None
+    label: int
+    features: list[float]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    model: str
+    status: str  # models.status
+    current: registry.ModelVersion
+    dataset: str
+    pending: list[PendingRow]
+    steps: dict[str, list[tuple[int, int, int]]]  # sample id -> (shard, epoch, step) of its batches
+    remaining: TrainingSet
+    public: TrainingSet | None
+    holdout: TrainingSet
+
+    @property
+    def request_ids(self) -> list[uuid.UUID]:
+        return sorted({row.request_id for row in self.pending})
 
 
 @dataclass(frozen=True)
 class Unlearned:
+    """What a pass did, for the task that ran it."""
+
     model: str
-    version: int
+    version: int | None  # None: nothing was published (the model was withdrawn already)
     requests: list[uuid.UUID]
-    finished: list[uuid.UUID]  # requests whose receipt this run issued
-    retrain_seconds: float
-    verification: dict
-    retrain_shards: list[int]
+    receipts: list[receipts.Receipt] = field(default_factory=list)  # issued by this pass
+    retrain_seconds: float = 0.0
+    retrain_shards: list[int] = field(default_factory=list)  # S3T shards left without a live order
 
 
 def model_lock_key(model: str) -> int:
     return int.from_bytes(hashlib.sha256(f"unlearn\x00{model}".encode()).digest()[:8], "big", signed=True)
 
 
-def _deleted_samples(rows) -> list[DeletedSample]:
-    samples = []
-    for _, sample_id, shard, slice_, steps, _, _ in rows:
-        triples = tuple(tuple(steps[i:i + 3]) for i in range(0, len(steps), 3))
-        samples.append(DeletedSample(sample_id, shard, slice_, triples))
-    return samples
+@contextmanager
+def model_lock(conn: psycopg.Connection, model: str) -> Iterator[None]:
+    """Hold the model's session-level advisory lock (no transaction stays open while it is held);
+    raises ModelBusy when another worker holds it."""
+    if not conn.execute("SELECT pg_try_advisory_lock(%s)", (model_lock_key(model),)).fetchone()[0]:
+        conn.rollback()
+        raise ModelBusy(model)
+    conn.commit()
+    try:
+        yield
+    finally:
+        if not conn.closed and not conn.broken:
+            conn.rollback()
+            conn.execute("SELECT pg_advisory_unlock(%s)", (model_lock_key(model),))
+            conn.commit()
 
 
-def unlearn_model(conn: psycopg.Connection, settings: Settings, model: str) -> Unlearned | None:
-    """Apply every pending deletion of `model`; None when nothing was pending.
+def unlearn_until_idle(ctx: Context, model: str) -> list[Unlearned]:
+    """Run passes of `model` while deletions are pending; returns what each did. Returns at once,
+    with nothing, when another worker holds the model: it looks again after its own pass."""
+    done = []
+    with ctx.connect() as conn:
+        while True:
+            try:
+                with model_lock(conn, model):
+                    outcome = unlearn_model(ctx, conn, model)
+            except ModelBusy:
+                return done
+            if outcome is not None:
+                done.append(outcome)
+            # the lock is released: deletions committed while the pass ran are visible now, and a
+            # task that found the model busy meanwhile has left them to us (a withdrawn model
+            # keeps its deletions pending until `unlearn retry`: nothing more to do then)
+            if outcome is None or outcome.version is None or not _has_pending(conn, model):
+                return done
 
-    Raises ModelBusy when another worker holds the model.
+
+def unlearn_model(ctx: Context, conn: psycopg.Connection, model: str) -> Unlearned | None:
+    """One pass over everything pending for `model`; the caller holds the model's lock.
+
+    None when there was nothing to do. A permanent failure withdraws the model and returns the
+    failed receipts; a transient one propagates (the task retries).
     """
-    # READ COMMITTED is enough: a row erased after the pending rows were read is already gone
-    # from `remaining`, and its own pending row makes the next pass retrain from its slice.
-    with conn.transaction():
-        if not conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (model_lock_key(model),)).fetchone()[0]:
-            raise ModelBusy(model)
-        rows = conn.execute(
-            "SELECT request_id, sample_id, shard, slice, steps, label, features FROM pending_unlearning"
-            " WHERE model = %s ORDER BY request_id, sample_id",
-            (model,),
-        ).fetchall()
-        if not rows:
-            return None
-        current = registry.current_version(conn, model)
-        dataset = conn.execute("SELECT dataset FROM models WHERE name = %s", (model,)).fetchone()[0]
-        state = registry.load_state(settings, model, current.version)
-        method = registry.method_for(current.method)()
-        store = ArtifactStore(settings.artifact_dir, model)
-        deleted = _deleted_samples(rows)
-        plan = method.plan(state, deleted)
-        remaining = data.read_training_set(conn, dataset, "train")
-        public = data.read_training_set(conn, dataset, "public") if current.method == "s3t" else None
+    snapshot = _snapshot(conn, model)
+    if snapshot is None:
+        return None
+    if snapshot.status == "needs_full_retrain":
+        return withdraw(ctx, conn, model, FailureCode.MODEL_NEEDS_FULL_RETRAIN, "withdrawn earlier")
+    try:
         started = time.perf_counter()
-        result = method.apply(state, plan, remaining, store, public=public)
-        retrain_seconds = time.perf_counter() - started
-        request_ids = sorted({r[0] for r in rows})
-        evidence = dict(result.verification)
-        if plan.fallback:
-            evidence["fallback"] = plan.fallback
-        evidence.update(_membership_evidence(conn, method, result.state, store, dataset, rows))
-        version = registry.publish_version(conn, settings, model, current, result, [str(r) for r in request_ids])
-        outbox.enqueue(conn, settings.topic_versions, _version_event(settings, version))
-        conn.execute("DELETE FROM pending_unlearning WHERE model = %s AND request_id = ANY(%s)", (model, request_ids))
-        finished = []
-        for request_id in request_ids:
-            ledger.add_model_version(conn, request_id, model, version.version, evidence)
-            still_pending = conn.execute(
-                "SELECT 1 FROM pending_unlearning WHERE request_id = %s LIMIT 1", (request_id,)
-            ).fetchone()
-            if not still_pending:
-                receipts.issue(conn, settings, request_id, "completed")
-                finished.append(request_id)
-        received = dict(conn.execute(
-            "SELECT request_id, received_at FROM erasure_requests WHERE request_id = ANY(%s)", (request_ids,)
-        ).fetchall())
-    registry.purge_artifacts(conn, settings)
-    RETRAIN_DURATION.labels(model=model, method=current.method).observe(retrain_seconds)
+        staged, result, evidence = _compute(ctx.settings, conn, snapshot)
+        seconds = time.perf_counter() - started
+        failpoints.hit("after_staging")
+        outcome = _publish(ctx.settings, conn, snapshot, staged, result, evidence, seconds)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        log.error("model %s could not unlearn (%s); withdrawing it from serving", model, exc.__class__.__name__,
+                  exc_info=exc if not isinstance(exc, psycopg.DataError) else None)
+        conn.rollback()
+        return withdraw(ctx, conn, model, FailureCode.UNLEARNING_FAILED, exc.__class__.__name__)
+    failpoints.hit("after_publish_commit")
+    after_commit(ctx, conn, outcome.receipts, model)
+    RETRAIN_DURATION.labels(model=model, method=snapshot.current.method).observe(seconds)
     now = datetime.now(timezone.utc)
-    for request_id in request_ids:
-        ERASURE_DURATION.labels(model=model, method=current.method).observe(
-            (now - received[request_id]).total_seconds())
-    log.info("model %s: version %d forgets %d rows of %d requests in %.2fs", model, version.version,
-             len(rows), len(request_ids), retrain_seconds)
-    # S3T: a shard with no live order serves nothing until its adapters are retrained
-    retrain = list(result.verification.get("retrain_shards", [])) if hasattr(method, "retrain_shard") else []
-    return Unlearned(model, version.version, request_ids, finished, retrain_seconds, evidence, retrain)
+    for received in _received_at(conn, outcome.requests).values():
+        ERASURE_DURATION.labels(model=model, method=snapshot.current.method).observe((now - received).total_seconds())
+    conn.commit()
+    log.info("model %s: version %d forgets %d rows of %d requests in %.2fs", model, outcome.version,
+             len(snapshot.pending), len(outcome.requests), seconds)
+    return outcome
 
 
-def retrain_shard(conn: psycopg.Connection, settings: Settings, model: str, shard: int) -> int | None:
+def after_commit(ctx: Context, conn: psycopg.Connection, issued: Iterable[receipts.Receipt],
+                 model: str | None = None) -> None:
+    """What follows a committed publication (of `model`, or of anything): counters, purges,
+    revocation records, the outbox. All but the counters is repeated by the sweeper if a crash
+    stops it here."""
+    for receipt in issued:
+        ERASURE_REQUESTS.labels(outcome="completed" if receipt.status == "completed" else "failed").inc()
+    registry.purge_artifacts(conn, ctx.settings)
+    registry.record_revocations(conn, ctx.settings, model)
+    try:
+        outbox.drain(ctx.connect, ctx.publisher)
+    except Exception as exc:  # the intake's relay sends it
+        log.warning("outbox not drained now (the relay will): %s", exc.__class__.__name__)
+
+
+def _snapshot(conn: psycopg.Connection, model: str) -> Snapshot | None:
+    conn.isolation_level, conn.read_only = psycopg.IsolationLevel.REPEATABLE_READ, True
+    try:
+        with conn.transaction():
+            row = conn.execute("SELECT status, dataset FROM models WHERE name = %s", (model,)).fetchone()
+            if row is None:
+                return None
+            status, dataset = row
+            pending = [PendingRow(*r) for r in conn.execute(
+                "SELECT request_id, sample_id, shard, slice, label, features FROM pending_unlearning"
+                " WHERE model = %s ORDER BY request_id, sample_id",
+                (model,),
+            )]
+            if not pending and status != "full_retrain_requested":
+                return None
+            steps: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+            wanted = {p.sample_id for p in pending}
+            for shard, epoch, step, members in conn.execute(
+                "SELECT shard, epoch, step, sample_ids FROM batch_log WHERE model = %s AND sample_ids && %s::text[]"
+                " ORDER BY shard, epoch, step",
+                (model, sorted(wanted)),
+            ):
+                for sample_id in wanted.intersection(members):
+                    steps[sample_id].append((shard, epoch, step))
+            current = registry.current_version(conn, model)
+            remaining = data.read_training_set(conn, dataset, "train")
+            public = data.read_training_set(conn, dataset, "public")
+            holdout = data.read_training_set(conn, dataset, "holdout")
+    finally:
+        conn.isolation_level, conn.read_only = None, False
+    return Snapshot(model, status, current, dataset, pending, dict(steps), remaining,
+                    public if len(public) else None, holdout)
+
+
+def _compute(settings: Settings, conn: psycopg.Connection, snapshot: Snapshot):
+    """Plan and apply the deletion (or retrain from scratch) and stage the new version."""
+    model, current = snapshot.model, snapshot.current
+    method = registry.method_for(current.method)()
+    store = ArtifactStore(settings.artifact_dir, model)
+    full = snapshot.status == "full_retrain_requested"
+    if full:
+        result = _full_retrain(conn, method, store, snapshot)
+        plan_fallback = None
+    else:
+        state = registry.load_state(settings, model, current.version, current.manifest_sha256)
+        deleted = [DeletedSample(p.sample_id, p.shard, p.slice, tuple(snapshot.steps.get(p.sample_id, ())))
+                   for p in snapshot.pending]
+        plan = method.plan(state, deleted)
+        plan_fallback = plan.fallback
+        result = method.apply(state, plan, snapshot.remaining, store, _progress_with_failpoint,
+                              public=snapshot.public)
+    base = dict(result.verification)
+    if plan_fallback:
+        base["fallback"] = plan_fallback
+    predictor = method.predictor(result.state, store)
+    evidence = {request_id: {**base, **_membership_evidence(predictor, snapshot, request_id)}
+                for request_id in snapshot.request_ids}
+    staged = registry.stage_version(conn, settings, current, result, [str(r) for r in snapshot.request_ids],
+                                    full_retrain=full)
+    return staged, result, evidence
+
+
+class _RecordingStore:
+    """An artifact store that remembers every file written through it (a full retrain's files)."""
+
+    def __init__(self, store: ArtifactStore):
+        self.store = store
+        self.written: set[str] = set()
+
+    def put(self, tensors, metadata=None) -> str:
+        digest = self.store.put(tensors, metadata)
+        self.written.add(digest)
+        return digest
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def _full_retrain(conn: psycopg.Connection, method, store: ArtifactStore, snapshot: Snapshot) -> UnlearnResult:
+    """Train from scratch on the rows left, with the configuration and seed of the first training:
+    exact whatever the method, and every older file of the model is tainted."""
+    config = registry.training_config(conn, snapshot.model)
+    conn.commit()
+    before = store.digests()
+    recording = _RecordingStore(store)
+    trained = method.train(snapshot.remaining, config, recording, _progress_with_failpoint, snapshot.public)
+    return UnlearnResult(
+        state=trained.state,
+        components=trained.components,
+        components_changed=[c.name for c in trained.components],
+        verification={"kind": "exact", "method": method.name, "reason": "full_retrain",
+                      "rows_trained": len(snapshot.remaining)},
+        removed_artifacts=sorted(before - recording.written),
+        placements=trained.placements,
+        batches=trained.batches,
+        optimizer_steps=int(trained.metrics.get("optimizer_steps", trained.metrics.get("steps", 0))),
+    )
+
+
+def _progress_with_failpoint(sequence: Iterable, description: str = "", total: float | None = None) -> Iterator:
+    """The methods' progress hook: crash point `mid_retrain` fires after the first unit of work."""
+    for i, item in enumerate(sequence):
+        if i == 1:
+            failpoints.hit("mid_retrain")
+        yield item
+
+
+def _publish(settings: Settings, conn: psycopg.Connection, snapshot: Snapshot, staged: registry.StagedVersion,
+             result: UnlearnResult, evidence: dict[uuid.UUID, dict], seconds: float) -> Unlearned:
+    model = snapshot.model
+    with conn.transaction():
+        version = registry.commit_version(conn, staged)
+        outbox.enqueue(conn, settings.topic_versions, version_event(settings, version), key=model)
+        conn.execute(
+            "DELETE FROM pending_unlearning WHERE model = %s AND (request_id, sample_id) IN"
+            " (SELECT * FROM unnest(%s::uuid[], %s::text[]))",
+            (model, [p.request_id for p in snapshot.pending], [p.sample_id for p in snapshot.pending]),
+        )
+        if snapshot.status == "full_retrain_requested":
+            conn.execute("UPDATE models SET status = 'serving', failure_code = NULL WHERE name = %s", (model,))
+        for request_id in snapshot.request_ids:
+            ledger.add_model_version(conn, request_id, model, version.version, evidence[request_id])
+        issued = []
+        for request_id in snapshot.request_ids:  # receipts last: they hold the chain lock to the commit
+            # done once no model still owes it anything; a request answered `failed` earlier
+            # gets a new, real `completed` receipt here
+            if not ledger.still_pending(conn, request_id):
+                issued.append(receipts.issue(conn, settings, request_id, "completed"))
+    retrain = list(result.verification.get("retrain_shards", [])) if snapshot.current.method == "s3t" else []
+    return Unlearned(model, version.version, snapshot.request_ids, issued, seconds, retrain)
+
+
+def withdraw(ctx: Context, conn: psycopg.Connection, model: str, code: FailureCode, cause: str) -> Unlearned:
+    """Withdraw a model that cannot unlearn: publish a marker version revoking the one that still
+    holds erased rows (unless withdrawn already), mark the model, keep its pending deletions, and
+    answer every request waiting for it `failed` with a reason code."""
+    settings = ctx.settings
+    current = registry.current_version(conn, model)
+    conn.commit()
+    staged = registry.stage_withdrawal(conn, settings, current, code) if current.servable else None
+    with conn.transaction():
+        version = None
+        if staged is not None:
+            version = registry.commit_version(conn, staged).version
+            outbox.enqueue(conn, settings.topic_versions, version_event(settings, staged.version), key=model)
+        conn.execute("UPDATE models SET status = 'needs_full_retrain', failure_code = %s WHERE name = %s",
+                     (code.value, model))
+        waiting = ledger.open_requests_pending_on(conn, model)
+        issued = []
+        for request_id in waiting:
+            ledger.set_failure(conn, request_id, code.value)
+            reason = (f"{code.value}: model {model} could not unlearn ({cause}); it was withdrawn from serving"
+                      f" and needs a full retrain, re-driven by `unlearn retry --request {request_id}`")
+            issued.append(receipts.issue(conn, settings, request_id, "failed", reason=reason[:1000]))
+    after_commit(ctx, conn, issued, model)
+    if version is not None:
+        log.warning("model %s withdrawn from serving as version %d (%s); %d requests failed",
+                    model, version, code.value, len(issued))
+    return Unlearned(model, version, waiting, issued)
+
+
+def fail_request(ctx: Context, request_id: uuid.UUID, code: FailureCode, what: str) -> receipts.Receipt | None:
+    """Answer an open request `failed` (its erasure step cannot complete); None if it is not open."""
+    with ctx.connect() as conn:
+        with conn.transaction():
+            request = ledger.lock(conn, request_id)
+            if request is None or request.status not in ledger.OPEN_STATUSES:
+                return None
+            ledger.set_failure(conn, request_id, code.value)
+            receipt = receipts.issue(conn, ctx.settings, request_id, "failed",
+                                     reason=f"{code.value}: {what}; re-driven by `unlearn retry --request {request_id}`")
+        after_commit(ctx, conn, [receipt])
+    return receipt
+
+
+def retrain_shard(ctx: Context, model: str, shard: int) -> int | None:
     """Retrain the adapters of an S3T shard that lost every slice order, and publish the result.
 
     Returns the new version, or None when the shard no longer needs it (a repeated task).
+    Raises ModelBusy while another pass holds the model.
     """
-    with conn.transaction():
-        if not conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (model_lock_key(model),)).fetchone()[0]:
-            raise ModelBusy(model)
+    settings = ctx.settings
+    with ctx.connect() as conn, model_lock(conn, model):
         current = registry.current_version(conn, model)
-        state = registry.load_state(settings, model, current.version)
-        if state["shards"][shard]["status"] != "needs_retrain":
+        state = registry.load_state(settings, model, current.version, current.manifest_sha256)
+        if not current.servable or state["shards"][shard]["status"] != "needs_retrain":
             return None
         dataset = conn.execute("SELECT dataset FROM models WHERE name = %s", (model,)).fetchone()[0]
+        rows = data.read_training_set(conn, dataset, "train")
+        public = data.read_training_set(conn, dataset, "public")
+        conn.commit()
         method = registry.method_for(current.method)()
         store = ArtifactStore(settings.artifact_dir, model)
         started = time.perf_counter()
-        result = method.retrain_shard(state, shard, data.read_training_set(conn, dataset, "train"),
-                                      data.read_training_set(conn, dataset, "public"), store)
+        result = method.retrain_shard(state, shard, rows, public, store)
         seconds = time.perf_counter() - started
-        version = registry.publish_version(conn, settings, model, current, result, [])
-        outbox.enqueue(conn, settings.topic_versions, _version_event(settings, version))
-    registry.purge_artifacts(conn, settings)
+        staged = registry.stage_version(conn, settings, current, result, [])
+        with conn.transaction():
+            version = registry.commit_version(conn, staged)
+            outbox.enqueue(conn, settings.topic_versions, version_event(settings, version), key=model)
+        after_commit(ctx, conn, [], model)
     RETRAIN_DURATION.labels(model=model, method=current.method).observe(seconds)
     log.info("model %s: shard %d retrained in %.1fs, version %d", model, shard, seconds, version.version)
     return version.version
 
 
-def _membership_evidence(conn, method, state, store, dataset: str, rows) -> dict:
-    """Loss-threshold membership inference on the erased rows vs unseen holdout rows."""
+def _membership_evidence(predictor, snapshot: Snapshot, request_id: uuid.UUID) -> dict:
+    """Loss-threshold membership inference on this request's erased rows vs unseen holdout rows."""
     from worker.core import mia
 
-    spec = data.spec(dataset)
-    holdout = data.read_training_set(conn, dataset, "holdout")
-    if len(holdout) == 0:
+    spec = data.spec(snapshot.dataset)
+    holdout = snapshot.holdout
+    rows = [p for p in snapshot.pending if p.request_id == request_id]
+    if len(holdout) == 0 or not rows:
         return {}
-    erased_x = (np.array([r[6] for r in rows], dtype=np.float32) / spec.scale).reshape(len(rows), *spec.input_shape)
-    erased_y = np.array([r[5] for r in rows], dtype=np.int64)
-    predictor = method.predictor(state, store)
+    erased_x = (np.array([r.features for r in rows], dtype=np.float32) / spec.scale).reshape(len(rows), *spec.input_shape)
+    erased_y = np.array([r.label for r in rows], dtype=np.int64)
     return {"membership_inference": mia.loss_threshold_advantage(
         predictor, erased_x, erased_y, holdout.features, holdout.labels)}
 
 
-def _version_event(settings: Settings, version: registry.ModelVersion):
+def version_event(settings: Settings, version: registry.ModelVersion):
     payload = {
         "model": version.model,
         "version": version.version,
@@ -178,21 +419,34 @@ def _version_event(settings: Settings, version: registry.ModelVersion):
                               event_id=f"model-version-{version.model}-{version.version}")
 
 
+def _received_at(conn: psycopg.Connection, request_ids: list[uuid.UUID]) -> dict[uuid.UUID, datetime]:
+    return dict(conn.execute(
+        "SELECT request_id, received_at FROM erasure_requests WHERE request_id = ANY(%s)", (request_ids,)
+    ).fetchall())
+
+
+def _has_pending(conn: psycopg.Connection, model: str) -> bool:
+    found = conn.execute("SELECT 1 FROM pending_unlearning WHERE model = %s LIMIT 1", (model,)).fetchone()
+    conn.commit()
+    return found is not None
+
+
 def shards_awaiting_retrain(conn: psycopg.Connection, settings: Settings,
                             older_than_seconds: float) -> list[tuple[str, int]]:
     """(model, shard) of S3T shards that lost every order in a version published a while ago."""
     found = []
-    for model, version in conn.execute(
-        "SELECT m.name, m.current_version FROM models m JOIN model_versions v"
+    for model, version, digest in conn.execute(
+        "SELECT m.name, m.current_version, v.manifest_sha256 FROM models m JOIN model_versions v"
         " ON v.model = m.name AND v.version = m.current_version"
-        " WHERE m.method = 's3t' AND v.created_at < now() - make_interval(secs => %s)",
+        " WHERE m.method = 's3t' AND v.servable AND v.created_at < now() - make_interval(secs => %s)",
         (older_than_seconds,),
     ).fetchall():
-        state = registry.load_state(settings, model, version)
+        state = registry.load_state(settings, model, version, digest)
         found += [(model, entry["shard"]) for entry in state["shards"] if entry["status"] == "needs_retrain"]
     return found
 
 
 def pending_models(conn: psycopg.Connection) -> list[str]:
-    return [m for (m,) in conn.execute("SELECT DISTINCT model FROM pending_unlearning ORDER BY model")]
-
+    return [m for (m,) in conn.execute(
+        "SELECT DISTINCT model FROM pending_unlearning UNION SELECT name FROM models"
+        " WHERE status = 'full_retrain_requested' ORDER BY 1")]

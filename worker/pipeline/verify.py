@@ -1,12 +1,15 @@
 """`unlearn verify --request ID`: re-check a finished erasure from what is stored now.
 
-Checks, each reported as passed or failed with a reason:
-- the receipt hashes to its `receipt_sha256`, and its `previous_receipt_sha256` is a receipt we issued;
-- every model version it names is recorded, its manifest matches the recorded sha256, and every
-  component file still hashes to its manifest entry (the version can be served);
-- the files the unlearning removed (tainted checkpoints, subtracted updates, switched-off
-  adapters) are gone from the artifact store, so nothing still holds what the erased rows taught;
-- the evidence kind in the receipt matches what each version's manifest recorded.
+It holds for every receipt, forever, also once later erasures superseded its versions. Checks,
+each reported as passed or failed with a reason:
+- each receipt of the request hashes to its `receipt_sha256` and links to the receipt before it;
+- the whole chain is one line: numbered without gaps, every link matching, no fork;
+- every model version a receipt names is recorded and its manifest matches the recorded sha256;
+  the version still served loads with every file verified; a version superseded since says by
+  which, and the model's current version is checked instead (or found withdrawn: nothing served);
+- the files that version's unlearning removed (tainted checkpoints, subtracted updates,
+  switched-off adapters) are gone from the artifact store;
+- the evidence kind in the receipt matches what the version's manifest recorded.
 
 The erased rows' identifiers are not kept after completion, so verification works from digests.
 """
@@ -21,6 +24,7 @@ import psycopg
 from worker import events, serving
 from worker.artifacts import ArtifactIntegrityError, ArtifactStore, read_manifest
 from worker.config import Settings
+from worker.pipeline import receipts
 
 
 @dataclass(frozen=True)
@@ -32,53 +36,68 @@ class Check:
 
 def verify_request(conn: psycopg.Connection, settings: Settings, request_id: uuid.UUID) -> list[Check]:
     """Every check for one request; raises LookupError when the request has no receipt."""
-    row = conn.execute(
-        "SELECT receipt, receipt_sha256 FROM erasure_requests WHERE request_id = %s", (request_id,)
-    ).fetchone()
-    if row is None:
+    if conn.execute("SELECT 1 FROM erasure_requests WHERE request_id = %s", (request_id,)).fetchone() is None:
         raise LookupError(f"no erasure request {request_id}")
-    receipt, stored_digest = row
-    if receipt is None:
+    issued = receipts.all_for(conn, request_id)
+    if not issued:
         raise LookupError(f"request {request_id} has no receipt yet (still in progress)")
-    checks = [_receipt_hash(receipt, stored_digest), _chain(conn, receipt)]
-    for entry in receipt["model_versions"]:
-        checks += _version(conn, settings, receipt, entry["model"], entry["version"])
+    checks = []
+    for receipt in issued:
+        checks += [_receipt_hash(conn, receipt), _link(conn, receipt)]
+    checks.append(chain(conn))
+    final = issued[-1].body
+    for entry in final["model_versions"]:
+        checks += _version(conn, settings, final, entry["model"], entry["version"])
     return checks
 
 
-def _receipt_hash(receipt: dict, stored_digest: str) -> Check:
-    recomputed = events.receipt_digest(receipt)
-    ok = recomputed == receipt.get("receipt_sha256") == stored_digest
-    return Check("receipt hash", ok, "matches" if ok else f"recomputed {recomputed[:12]}…, stored {stored_digest[:12]}…")
+def _receipt_hash(conn: psycopg.Connection, receipt: receipts.Receipt) -> Check:
+    stored = conn.execute("SELECT receipt_sha256 FROM receipts WHERE seq = %s", (receipt.seq,)).fetchone()[0]
+    recomputed = events.receipt_digest(receipt.body)
+    ok = recomputed == receipt.body.get("receipt_sha256") == stored
+    return Check(f"receipt #{receipt.seq} ({receipt.status}) hash", ok,
+                 "matches" if ok else f"recomputed {recomputed[:12]}…, stored {stored[:12]}…")
 
 
-def _chain(conn: psycopg.Connection, receipt: dict) -> Check:
-    previous = receipt.get("previous_receipt_sha256")
-    if previous is None:
-        first = conn.execute(
-            "SELECT count(*) FROM erasure_requests WHERE completed_at < %s::timestamptz AND receipt_sha256 IS NOT NULL",
-            (receipt["completed_at"],),
-        ).fetchone()[0] == 0
-        return Check("receipt chain", first, "first receipt" if first else "no previous receipt named, but earlier ones exist")
-    found = conn.execute("SELECT 1 FROM erasure_requests WHERE receipt_sha256 = %s", (previous,)).fetchone()
-    return Check("receipt chain", found is not None,
-                 "links to an earlier receipt" if found else f"previous receipt {previous[:12]}… is unknown")
+def _link(conn: psycopg.Connection, receipt: receipts.Receipt) -> Check:
+    named = receipt.body.get("previous_receipt_sha256")
+    before = conn.execute("SELECT receipt_sha256 FROM receipts WHERE seq = %s", (receipt.seq - 1,)).fetchone()
+    expected = before[0] if before else None
+    ok = named == expected
+    detail = ("first receipt" if expected is None else f"links to receipt #{receipt.seq - 1}") if ok else (
+        f"names {str(named)[:12]}… but receipt #{receipt.seq - 1} is {str(expected)[:12]}…")
+    return Check(f"receipt #{receipt.seq} link", ok, detail)
+
+
+def chain(conn: psycopg.Connection) -> Check:
+    """The whole chain: consecutive numbers, each link naming the receipt before it (so no fork)."""
+    count, legacy, breaks = conn.execute(
+        "SELECT count(*), count(*) FILTER (WHERE legacy),"
+        " array_agg(seq ORDER BY seq) FILTER (WHERE NOT legacy AND (seq <> prev_seq + 1 OR prev_seq IS NULL AND seq <> 1"
+        "   OR previous_sha256 IS DISTINCT FROM prev_sha))"
+        " FROM (SELECT seq, legacy, previous_sha256, lag(seq) OVER w AS prev_seq, lag(receipt_sha256) OVER w AS prev_sha"
+        "       FROM receipts WINDOW w AS (ORDER BY seq)) AS links"
+    ).fetchone()
+    note = f" ({legacy} issued before the chain was numbered, not checked)" if legacy else ""
+    if breaks:
+        return Check("receipt chain", False, f"{len(breaks)} break(s) in {count} receipts, first at #{breaks[0]}{note}")
+    return Check("receipt chain", True, f"{count} receipts in one unbroken line{note}")
 
 
 def _version(conn: psycopg.Connection, settings: Settings, receipt: dict, model: str, version: int) -> list[Check]:
     label = f"{model} v{version}"
     row = conn.execute(
-        "SELECT manifest_sha256 FROM model_versions WHERE model = %s AND version = %s", (model, version)
+        "SELECT manifest_sha256, superseded_by FROM model_versions WHERE model = %s AND version = %s", (model, version)
     ).fetchone()
     if row is None:
         return [Check(f"{label} recorded", False, "no such model version")]
-    checks = []
+    digest, superseded_by = row
     try:
-        manifest = read_manifest(settings.artifact_dir, model, version, row[0])
-        serving.load_version(model, version, settings=settings, expected_sha256=row[0])
-        checks.append(Check(f"{label} files", True, f"manifest and {len(manifest['components'])} components verified"))
+        manifest = read_manifest(settings.artifact_dir, model, version, digest)
     except (ArtifactIntegrityError, FileNotFoundError) as exc:
-        return checks + [Check(f"{label} files", False, str(exc))]
+        return [Check(f"{label} manifest", False, str(exc))]
+    checks = [Check(f"{label} manifest", True, "matches its recorded sha256")]
+    checks.append(_served(conn, settings, model, version, superseded_by, manifest))
     store = ArtifactStore(settings.artifact_dir, model)
     removed = manifest["lineage"].get("removed_artifacts", [])
     left = [d for d in removed if store.exists(d)]
@@ -89,3 +108,28 @@ def _version(conn: psycopg.Connection, settings: Settings, receipt: dict, model:
     checks.append(Check(f"{label} evidence", recorded == claimed,
                         f"{claimed}" if recorded == claimed else f"receipt says {claimed}, manifest says {recorded}"))
     return checks
+
+
+def _served(conn: psycopg.Connection, settings: Settings, model: str, version: int, superseded_by: int | None,
+            manifest: dict) -> Check:
+    """The version itself while it is served; else what superseded it and what is served now."""
+    label = f"{model} v{version}"
+    current, servable, current_digest = conn.execute(
+        "SELECT m.current_version, v.servable, v.manifest_sha256 FROM models m"
+        " JOIN model_versions v ON v.model = m.name AND v.version = m.current_version WHERE m.name = %s",
+        (model,),
+    ).fetchone()
+    if current == version:
+        try:
+            serving.load_version(model, version, settings=settings, expected_sha256=current_digest)
+        except (ArtifactIntegrityError, FileNotFoundError) as exc:
+            return Check(f"{label} files", False, str(exc))
+        return Check(f"{label} files", True, f"served now; manifest and {len(manifest['components'])} components verified")
+    if not servable:
+        return Check(f"{label} superseded", True,
+                     f"superseded by v{superseded_by}; the model is withdrawn from serving (v{current} serves nothing)")
+    try:
+        serving.load_version(model, current, settings=settings, expected_sha256=current_digest)
+    except (ArtifactIntegrityError, FileNotFoundError) as exc:
+        return Check(f"{label} superseded", False, f"superseded by v{superseded_by}, but current v{current}: {exc}")
+    return Check(f"{label} superseded", True, f"superseded by v{superseded_by}; current v{current} verified")

@@ -1,0 +1,35 @@
+"""What the pipeline steps need from the outside world, passed in rather than opened inline.
+
+A step takes a `Context`: the settings, a factory of PostgreSQL connections and a `Publisher` for
+the outbox. The Celery tasks build one from the configuration; tests build one over a real
+database with an in-memory publisher, so retries, failure states and crash points are tested
+without a worker process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+
+from worker.config import Settings
+from worker.pipeline.outbox import KafkaPublisher, Publisher
+
+Connect = Callable[[], psycopg.Connection]
+
+
+@dataclass
+class Context:
+    settings: Settings
+    connect: Connect
+    publisher: Publisher
+
+
+def from_settings(settings: Settings) -> Context:
+    """PostgreSQL connections with a connect timeout, and Kafka through the outbox publisher."""
+    return Context(
+        settings=settings,
+        connect=lambda: psycopg.connect(settings.database_url, connect_timeout=10),
+        publisher=KafkaPublisher(settings.kafka_bootstrap),
+    )
