@@ -90,3 +90,13 @@ def ctx(database_url, artifact_dir):
     from worker.pipeline.context import Context
 
     return Context(get_settings(), lambda: psycopg.connect(database_url), MemoryPublisher())
+
+
+@pytest.fixture
+def digits(conn, artifact_dir):
+    """The `digits` dataset loaded into a fresh database; returns the settings."""
+    from worker import data
+
+    data.load_into_postgres(conn, "digits")
+    conn.commit()
+    return get_settings()

@@ -3,83 +3,39 @@ Kafka or Celery in between (the end-to-end test covers those)."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from click.testing import CliRunner
 import torch
 
-from worker import data, events, registry
+from worker import events, registry
 from worker.artifacts import ArtifactStore, read_manifest
 from worker.cli import main
-from worker.config import get_settings
 from worker.core.base import TrainConfig
-from worker.pipeline import erasure, ledger, unlearning
+from worker.pipeline import unlearning
+
+import pipeline_steps as steps
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture
-def digits(conn, artifact_dir):
-    data.load_into_postgres(conn, "digits")
-    return get_settings()
-
-
-def _request(conn, settings, subject_ids: list[str], models: list[str] | None = None) -> uuid.UUID:
-    """One erasure request per subject, recorded and with its rows deleted; returns the first id."""
-    request_ids = [uuid.uuid4() for _ in subject_ids]
-    conn.commit()  # an open read would turn the blocks below into savepoints the worker cannot see
-    with conn.transaction():
-        for request_id, subject in zip(request_ids, subject_ids):
-            payload = {"request_id": str(request_id), "regulation": "gdpr", "subject_id": subject,
-                       "submitted_at": "2026-11-22T00:00:00Z"}
-            if models:
-                payload["models"] = models
-            ledger.record(conn, source="urn:test", event_id=str(request_id), data=payload)
-    for request_id in request_ids:
-        erasure.delete_rows(conn, settings, request_id)
-    conn.commit()
-    return request_ids[0]
-
-
-def _subjects(conn, count: int, offset: int = 0) -> list[str]:
-    return [s for (s,) in conn.execute(
-        "SELECT subject_id FROM training_samples WHERE split = 'train' GROUP BY subject_id"
-        " ORDER BY subject_id OFFSET %s LIMIT %s", (offset, count))]
-
-
-def _pass(ctx, model: str):
-    """Run the model's passes until nothing is pending; the last one's outcome."""
-    return unlearning.unlearn_until_idle(ctx, model)[-1]
-
-
-def _outbox(conn, event_type: str) -> list[dict]:
-    found = []
-    for (payload,) in conn.execute("SELECT payload FROM outbox ORDER BY id"):
-        event = events.decode(bytes(payload), [("content-type", events.CONTENT_TYPE.encode())])
-        if event.type == event_type:
-            found.append(event.data)
-    return found
 
 
 def test_amnesiac_rollback_receipt_is_approximate_with_membership_evidence(conn, digits, ctx):
     # Given an Amnesiac model whose threshold allows a rollback of one subject
     registry.train_model(conn, digits, "amn", "amnesiac", "digits",
                          TrainConfig(epochs=2, hidden=(32,), options={"max_revert_fraction": 0.5}))
-    [subject] = _subjects(conn, 1)
+    [subject] = steps.subjects(conn, 1)
     tainted = {d for (d,) in conn.execute(
         "SELECT b.update_sha256 FROM batch_log b JOIN training_samples t ON t.sample_id = ANY(b.sample_ids)"
         " WHERE b.model = 'amn' AND t.subject_id = %s", (subject,))}
     store = ArtifactStore(digits.artifact_dir, "amn")
     assert tainted and tainted <= store.digests()
     # When the subject is erased and the model unlearns
-    request_id = _request(conn, digits, [subject])
-    done = _pass(ctx, "amn")
+    request_id = steps.request(conn, digits, [subject])
+    done = steps.run_passes(ctx, "amn")
     # Then the updates that encode the subject's rows are purged from the store, none left queued
     assert not tainted & store.digests()
     assert conn.execute("SELECT count(*) FROM artifact_purges").fetchone()[0] == 0
     # Then the receipt is approximate, with steps reverted and a membership-inference figure
-    [receipt] = _outbox(conn, events.ERASURE_COMPLETED)
+    [receipt] = steps.outbox_events(conn, events.ERASURE_COMPLETED)
     assert receipt["request_id"] == str(request_id) and receipt["status"] == "completed"
     assert receipt["verification"]["kind"] == "approximate"
     evidence = receipt["verification"]["evidence"]["models"]["amn"]
@@ -92,9 +48,9 @@ def test_amnesiac_rollback_receipt_is_approximate_with_membership_evidence(conn,
 
 def test_amnesiac_over_threshold_falls_back_to_exact_retrain_and_says_so(conn, digits, ctx):
     registry.train_model(conn, digits, "amn", "amnesiac", "digits", TrainConfig(epochs=2, hidden=(32,)))
-    _request(conn, digits, _subjects(conn, 3))
-    _pass(ctx, "amn")
-    receipts = _outbox(conn, events.ERASURE_COMPLETED)
+    steps.request(conn, digits, steps.subjects(conn, 3))
+    steps.run_passes(ctx, "amn")
+    receipts = steps.outbox_events(conn, events.ERASURE_COMPLETED)
     assert len(receipts) == 3
     for receipt in receipts:
         evidence = receipt["verification"]["evidence"]["models"]["amn"]
@@ -107,15 +63,15 @@ def test_s3t_deletion_takes_no_gradient_step_and_dead_shard_is_retrained(conn, d
     registry.train_model(conn, digits, "s3t", "s3t", "digits",
                          TrainConfig(shards=1, slices=2, epochs=2, hidden=(32,), options={"orders": 2, "base_epochs": 5}))
     # When one subject is erased
-    _request(conn, digits, _subjects(conn, 1))
-    first = _pass(ctx, "s3t")
+    steps.request(conn, digits, steps.subjects(conn, 1))
+    first = steps.run_passes(ctx, "s3t")
     # Then version 2 came from zero optimizer steps, with exact lineage evidence
-    [version] = _outbox(conn, events.MODEL_VERSION_PUBLISHED)
+    [version] = steps.outbox_events(conn, events.MODEL_VERSION_PUBLISHED)
     assert version["method"] == "s3t" and version["metrics"]["optimizer_steps"] == 0
     assert first.receipts[0].body["verification"]["kind"] == "exact"
     # When enough subjects are erased that every order loses its first layer
-    _request(conn, digits, _subjects(conn, 40, offset=1))
-    second = _pass(ctx, "s3t")
+    steps.request(conn, digits, steps.subjects(conn, 40, offset=1))
+    second = steps.run_passes(ctx, "s3t")
     assert second.retrain_shards == [0]
     # Then retraining the shard brings it back into service
     version = unlearning.retrain_shard(ctx, "s3t", 0)
@@ -144,13 +100,13 @@ def test_naming_one_model_never_exempts_another_that_trained_on_the_rows(conn, d
     registry.train_model(conn, digits, "a", "sisa", "digits", config)
     registry.train_model(conn, digits, "b", "sisa", "digits", config)
     # When a request names only model "b"
-    request_id = _request(conn, digits, _subjects(conn, 1), models=["b"])
+    request_id = steps.request(conn, digits, steps.subjects(conn, 1), models=["b"])
     # Then both models must unlearn, and the request is not complete after "b" alone
     assert unlearning.pending_models(conn) == ["a", "b"]
-    _pass(ctx, "b")
-    assert _outbox(conn, events.ERASURE_COMPLETED) == []
-    _pass(ctx, "a")
-    [receipt] = _outbox(conn, events.ERASURE_COMPLETED)
+    steps.run_passes(ctx, "b")
+    assert steps.outbox_events(conn, events.ERASURE_COMPLETED) == []
+    steps.run_passes(ctx, "a")
+    [receipt] = steps.outbox_events(conn, events.ERASURE_COMPLETED)
     assert receipt["request_id"] == str(request_id) and receipt["status"] == "completed"
     assert sorted((v["model"], v["version"]) for v in receipt["model_versions"]) == [("a", 2), ("b", 2)]
     # And model "a" is now exactly what training from scratch without the rows gives
@@ -162,8 +118,8 @@ def test_naming_one_model_never_exempts_another_that_trained_on_the_rows(conn, d
 
 def test_unknown_subject_completes_with_nothing_deleted(conn, digits):
     registry.train_model(conn, digits, "a", "sisa", "digits", TrainConfig(shards=2, slices=2, epochs=1, hidden=(16,)))
-    request_id = _request(conn, digits, ["nobody-we-know"])
-    [receipt] = _outbox(conn, events.ERASURE_COMPLETED)
+    request_id = steps.request(conn, digits, ["nobody-we-know"])
+    [receipt] = steps.outbox_events(conn, events.ERASURE_COMPLETED)
     assert receipt["request_id"] == str(request_id)
     assert receipt["rows_deleted"] == 0 and receipt["model_versions"] == []
     assert unlearning.pending_models(conn) == []
@@ -174,8 +130,8 @@ def test_verify_rechecks_a_receipt_and_catches_tampering(conn, digits, ctx):
 
     # Given a completed SISA erasure
     registry.train_model(conn, digits, "a", "sisa", "digits", TrainConfig(shards=2, slices=2, epochs=1, hidden=(16,)))
-    request_id = _request(conn, digits, _subjects(conn, 1))
-    _pass(ctx, "a")
+    request_id = steps.request(conn, digits, steps.subjects(conn, 1))
+    steps.run_passes(ctx, "a")
     # When it is verified, every check passes
     checks = verify_request(conn, digits, request_id)
     assert [c.name for c in checks] == ["receipt #1 (completed) hash", "receipt #1 link", "receipt chain",

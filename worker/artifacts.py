@@ -80,7 +80,9 @@ class ArtifactStore:
         data = save_safetensors(contiguous, metadata=metadata)
         digest = sha256_bytes(data)
         target = self.path(digest)
-        if not target.exists():
+        # a file already there under this digest is reused only if it still has these bytes: a
+        # corrupted copy would otherwise survive every retrain that should replace it
+        if not target.exists() or sha256_file(target) != digest:
             atomic_write(target, data)
         return digest
 

@@ -167,6 +167,11 @@ def decode(value: bytes, headers: list[tuple[str, bytes]] | None) -> ValidatedEv
     )
 
 
+def rfc3339(moment: datetime) -> str:
+    """A timestamp as the events carry it: UTC, RFC 3339, `Z` suffix."""
+    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 def receipt_digest(receipt_data: dict[str, Any]) -> str:
     """Hex SHA-256 of the receipt's canonical JSON without `receipt_sha256`.
 

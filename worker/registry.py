@@ -44,6 +44,7 @@ from worker.core.base import (
     lineage_sha256,
     no_progress,
 )
+from worker.events import rfc3339
 from worker.pipeline import failpoints
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,7 @@ def stage_withdrawal(conn: psycopg.Connection, settings: Settings, parent: Model
     created_at = _now()
     body = {
         **{key: manifest[key] for key in ("model", "method", "aggregation", "input", "state")},
-        "version": version, "parent_version": parent.version, "created_at": _rfc3339(created_at),
+        "version": version, "parent_version": parent.version, "created_at": rfc3339(created_at),
         "servable": False, "withdrawn": {"code": code}, "components": [],
         "lineage": {"parent_version": parent.version, "parent_manifest_sha256": parent.manifest_sha256,
                     "verification": {"kind": "none", "withdrawn": code}, "removed_artifacts": []},
@@ -230,7 +231,7 @@ def stage_withdrawal(conn: psycopg.Connection, settings: Settings, parent: Model
     return StagedVersion(ModelVersion(
         model=parent.model, version=version, parent_version=parent.version, method=parent.method,
         manifest_uri=uri, manifest_sha256=digest, components_changed=[], deletion_budget_remaining=0.0,
-        metrics={}, revokes=[parent.version], created_at=_rfc3339(created_at), servable=False,
+        metrics={}, revokes=[parent.version], created_at=rfc3339(created_at), servable=False,
     ), dataset=manifest["input"]["dataset"])
 
 
@@ -350,7 +351,7 @@ def current_version(conn: psycopg.Connection, model: str) -> ModelVersion | None
         model=model, version=version, parent_version=parent, method=method, manifest_uri=uri,
         manifest_sha256=digest, components_changed=list(changed), deletion_budget_remaining=budget,
         metrics=dict(metrics), revokes=[parent] if parent is not None else [],
-        created_at=_rfc3339(created_at), servable=servable,
+        created_at=rfc3339(created_at), servable=servable,
     )
 
 
@@ -397,7 +398,7 @@ def _stage(conn: psycopg.Connection, settings: Settings, implementation: Unlearn
         "version": version,
         "parent_version": None if parent is None else parent.version,
         "method": implementation.name,
-        "created_at": _rfc3339(created_at),
+        "created_at": rfc3339(created_at),
         "servable": True,
         "aggregation": result.state.get("aggregation", "single"),
         "components": [
@@ -419,7 +420,7 @@ def _stage(conn: psycopg.Connection, settings: Settings, implementation: Unlearn
             model=model, version=version, parent_version=None if parent is None else parent.version,
             method=implementation.name, manifest_uri=uri, manifest_sha256=manifest_sha256,
             components_changed=list(result.components_changed), deletion_budget_remaining=budget,
-            metrics=metrics, revokes=revokes, created_at=_rfc3339(created_at), erasure_request_ids=request_ids,
+            metrics=metrics, revokes=revokes, created_at=rfc3339(created_at), erasure_request_ids=request_ids,
         ),
         dataset=dataset,
         removed_artifacts=list(result.removed_artifacts),
@@ -463,7 +464,3 @@ def _copy_batches(conn: psycopg.Connection, model: str, batches: Sequence[BatchR
 
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
-
-
-def _rfc3339(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 import psycopg
 from psycopg.types.json import Jsonb
+
+from worker.events import rfc3339
 
 OPEN_STATUSES = ("received", "rows_deleted")
 
@@ -133,13 +135,12 @@ def extend_deadline(conn: psycopg.Connection, request_id: uuid.UUID, reason: str
         raise LookupError(f"no erasure request {request_id}")
     if request.status not in OPEN_STATUSES:
         raise ValueError(f"request {request_id} is {request.status}; only open requests can be extended")
+    extension = {"reason": reason, "extended_at": rfc3339(datetime.now(timezone.utc)),
+                 "previous_due_at": rfc3339(request.due_at)}
     row = conn.execute(
-        "UPDATE erasure_requests SET extension = jsonb_build_object('reason', %s::text,"
-        " 'extended_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),"
-        " 'previous_due_at', to_char(due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')),"
-        " due_at = due_at + interval '2 months', updated_at = now()"
+        "UPDATE erasure_requests SET extension = %s, due_at = due_at + interval '2 months', updated_at = now()"
         " WHERE request_id = %s AND extension IS NULL RETURNING due_at",
-        (reason, request_id),
+        (Jsonb(extension), request_id),
     ).fetchone()
     if row is None:
         raise ValueError(f"request {request_id} was extended already; GDPR allows one extension of two months")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -30,10 +29,6 @@ class Receipt:
     request_id: uuid.UUID
     status: str
     body: dict  # the gdpr.erasure.completed.v1 data
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def verification(evidence: dict, requested: list[str] | None = None) -> dict:
@@ -67,9 +62,9 @@ def issue(conn: psycopg.Connection, settings: Settings, request_id: uuid.UUID, s
         "rows_deleted": rows_deleted,
         "model_versions": model_versions,
         "verification": verification(evidence, requested),
-        "received_at": _iso(received_at),
-        "due_at": _iso(due_at),
-        "completed_at": _iso(completed_at),
+        "received_at": events.rfc3339(received_at),
+        "due_at": events.rfc3339(due_at),
+        "completed_at": events.rfc3339(completed_at),
         "previous_receipt_sha256": previous,
     }
     if reason:

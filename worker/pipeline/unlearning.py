@@ -85,6 +85,7 @@ class Unlearned:
     receipts: list[receipts.Receipt] = field(default_factory=list)  # issued by this pass
     retrain_seconds: float = 0.0
     retrain_shards: list[int] = field(default_factory=list)  # S3T shards left without a live order
+    withdrawn: bool = False  # the model could not unlearn and serves nothing
 
 
 def model_lock_key(model: str) -> int:
@@ -124,7 +125,7 @@ def unlearn_until_idle(ctx: Context, model: str) -> list[Unlearned]:
             # the lock is released: deletions committed while the pass ran are visible now, and a
             # task that found the model busy meanwhile has left them to us (a withdrawn model
             # keeps its deletions pending until `unlearn retry`: nothing more to do then)
-            if outcome is None or outcome.version is None or not _has_pending(conn, model):
+            if outcome is None or outcome.withdrawn or not _has_pending(conn, model):
                 return done
 
 
@@ -337,7 +338,7 @@ def withdraw(ctx: Context, conn: psycopg.Connection, model: str, code: FailureCo
     if version is not None:
         log.warning("model %s withdrawn from serving as version %d (%s); %d requests failed",
                     model, version, code.value, len(issued))
-    return Unlearned(model, version, waiting, issued)
+    return Unlearned(model, version, waiting, issued, withdrawn=True)
 
 
 def fail_request(ctx: Context, request_id: uuid.UUID, code: FailureCode, what: str) -> receipts.Receipt | None:

@@ -1,0 +1,169 @@
+"""Failure is a state, not a deletion: a model that cannot unlearn is withdrawn from serving, its
+pending deletions stay, its requests are answered `failed` with a reason code, and `unlearn retry`
+retrains it from scratch and answers them `completed` with new receipts. Against the real
+PostgreSQL and artifact store; Kafka is stood in for by an in-memory publisher."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from prometheus_client import REGISTRY
+
+import pipeline_steps as steps
+from worker import events, registry, serving
+from worker.artifacts import ArtifactStore, read_manifest
+from worker.cli import main
+from worker.core.base import TrainConfig
+from worker.pipeline import failures, ledger, receipts, tasks, unlearning
+from worker.pipeline.verify import verify_request
+
+pytestmark = pytest.mark.services
+
+CONFIG = TrainConfig(shards=2, slices=2, epochs=1, hidden=(16,))
+
+
+def _outcomes(outcome: str) -> float:
+    return REGISTRY.get_sample_value("unlearning_erasure_requests_total", {"outcome": outcome}) or 0.0
+
+
+def _corrupt_every_file(settings, model: str) -> None:
+    """Flip a byte in every stored file of the model: any retrain from a checkpoint fails its hash."""
+    store = ArtifactStore(settings.artifact_dir, model)
+    for digest in store.digests():
+        path = store.path(digest)
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0x01
+        path.write_bytes(bytes(raw))
+
+
+def test_a_model_that_cannot_unlearn_is_withdrawn_and_retry_completes_it(conn, digits, ctx):
+    # Given a SISA model whose checkpoints were corrupted on disk (8 shards: a subject's 5 rows
+    # leave some untouched, so the pass must read a corrupted file)
+    config = TrainConfig(shards=8, slices=2, epochs=1, hidden=(16,))
+    registry.train_model(conn, digits, "m", "sisa", "digits", config)
+    _corrupt_every_file(digits, "m")
+    failed_before = _outcomes("failed")
+    first = steps.request(conn, digits, steps.subjects(conn, 1))
+
+    # When the model's pass runs, it cannot retrain from a checkpoint that fails its hash
+    outcome = steps.run_passes(ctx, "m")
+
+    # Then the request is answered failed, with a reason code and no raw error text
+    [receipt] = receipts.all_for(conn, first)
+    assert receipt.status == "failed"
+    assert receipt.body["reason"].startswith("unlearning_failed: model m could not unlearn (ArtifactIntegrityError)")
+    assert "unlearn retry --request" in receipt.body["reason"]
+    assert _outcomes("failed") == failed_before + 1
+    # And the model is withdrawn: version 2 serves nothing and revokes version 1, which holds the rows
+    assert outcome.version == 2
+    assert conn.execute("SELECT status, failure_code FROM models WHERE name = 'm'").fetchone() == (
+        "needs_full_retrain", "unlearning_failed")
+    [event] = steps.outbox_events(conn, events.MODEL_VERSION_PUBLISHED)
+    assert (event["version"], event["revokes"], event["components_changed"]) == (2, [1], [])
+    for version in (1, 2):
+        with pytest.raises(serving.VersionRevoked):
+            serving.load_version("m", version, settings=digits)
+    # And the deletions it owes are still pending: nothing was thrown away
+    assert conn.execute("SELECT count(*) FROM pending_unlearning WHERE model = 'm'").fetchone()[0] > 0
+
+    # When another erasure touches the withdrawn model, it is answered failed at once
+    second = steps.request(conn, digits, steps.subjects(conn, 1, offset=1))
+    steps.run_passes(ctx, "m")
+    [receipt] = receipts.all_for(conn, second)
+    assert receipt.body["reason"].startswith("model_needs_full_retrain:")
+    assert conn.execute("SELECT max(version) FROM model_versions WHERE model = 'm'").fetchone() == (2,)
+
+    # When an operator re-drives the first request
+    conn.commit()
+    shown = CliRunner().invoke(main, ["retry", "--request", str(first)], catch_exceptions=False)
+    assert shown.exit_code == 0 and "back to rows_deleted, waiting for m" in shown.output
+    outcome = steps.run_passes(ctx, "m")
+
+    # Then the model is retrained from scratch, serves again, and both requests get new, real
+    # completed receipts (their failed receipts stay as they were)
+    assert outcome.version == 3
+    assert conn.execute("SELECT status, failure_code FROM models WHERE name = 'm'").fetchone() == ("serving", None)
+    for request_id in (first, second):
+        issued = receipts.all_for(conn, request_id)
+        assert [r.status for r in issued] == ["failed", "completed"]
+        assert issued[1].body["model_versions"] == [{"model": "m", "version": 3}]
+        assert issued[1].body["verification"]["evidence"]["models"]["m"]["reason"] == "full_retrain"
+        assert all(check.passed for check in verify_request(conn, digits, request_id))
+    # And version 3 is exactly a fresh training without the erased rows
+    registry.train_model(conn, digits, "fresh", "sisa", "digits", config)
+    assert ([c["sha256"] for c in read_manifest(digits.artifact_dir, "m", 3)["components"]]
+            == [c["sha256"] for c in read_manifest(digits.artifact_dir, "fresh", 1)["components"]])
+    # And the corrupted files of the versions that held the rows are gone
+    store = ArtifactStore(digits.artifact_dir, "m")
+    assert store.digests() == {c["sha256"] for c in read_manifest(digits.artifact_dir, "m", 3)["components"]} | {
+        cp["sha256"] for entry in registry.load_state(digits, "m", 3)["shards"] for cp in entry["checkpoints"]}
+
+
+def test_only_failed_requests_can_be_retried(conn, digits, ctx):
+    registry.train_model(conn, digits, "m", "sisa", "digits", CONFIG)
+    request_id = steps.request(conn, digits, steps.subjects(conn, 1))
+    steps.run_passes(ctx, "m")
+    shown = CliRunner().invoke(main, ["retry", "--request", str(request_id)])
+    assert shown.exit_code == 1 and "is completed; only failed requests can be retried" in shown.output
+
+
+def test_a_task_that_keeps_killing_its_worker_is_parked_as_failed(conn, digits, ctx, monkeypatch):
+    # Given a pending erasure whose unlearning task died with its worker three times in a row
+    registry.train_model(conn, digits, "m", "sisa", "digits", CONFIG)
+    request_id = steps.request(conn, digits, steps.subjects(conn, 1))
+    for _ in range(failures.MAX_UNFINISHED):
+        failures.begin_attempt(conn, tasks.UNLEARN_MODEL, "m")
+    monkeypatch.setattr(tasks, "_context", lambda: ctx)
+    # When it is delivered once more
+    tasks.unlearn_model.run("m")
+    # Then it is not run again but parked: the model is withdrawn and the request failed
+    [receipt] = receipts.all_for(conn, request_id)
+    assert receipt.body["reason"].startswith("worker_crashed_repeatedly:")
+    assert conn.execute("SELECT status FROM models WHERE name = 'm'").fetchone() == ("needs_full_retrain",)
+    assert conn.execute("SELECT count(*) FROM task_attempts").fetchone() == (0,)
+
+
+def test_a_clean_delivery_resets_the_count_of_unfinished_ones(conn, digits, ctx, monkeypatch):
+    registry.train_model(conn, digits, "m", "sisa", "digits", CONFIG)
+    request_id = steps.request(conn, digits, steps.subjects(conn, 1))
+    failures.begin_attempt(conn, tasks.UNLEARN_MODEL, "m")  # one earlier delivery died
+    monkeypatch.setattr(tasks, "_context", lambda: ctx)
+    tasks.unlearn_model.run("m")
+    assert [r.status for r in receipts.all_for(conn, request_id)] == ["completed"]
+    assert conn.execute("SELECT count(*) FROM task_attempts").fetchone() == (0,)
+
+
+def test_errors_are_classified_once(conn):
+    import psycopg
+
+    from worker.artifacts import ArtifactIntegrityError
+    from worker.registry import StaleVersion
+
+    assert failures.is_transient(psycopg.OperationalError("server closed the connection"))
+    assert failures.is_transient(failures.ModelBusy("m")) and failures.is_transient(StaleVersion("moved"))
+    assert not failures.is_transient(psycopg.DataError("bad value"))
+    assert not failures.is_transient(ArtifactIntegrityError("hash differs"))
+    assert not failures.is_transient(ValueError("a bug"))
+    # the tasks retry exactly the transient ones, with capped exponential backoff
+    for task in (tasks.erase_rows, tasks.unlearn_model, tasks.retrain_shard):
+        assert task.autoretry_for == failures.TRANSIENT and task.retry_backoff and task.max_retries == 10
+
+
+def test_a_stale_publication_counts_nothing(conn, digits, ctx):
+    # Given a pass that staged its version, and another version published meanwhile
+    registry.train_model(conn, digits, "m", "sisa", "digits", CONFIG)
+    steps.request(conn, digits, steps.subjects(conn, 1))
+    completed_before = _outcomes("completed")
+    with ctx.connect() as other:
+        snapshot = unlearning._snapshot(other, "m")
+        staged, result, evidence = unlearning._compute(digits, other, snapshot)
+        racing = registry.stage_version(other, digits, snapshot.current, result, [])
+        with other.transaction():
+            registry.commit_version(other, racing)
+        # When the pass tries to publish, the compare-and-swap refuses it
+        with pytest.raises(registry.StaleVersion):
+            unlearning._publish(digits, other, snapshot, staged, result, evidence, 0.0)
+    # Then nothing it would have written is there, and no outcome was counted
+    assert _outcomes("completed") == completed_before
+    assert conn.execute("SELECT count(*) FROM receipts").fetchone() == (0,)
+    assert ledger.still_pending(conn, snapshot.request_ids[0])
