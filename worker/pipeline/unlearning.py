@@ -280,11 +280,11 @@ def _full_retrain(conn: psycopg.Connection, method, store: ArtifactStore, snapsh
 
 
 def _progress_with_failpoint(sequence: Iterable, description: str = "", total: float | None = None) -> Iterator:
-    """The methods' progress hook: crash point `mid_retrain` fires after the first unit of work."""
+    """The methods' progress hook: crash point `mid_retrain` fires once the first unit of work is done."""
     for i, item in enumerate(sequence):
-        if i == 1:
-            failpoints.hit("mid_retrain")
         yield item
+        if i == 0:
+            failpoints.hit("mid_retrain")
 
 
 def _publish(settings: Settings, conn: psycopg.Connection, snapshot: Snapshot, staged: registry.StagedVersion,
