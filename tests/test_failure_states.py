@@ -167,3 +167,20 @@ def test_a_stale_publication_counts_nothing(conn, digits, ctx):
     assert _outcomes("completed") == completed_before
     assert conn.execute("SELECT count(*) FROM receipts").fetchone() == (0,)
     assert ledger.still_pending(conn, snapshot.request_ids[0])
+
+
+def test_status_shows_a_withdrawn_model_and_overdue_requests(conn, digits, ctx):
+    registry.train_model(conn, digits, "m", "sisa", "digits", TrainConfig(shards=8, slices=2, epochs=1, hidden=(16,)))
+    _corrupt_every_file(digits, "m")
+    steps.request(conn, digits, steps.subjects(conn, 1))
+    steps.run_passes(ctx, "m")
+    late = steps.request(conn, digits, steps.subjects(conn, 1, offset=1), models=["nowhere"])
+    conn.execute("UPDATE erasure_requests SET due_at = now() - interval '3 days', received_at = now() - interval"
+                 " '1 month 3 days' WHERE request_id = %s", (late,))
+    conn.commit()
+    runner = CliRunner()
+    shown = runner.invoke(main, ["status"], terminal_width=200)
+    assert shown.exit_code == 0 and "needs_full_retrain (unlearning_failed)" in shown.output
+    assert "nothing (v2 withdrawn)" in shown.output
+    overdue = runner.invoke(main, ["status", "--overdue"], terminal_width=200)
+    assert overdue.exit_code == 0 and str(late) in overdue.output and "3d" in overdue.output

@@ -320,8 +320,11 @@ def status_cmd(request_id, overdue: bool) -> None:
     from worker import db as database
     from worker.pipeline import report
 
+    console = Console()
+    if not console.is_terminal:  # piped or captured: wide enough that no column is cut
+        console = Console(width=200)
     with database.connect(get_settings().database_url) as conn:
-        if not report.show(conn, Console(), request_id, overdue=overdue):
+        if not report.show(conn, console, request_id, overdue=overdue):
             raise click.ClickException(f"no erasure request {request_id}")
 
 
