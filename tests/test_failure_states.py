@@ -155,7 +155,7 @@ def test_a_stale_publication_counts_nothing(conn, digits, ctx):
     steps.request(conn, digits, steps.subjects(conn, 1))
     completed_before = _outcomes("completed")
     with ctx.connect() as other:
-        snapshot = unlearning._snapshot(other, "m")
+        snapshot = unlearning._snapshot(other, "m", 100)
         staged, result, evidence = unlearning._compute(digits, other, snapshot)
         racing = registry.stage_version(other, digits, snapshot.current, result, [])
         with other.transaction():

@@ -33,8 +33,11 @@ class Settings(BaseSettings):
     topic_receipts: str = "erasure.receipts"
     consumer_group: str = "unlearning-intake"
     event_source: str = "urn:unlearning-worker"
-    # how long an unlearning task waits so erasures arriving together share one retrain
-    coalesce_seconds: float = Field(1.0, ge=0)
+    # An idle model starts unlearning at once; erasures arriving while a pass runs are taken
+    # together by the next pass (group commit). Operators who prefer fewer versions can add a
+    # minimum wait before a pass starts, and cap how many requests one pass takes.
+    coalesce_seconds: float = Field(0.0, ge=0)
+    max_batch_requests: int = Field(1000, ge=1)
     # the intake's sweeper re-drives requests untouched this long (a lost Celery message, a crash)
     stuck_after_seconds: float = Field(60.0, gt=0)
     sweep_interval_seconds: float = Field(15.0, gt=0)

@@ -107,8 +107,10 @@ def erase_rows(self, request_id: str) -> None:
         if outcome.receipt is not None:
             with ctx.connect() as conn:
                 unlearning.after_commit(ctx, conn, [outcome.receipt])
+        wait = ctx.settings.coalesce_seconds
         for model in outcome.models:
-            unlearn_model.apply_async((model,), countdown=ctx.settings.coalesce_seconds)
+            # an idle model starts at once; a busy one picks these up in its next pass
+            unlearn_model.apply_async((model,), countdown=wait or None)
     finally:
         _finished(ERASE_ROWS, request_id)
 

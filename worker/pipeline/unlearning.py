@@ -135,7 +135,7 @@ def unlearn_model(ctx: Context, conn: psycopg.Connection, model: str) -> Unlearn
     None when there was nothing to do. A permanent failure withdraws the model and returns the
     failed receipts; a transient one propagates (the task retries).
     """
-    snapshot = _snapshot(conn, model)
+    snapshot = _snapshot(conn, model, ctx.settings.max_batch_requests)
     if snapshot is None:
         return None
     if snapshot.status == "needs_full_retrain":
@@ -180,7 +180,7 @@ def after_commit(ctx: Context, conn: psycopg.Connection, issued: Iterable[receip
         log.warning("outbox not drained now (the relay will): %s", exc.__class__.__name__)
 
 
-def _snapshot(conn: psycopg.Connection, model: str) -> Snapshot | None:
+def _snapshot(conn: psycopg.Connection, model: str, max_requests: int) -> Snapshot | None:
     conn.isolation_level, conn.read_only = psycopg.IsolationLevel.REPEATABLE_READ, True
     try:
         with conn.transaction():
@@ -188,10 +188,14 @@ def _snapshot(conn: psycopg.Connection, model: str) -> Snapshot | None:
             if row is None:
                 return None
             status, dataset = row
+            # the oldest requests first, at most `max_requests` of them; the rest wait for the next pass
             pending = [PendingRow(*r) for r in conn.execute(
                 "SELECT request_id, sample_id, shard, slice, label, features FROM pending_unlearning"
-                " WHERE model = %s ORDER BY request_id, sample_id",
-                (model,),
+                " WHERE model = %s AND request_id IN (SELECT p.request_id FROM pending_unlearning p"
+                "  JOIN erasure_requests e USING (request_id) WHERE p.model = %s"
+                "  GROUP BY p.request_id, e.received_at ORDER BY e.received_at, p.request_id LIMIT %s)"
+                " ORDER BY request_id, sample_id",
+                (model, model, max_requests),
             )]
             if not pending and status != "full_retrain_requested":
                 return None
