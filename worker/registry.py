@@ -181,15 +181,18 @@ def _lock_rows_still_there(conn: psycopg.Connection, sample_ids: Sequence[str]) 
 
 
 def stage_version(conn: psycopg.Connection, settings: Settings, parent: ModelVersion, result: UnlearnResult,
-                  request_ids: Sequence[str], *, full_retrain: bool = False) -> StagedVersion:
+                  request_ids: Sequence[str], *, full_retrain: bool = False,
+                  holdout: TrainingSet | None = None) -> StagedVersion:
     """Write the manifest of the version an unlearning of `parent` produced; nothing is recorded.
 
-    Reads the holdout rows on `conn` (no transaction is left open) to put the version's accuracy
-    in its event. `full_retrain`: the result replaces every component, placement and batch.
+    The version's event carries its accuracy on the holdout rows (read on `conn` unless given;
+    no transaction is left open). `full_retrain`: the result replaces every component, placement
+    and batch.
     """
     implementation = method_for(parent.method)()
     dataset = _dataset(conn, parent.model)
-    holdout = data.read_training_set(conn, dataset, "holdout")
+    if holdout is None:
+        holdout = data.read_training_set(conn, dataset, "holdout")
     conn.commit()
     lineage = {
         "parent_version": parent.version,

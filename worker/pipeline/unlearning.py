@@ -40,7 +40,7 @@ from worker import data, events, registry
 from worker.artifacts import ArtifactStore
 from worker.config import Settings
 from worker.core.base import DeletedSample, TrainingSet, UnlearnResult
-from worker.pipeline import failpoints, ledger, outbox, receipts
+from worker.pipeline import failpoints, ledger, outbox, receipts, rowcache
 from worker.pipeline.context import Context
 from worker.pipeline.failures import FailureCode, ModelBusy, is_transient
 from worker.pipeline.metrics import ERASURE_DURATION, ERASURE_REQUESTS, RETRAIN_DURATION
@@ -209,9 +209,9 @@ def _snapshot(conn: psycopg.Connection, model: str, max_requests: int) -> Snapsh
                 for sample_id in wanted.intersection(members):
                     steps[sample_id].append((shard, epoch, step))
             current = registry.current_version(conn, model)
-            remaining = data.read_training_set(conn, dataset, "train")
-            public = data.read_training_set(conn, dataset, "public")
-            holdout = data.read_training_set(conn, dataset, "holdout")
+            remaining = rowcache.read(conn, dataset, "train")
+            public = rowcache.read(conn, dataset, "public")
+            holdout = rowcache.read(conn, dataset, "holdout")
     finally:
         conn.isolation_level, conn.read_only = None, False
     return Snapshot(model, status, current, dataset, pending, dict(steps), remaining,
@@ -242,7 +242,7 @@ def _compute(settings: Settings, conn: psycopg.Connection, snapshot: Snapshot):
     evidence = {request_id: {**base, **_membership_evidence(predictor, snapshot, request_id)}
                 for request_id in snapshot.request_ids}
     staged = registry.stage_version(conn, settings, current, result, [str(r) for r in snapshot.request_ids],
-                                    full_retrain=full)
+                                    full_retrain=full, holdout=snapshot.holdout)
     return staged, result, evidence
 
 

@@ -1,0 +1,48 @@
+"""The training rows a worker process keeps in memory between passes.
+
+Reading a split's features from PostgreSQL costs far more than its ids (letter: 170 ms against
+25 ms), and a pass needs the rows left after every erasure so far. A dataset is loaded once and
+afterwards only loses rows, so the rows now present are always a subset of what was read before:
+each read fetches the ids alone, inside the caller's transaction (so it sees the same snapshot
+as the rest of the pass), and selects them from the cached rows. Anything else (a first read, an
+id the cache never saw) reads the split in full.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import psycopg
+
+from worker import data
+from worker.core.base import TrainingSet
+
+_cache: dict[tuple[str, str, str], TrainingSet] = {}
+_lock = threading.Lock()
+
+
+def read(conn: psycopg.Connection, dataset: str, split: str) -> TrainingSet:
+    """The split's rows present in the caller's snapshot, as `data.read_training_set` returns them."""
+    key = (conn.info.dsn, dataset, split)
+    with _lock:
+        cached = _cache.get(key)
+    if cached is not None:
+        ids = conn.execute(
+            "SELECT coalesce(array_agg(sample_id ORDER BY sample_id), '{}') FROM training_samples"
+            " WHERE dataset = %s AND split = %s",
+            (dataset, split),
+        ).fetchone()[0]
+        if len(ids) == len(cached) and ids == list(cached.sample_ids):
+            return cached
+        present = set(ids)
+        if present.issubset(cached.sample_ids):
+            rows = cached.select(np.fromiter((s in present for s in cached.sample_ids), dtype=bool,
+                                             count=len(cached)))
+            with _lock:
+                _cache[key] = rows
+            return rows
+    rows = data.read_training_set(conn, dataset, split)
+    with _lock:
+        _cache[key] = rows
+    return rows
