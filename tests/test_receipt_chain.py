@@ -144,3 +144,26 @@ def test_the_relay_publishes_to_the_broker_and_marks_rows_after_its_acknowledgem
     seen = {(r.topic, r.key) for r in consumer}
     consumer.close()
     assert seen == {(settings.topic_versions, b"m"), (settings.topic_receipts, str(request_id).encode())}
+
+
+def test_no_transaction_is_open_while_the_relay_waits_for_the_broker(conn, digits, database_url):
+    # Given events in the outbox and a broker that takes its time to acknowledge
+    registry.train_model(conn, digits, "m", "sisa", "digits", CONFIG)
+    sessions = []
+
+    class SlowBroker(MemoryPublisher):
+        def send(self, messages):
+            # while the relay waits here, look at every session of this database
+            with psycopg.connect(database_url, autocommit=True) as observer:
+                sessions.extend(observer.execute(
+                    "SELECT state FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND pid <> pg_backend_pid()").fetchall())
+            return super().send(messages)
+
+    ctx = Context(digits, lambda: psycopg.connect(database_url), SlowBroker())
+    steps.request(conn, digits, steps.subjects(conn, 1))
+    conn.commit()
+    steps.run_passes(ctx, "m")
+    # Then no session sat in a transaction (holding outbox rows) while the broker was awaited
+    assert sessions and ("idle in transaction",) not in sessions
+    assert conn.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetchone() == (0,)
