@@ -125,12 +125,15 @@ def test_a_row_is_scored_the_same_alone_or_with_others(splits):
         np.arange(40), [5, 6, 7, 8])))), "a row's score must not depend on the rows scored with it"
 
 
-def test_prediction_combines_the_heads_into_a_distribution(splits, trained):
-    root, result = trained
-    proba = Arcane().predictor(result.state, ArtifactStore(root, "arcane")).predict_proba(splits["holdout"].features)
+def test_prediction_combines_the_heads_into_a_distribution(splits, tmp_path):
+    torch.set_num_threads(1)
+    config = TrainConfig(hidden=(64,), epochs=10, batch_size=32, seed=5)
+    store = ArtifactStore(tmp_path, "arcane")
+    result = Arcane().train(splits["train"], config, store, public=splits["public"])
+    proba = Arcane().predictor(result.state, store).predict_proba(splits["holdout"].features)
     assert proba.shape == (len(splits["holdout"]), 10)
     assert np.allclose(proba.sum(axis=1), 1.0)
-    assert np.mean(proba.argmax(axis=1) == splits["holdout"].labels) > 0.85
+    assert np.mean(proba.argmax(axis=1) == splits["holdout"].labels) > 0.9
 
 
 def test_every_row_is_placed_by_class_and_block(splits, trained):

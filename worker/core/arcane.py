@@ -2,11 +2,12 @@
 
 Class k gets its own model, trained only on class k's rows, so erasing a row of class k retrains
 class k's model and no other. Within a class, rows go to B blocks by a hash of the sample id (a
-row never changes block), and the class model trains in stages: stage b trains on blocks 0..b
-from the checkpoint of stage b-1, with a fresh optimizer and batches seeded by (seed, class,
-block, epoch), and is checkpointed ("training state saving"). Erasing a row of block b redoes
-stages b..B-1 of its class from checkpoint b-1, which never saw the row: the result is
-bit-identical to training from scratch without it.
+row never changes block), and the class model trains in stages, as the paper's "training state
+saving" does: stage b starts from the checkpoint of stage b-1 and trains on block b alone, with
+a fresh optimizer and batches seeded by (seed, class, block, epoch), and is checkpointed. A whole
+class model therefore costs one pass of `epochs` over its rows whatever B is, and erasing a row of
+block b redoes only stages b..B-1 of its class, from checkpoint b-1, which never saw the row: the
+result is bit-identical to training from scratch without it.
 
 Class models are one-vs-rest heads: class k's rows are the positives and the `public` rows (owned
 by no subject, never erasable) are the counter-examples, labelled positive where they are of
@@ -14,6 +15,7 @@ class k. A strict one-class model (trained on positives alone) gives scores that
 things for different classes, so they cannot be compared to pick a class; counter-examples give
 each head a real decision boundary, and taking them only from rows no erasure can reach keeps
 class k's lineage equal to its own rows, which is what confines a deletion to one class model.
+Public rows are split into the same B blocks by hash, and stage b sees block b of them.
 The public rows are kept in the artifact store with the model, so unlearning never depends on
 the caller passing them again. Prediction: P(k | x) ∝ head k's probability that x is of class k.
 
@@ -134,6 +136,9 @@ class ClassRows:
 
     def up_to(self, last_block: int) -> TrainingSet:
         return self.selected.select(self.blocks <= last_block)
+
+    def block(self, block: int) -> TrainingSet:
+        return self.selected.select(self.blocks == block)
 
 
 def class_rows(rows: TrainingSet, label: int, blocks: int, fraction: float,
@@ -348,6 +353,7 @@ class Arcane:
                       store: ArtifactStore, progress: Progress, description: str) -> dict[int, list[BlockCheckpoint]]:
         """Train stages start[k]..B-1 of each class k, from checkpoint `resume[k]` or a fresh head."""
         stages = [(k, b) for k in sorted(start) for b in range(start[k], config.slices)]
+        public_blocks = np.array([slice_of(s, config.slices) for s in public.sample_ids], dtype=np.int64)
         checkpoints: dict[int, list[BlockCheckpoint]] = {k: [] for k in start}
         head = None
         for k, b in progress(stages, description=description, total=len(stages)):
@@ -356,7 +362,8 @@ class Arcane:
                 if resume[k] is not None:
                     load_tensors(head, store.get(resume[k]))
             seen = rows[k].up_to(b)
-            steps = fit(head, head_rows(seen, public, k), epochs=config.epochs, batch_size=config.batch_size,
+            steps = fit(head, head_rows(rows[k].block(b), public.select(public_blocks == b), k),
+                        epochs=config.epochs, batch_size=config.batch_size,
                         lr=config.lr, seed_parts=(config.seed, self.name, "class", k, "block", b))
             checkpoints[k].append({"block": b, "sha256": store.put(state_tensors(head)),
                                    "lineage_sha256": lineage_sha256(seen.sample_ids), "rows": len(seen),
