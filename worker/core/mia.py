@@ -9,10 +9,10 @@ Usable for every method (it only needs a `Predictor`). Three attacks, weakest to
   erased row's loss is ranked among unseen reference rows of its own class, which removes the
   "this class is easy" effect; the mean rank with a bootstrap confidence interval, and the
   p-value of "these rows look no more like members than unseen rows do";
-- offline LiRA (Carlini et al., 2022, `lira_offline`): reference models trained like the target
-  on other rows give, for every row, the distribution of its logit-scaled confidence when it was
-  not trained on; a row whose confidence under the target sits high in that distribution was
-  probably a member. Calibrated per row, so hard and easy rows are judged on their own scale.
+- LiRA (Carlini et al., 2022, `lira`): shadow models trained like the target on random halves of
+  a pool of rows give, for every row, the distribution of its logit-scaled confidence when it was
+  trained on and when it was not; the target's confidence is judged by which of the two it fits
+  better. Calibrated per row, so hard and easy rows are judged on their own scale.
 
 For an erasure, "members" are the erased rows and "non-members" unseen holdout rows. The gold
 standard is a model retrained without the erased rows: an unlearned model should score like it.
@@ -118,16 +118,27 @@ def confidence_logit(predictor: Predictor, rows: TrainingSet) -> np.ndarray:
     return np.log(np.maximum(label, 1e-300)) - np.log(np.maximum(proba.sum(axis=1), 1e-300))
 
 
-def lira_offline(target: Predictor, rows: TrainingSet, references: Sequence[Predictor]) -> np.ndarray:
-    """(n,) membership score in [0, 1] of each row under `target`: where its confidence falls in a
-    Gaussian fitted to the confidences of `references`, models trained like the target on data
-    that does not contain `rows` (offline LiRA). The Gaussian's mean is per row, its variance the
-    average over rows, as Carlini et al. advise for few reference models."""
-    if len(references) < 2:
-        raise ValueError("references: offline LiRA needs at least two reference models")
-    out = np.stack([confidence_logit(reference, rows) for reference in references])  # (m, n)
-    spread = float(np.sqrt(np.mean(out.var(axis=0))))
-    return stats.norm.cdf((confidence_logit(target, rows) - out.mean(axis=0)) / max(spread, 1e-12))
+def lira(target: Predictor, rows: TrainingSet, shadows: Sequence[Predictor], trained_on: np.ndarray) -> np.ndarray:
+    """(n,) LiRA membership score of each row under `target` (Carlini et al., 2022, online): the log
+    likelihood ratio log N(φ; μ_in, σ_in) - log N(φ; μ_out, σ_out) of its confidence φ, where μ_in
+    and μ_out are the row's mean confidence under the shadow models that did and did not train on
+    it (`trained_on[k, i]`: shadow k trained on row i), and σ_in, σ_out the spreads averaged over
+    rows, as Carlini et al. advise for few shadows. Each row needs shadows of both kinds."""
+    trained_on = np.asarray(trained_on, dtype=bool)
+    if trained_on.shape != (len(shadows), len(rows)):
+        raise ValueError(f"trained_on must be (shadows, rows) = ({len(shadows)}, {len(rows)}), not {trained_on.shape}")
+    inside, outside = trained_on.sum(axis=0), (~trained_on).sum(axis=0)
+    if inside.min(initial=1) < 1 or outside.min(initial=1) < 1:
+        raise ValueError("trained_on: every row needs at least one shadow that trained on it and one that did not")
+    confidence = np.stack([confidence_logit(shadow, rows) for shadow in shadows])  # (m, n)
+    means = [np.where(side, confidence, 0.0).sum(axis=0) / np.maximum(side.sum(axis=0), 1)
+             for side in (trained_on, ~trained_on)]
+    spreads = []
+    for side, mean in zip((trained_on, ~trained_on), means):
+        deviation = np.where(side, confidence - mean, 0.0)
+        spreads.append(max(float(np.sqrt((deviation ** 2).sum() / max(side.sum() - side.shape[1], 1))), 1e-6))
+    observed = confidence_logit(target, rows)
+    return stats.norm.logpdf(observed, means[0], spreads[0]) - stats.norm.logpdf(observed, means[1], spreads[1])
 
 
 def erasure_evidence(predictor: Predictor, erased: TrainingSet, reference: TrainingSet, *, min_rows: int = 5,

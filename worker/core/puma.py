@@ -57,6 +57,7 @@ from worker.core.base import (
     lineage_sha256,
     no_progress,
 )
+from worker.core.amnesiac import NetPredictor
 from worker.core.nets import build_net, derive_seed, load_tensors, state_tensors
 from worker.core.stored_rows import ids_from_tensor, ids_to_tensor
 from worker.core.training import fit, predict_proba
@@ -183,15 +184,6 @@ class KroneckerInverse:
         return self.g_inverse @ matrix @ self.a_inverse
 
 
-@dataclass
-class NetPredictor:
-    net: nn.Module
-
-    def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """(n, *input_shape) float32 -> (n, num_classes) probabilities."""
-        return predict_proba(self.net, features)
-
-
 def factors_to_tensors(sample_ids: Sequence[str], factors: dict[str, LayerFactors]) -> dict[str, torch.Tensor]:
     tensors = {"sample_ids": ids_to_tensor(sample_ids)}
     for name, f in factors.items():
@@ -224,10 +216,7 @@ def removal_patch(net: nn.Module, remaining: TrainingSet, erased: dict[str, Laye
     directions = {name: [inverse[name].apply(c) for c in cs] for name, cs in criteria.items()}
     shift = torch.tensor([sum(float((criteria[n][j] * removal[n]).sum()) for n in retained)
                           for j in range(len(classes))])  # c_jᵀ u: what removal alone does to class j
-    # K[j, r] = c_jᵀ H⁻¹ g_r / N: how re-weighting row r moves criterion j
-    sensitivity = torch.stack([
-        sum(((f.inputs @ directions[n][j].T) * f.output_grads).sum(dim=1) for n, f in retained.items())
-        for j in range(len(classes))]) / total
+    sensitivity = criterion_sensitivity(retained, directions) / total
     reweight = torch.from_numpy(np.linalg.lstsq(sensitivity.numpy(), shift.numpy(), rcond=None)[0])
     patch = {name: options.step * (removal[name] - inverse[name].apply(f.gradient_sum(reweight)) / total)
              for name, f in retained.items()}
@@ -254,6 +243,23 @@ def removal_patch(net: nn.Module, remaining: TrainingSet, erased: dict[str, Laye
         "layers_patched": sorted(patch),
     }
     return patch, figures
+
+
+def criterion_sensitivity(factors: dict[str, LayerFactors], directions: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+    """(k, n): s_jᵀ g_r = Σ_l δ_rᵀ S_jl ã_r for every criterion j and row r, i.e. N times how
+    re-weighting row r moves criterion j. One matrix product per layer and block of rows, in
+    float32: it is the costliest step and the patch is a first-order estimate anyway."""
+    rows = len(next(iter(factors.values())).inputs)
+    out = torch.zeros(len(next(iter(directions.values()))), rows, dtype=torch.float64)
+    for name, f in factors.items():
+        stacked = torch.stack(directions[name]).float()  # (k, out, in + 1)
+        flat = stacked.reshape(-1, stacked.shape[-1])
+        for start in range(0, rows, FACTOR_BATCH):
+            inputs = f.inputs[start:start + FACTOR_BATCH].float()
+            grads = f.output_grads[start:start + FACTOR_BATCH].float()
+            moved = (inputs @ flat.T).reshape(len(inputs), len(stacked), -1)  # (rows, k, out)
+            out[:, start:start + FACTOR_BATCH] += (moved * grads[:, None, :]).sum(dim=2).T.double()
+    return out
 
 
 def erased_losses(factors: dict[str, LayerFactors]) -> torch.Tensor:
