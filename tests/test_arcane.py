@@ -98,7 +98,7 @@ def test_representative_selection_stays_exact_and_an_unselected_row_costs_nothin
     label = next(k for k in range(10) if np.sum(train.labels == k) % 2 == 0)
     reference = build_net(config, train.input_shape, 10, "arcane", "scorer")
     reference.load_state_dict(store.get(result.state["scorer_sha256"]))
-    chosen = set(class_rows(train, label, config.slices, 0.5, reference).selected.sample_ids)
+    chosen = set(class_rows(train, label, config.slices, 0.5, reference).rows.sample_ids)
     unselected = next(s for s, y in zip(train.sample_ids, train.labels) if y == label and s not in chosen)
     selected = sorted(chosen)[:2]
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, TypedDict
 
 import numpy as np
@@ -61,26 +60,17 @@ from worker.core.base import (
 )
 from worker.core.nets import build_net, load_tensors, state_tensors
 from worker.core.placement import slice_of
-from worker.core.sisa import expected_deletions_until_full_retrain
+from worker.core.sisa import ShardRows, SliceCheckpoint, expected_deletions_until_full_retrain, first_changed_slice
 from worker.core.stored_rows import rows_from_tensors, rows_to_tensors
 from worker.core.training import fit, predict_proba
-
-
-class BlockCheckpoint(TypedDict):
-    """A class model after training on the selected rows of its blocks 0..block."""
-
-    block: int
-    sha256: str
-    lineage_sha256: str  # of the selected sample ids of blocks 0..block (public rows are fixed)
-    rows: int  # selected rows of blocks 0..block
-    steps: int  # optimizer steps of this stage alone
 
 
 class ClassModel(TypedDict):
     label: int
     rows: int  # the class's training rows, selected or not
     first_block_rows: int  # selected rows of block 0
-    checkpoints: list[BlockCheckpoint]  # one per block; the last is the served head
+    # SliceCheckpoint.to_json() of each block (its `slice`): the model after blocks 0..slice; the last is served
+    checkpoints: list[dict[str, Any]]
 
 
 class PublicRows(TypedDict):
@@ -127,24 +117,10 @@ def entropy_scores(scorer: nn.Module, rows: TrainingSet) -> np.ndarray:
     return scores
 
 
-@dataclass(frozen=True)
-class ClassRows:
-    """The selected rows of one class, each with its block."""
-
-    selected: TrainingSet
-    blocks: np.ndarray  # (n,) int64
-
-    def up_to(self, last_block: int) -> TrainingSet:
-        return self.selected.select(self.blocks <= last_block)
-
-    def block(self, block: int) -> TrainingSet:
-        return self.selected.select(self.blocks == block)
-
-
 def class_rows(rows: TrainingSet, label: int, blocks: int, fraction: float,
-               scorer: nn.Module | None) -> ClassRows:
-    """Class `label`'s rows that are trained on: all of them, or the most informative
-    ceil(fraction × n) by entropy (ties broken by sample id)."""
+               scorer: nn.Module | None) -> ShardRows:
+    """Class `label`'s rows that are trained on, with their blocks (as SISA's slices): all of them,
+    or the most informative ceil(fraction × n) by entropy (ties broken by sample id)."""
     members = rows.select(rows.labels == label)
     if scorer is not None and len(members):
         scores = entropy_scores(scorer, members)
@@ -153,7 +129,7 @@ def class_rows(rows: TrainingSet, label: int, blocks: int, fraction: float,
         chosen = np.zeros(len(members), dtype=bool)
         chosen[order[:keep]] = True
         members = members.select(chosen)
-    return ClassRows(members, np.array([slice_of(s, blocks) for s in members.sample_ids], dtype=np.int64))
+    return ShardRows(members, np.array([slice_of(s, blocks) for s in members.sample_ids], dtype=np.int64))
 
 
 def head_rows(positives: TrainingSet, public: TrainingSet, label: int) -> TrainingSet:
@@ -164,15 +140,6 @@ def head_rows(positives: TrainingSet, public: TrainingSet, label: int) -> Traini
         np.concatenate([np.ones(len(positives), dtype=np.int64), (public.labels == label).astype(np.int64)]),
         2,
     )
-
-
-def first_changed_block(checkpoints: Sequence[BlockCheckpoint], rows: ClassRows) -> int | None:
-    """The first stage whose selected rows in `rows` are not the rows its checkpoint saw; None when
-    every checkpoint still matches (the erased rows were never trained on)."""
-    for checkpoint in checkpoints:
-        if lineage_sha256(rows.up_to(checkpoint["block"]).sample_ids) != checkpoint["lineage_sha256"]:
-            return checkpoint["block"]
-    return None
 
 
 def placements(data: TrainingSet, blocks: int) -> list[Placement]:
@@ -242,7 +209,7 @@ class Arcane:
             components=self.components(state),
             placements=placements(data, config.slices),
             metrics={"optimizer_steps": float(sum(c["steps"] for cps in checkpoints.values() for c in cps)),
-                     "selected_rows": float(sum(len(r.selected) for r in rows.values()))},
+                     "selected_rows": float(sum(len(r.rows) for r in rows.values()))},
         )
 
     def plan(self, state: ArcaneState, deleted: Sequence[DeletedSample]) -> DeletionPlan:
@@ -285,8 +252,10 @@ class Arcane:
                                   store.get(state["scorer_sha256"]))
         old = {entry["label"]: entry for entry in state["classes"]}
         rows = {k: class_rows(remaining, k, config.slices, state["keep_fraction"], scorer) for k in tainted}
-        start = {k: first_changed_block(old[k]["checkpoints"], rows[k]) for k in tainted}
-        start = {k: b for k, b in start.items() if b is not None}
+        # every checkpoint still matching (the erased rows were never selected) gives B: nothing to redo
+        start = {k: first_changed_slice([SliceCheckpoint.from_json(c) for c in old[k]["checkpoints"]], rows[k],
+                                        config.slices) for k in tainted}
+        start = {k: b for k, b in start.items() if b < config.slices}
         resume = {k: old[k]["checkpoints"][b - 1]["sha256"] if b > 0 else None for k, b in start.items()}
         retrained = self._train_stages(config, input_shape, public_rows, {k: rows[k] for k in start}, start, resume,
                                        store, progress, f"ARCANE: retraining {len(start)} class model(s)")
@@ -340,32 +309,32 @@ class Arcane:
         """One component per class: its last block checkpoint."""
         return [Component(component_name(entry["label"]), entry["checkpoints"][-1]["sha256"],
                           entry["checkpoints"][-1]["lineage_sha256"],
-                          meta={"class": entry["label"], "n_samples": entry["checkpoints"][-1]["rows"]})
+                          meta={"class": entry["label"], "n_samples": entry["checkpoints"][-1]["n_seen"]})
                 for entry in state["classes"]]
 
     @staticmethod
-    def _class_model(label: int, rows: int, trained: ClassRows, checkpoints: list[BlockCheckpoint]) -> ClassModel:
-        return {"label": label, "rows": rows, "first_block_rows": int(np.sum(trained.blocks == 0)),
+    def _class_model(label: int, rows: int, trained: ShardRows, checkpoints: list[dict[str, Any]]) -> ClassModel:
+        return {"label": label, "rows": rows, "first_block_rows": int(np.sum(trained.slices == 0)),
                 "checkpoints": checkpoints}
 
     def _train_stages(self, config: TrainConfig, input_shape: tuple[int, ...], public: TrainingSet,
-                      rows: dict[int, ClassRows], start: dict[int, int], resume: dict[int, str | None],
-                      store: ArtifactStore, progress: Progress, description: str) -> dict[int, list[BlockCheckpoint]]:
+                      rows: dict[int, ShardRows], start: dict[int, int], resume: dict[int, str | None],
+                      store: ArtifactStore, progress: Progress, description: str) -> dict[int, list[dict[str, Any]]]:
         """Train stages start[k]..B-1 of each class k, from checkpoint `resume[k]` or a fresh head."""
         stages = [(k, b) for k in sorted(start) for b in range(start[k], config.slices)]
         public_blocks = np.array([slice_of(s, config.slices) for s in public.sample_ids], dtype=np.int64)
-        checkpoints: dict[int, list[BlockCheckpoint]] = {k: [] for k in start}
+        checkpoints: dict[int, list[dict[str, Any]]] = {k: [] for k in start}
         head = None
         for k, b in progress(stages, description=description, total=len(stages)):
             if b == start[k]:
                 head = build_net(config, input_shape, 2, self.name, "class", k)
                 if resume[k] is not None:
                     load_tensors(head, store.get(resume[k]))
-            seen = rows[k].up_to(b)
-            steps = fit(head, head_rows(rows[k].block(b), public.select(public_blocks == b), k),
+            block = rows[k].rows.select(rows[k].slices == b)
+            steps = fit(head, head_rows(block, public.select(public_blocks == b), k),
                         epochs=config.epochs, batch_size=config.batch_size,
                         lr=config.lr, seed_parts=(config.seed, self.name, "class", k, "block", b))
-            checkpoints[k].append({"block": b, "sha256": store.put(state_tensors(head)),
-                                   "lineage_sha256": lineage_sha256(seen.sample_ids), "rows": len(seen),
-                                   "steps": steps})
+            seen = rows[k].up_to(b)
+            checkpoints[k].append(SliceCheckpoint(b, store.put(state_tensors(head)), lineage_sha256(seen.sample_ids),
+                                                  len(seen), steps).to_json())
         return checkpoints

@@ -36,7 +36,7 @@ State (JSON, kept in the manifest): `PumaState`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypedDict
 
 import numpy as np
