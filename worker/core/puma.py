@@ -134,9 +134,9 @@ def layer_factors(net: nn.Module, features: np.ndarray, labels: np.ndarray) -> d
 
     def recorder(name: str):
         def hook(module, args, output):
-            a = args[0].detach().reshape(len(args[0]), -1)
-            inputs[name].append(torch.cat([a, torch.ones(len(a), 1)], dim=1).double())
-            output.register_hook(lambda g: grads[name].append(g.detach().double()))
+            a = args[0].detach().reshape(len(args[0]), -1).double().cpu()
+            inputs[name].append(torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], dim=1))
+            output.register_hook(lambda g: grads[name].append(g.detach().double().cpu()))
         return hook
 
     handles = [layer.register_forward_hook(recorder(name)) for name, layer in layers.items()]
@@ -346,7 +346,7 @@ class Puma:
                                        derive_seed(config.seed, self.name, "fisher", state["patches"]))
         with torch.no_grad():
             for name, layer in linear_layers(net).items():
-                delta = patch[name].to(layer.weight.dtype)
+                delta = patch[name].to(dtype=layer.weight.dtype, device=layer.weight.device)
                 layer.weight.add_(delta[:, :-1].reshape(layer.weight.shape))
                 layer.bias.add_(delta[:, -1])
         factors = layer_factors(net, rest.features, rest.labels)
