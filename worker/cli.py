@@ -394,7 +394,7 @@ def bench_cmd(quick: bool, only: list[str] | None, out: Path) -> None:
 
     from worker import bench
 
-    columns = (TextColumn("{task.fields[name]:<8}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+    columns = (TextColumn("{task.fields[name]:<10}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TimeElapsedColumn(), TextColumn("{task.description}"))
     with Progress(*columns, console=Console(stderr=True)) as display:
         tasks = {name: display.add_task("waiting", name=name, total=None, start=False)
