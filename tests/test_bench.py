@@ -1,4 +1,5 @@
-"""`unlearn bench`: the quick suite writes its JSON, PNG figures and a report that links them."""
+"""`unlearn bench`: the quick suite writes its JSON, PNG figures and a report that links them, and
+each benchmark's figures hold together (with the checks it makes on the way, e.g. bit-identity)."""
 
 from __future__ import annotations
 
@@ -20,23 +21,24 @@ def _fraction(value: float) -> bool:
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    result = CliRunner().invoke(main, ["bench", "--quick", "--only", "sisa,amnesiac,s3t", "--out", str(out)])
+    result = CliRunner().invoke(main, ["bench", "--quick", "--only", "sisa,amnesiac,s3t,arcane,puma,memorising",
+                                       "--out", str(out)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out
 
 
 @pytest.mark.slow
 def test_report_links_a_png_for_every_figure(quick_report):
-    # Given a quick run of the three in-process benchmarks
+    # Given a quick run of the in-process benchmarks
     report = (quick_report / "report.md").read_text()
 
     # Then the report has a section per benchmark that ran, none for e2e, and every figure it links exists
-    for title in ("SISA:", "Amnesiac:", "S3T:"):
+    for title in ("SISA:", "Amnesiac:", "S3T:", "ARCANE:", "PUMA:", "Membership inference in a memorising setting"):
         assert f"## {title}" in report
     assert "End to end" not in report
     images = re.findall(r"!\[[^\]]+\]\(([^)]+\.png)\)", report)
     assert {"sisa_accuracy.png", "sisa_unlearn_time.png", "amnesiac_accuracy.png", "amnesiac_cost.png",
-            "s3t_deletions.png", "s3t_accuracy.png"} <= set(images)
+            "s3t_deletions.png", "s3t_accuracy.png", "arcane.png", "puma.png", "memorising_mia.png"} <= set(images)
     for name in images:
         content = (quick_report / name).read_bytes()
         assert content.startswith(PNG_MAGIC) and len(content) > 10_000, name
@@ -90,8 +92,53 @@ def test_s3t_figures_are_sane(quick_report):
         assert row["core_ms_median"] > 0 and row["version_ms_median"] >= row["core_ms_median"]
 
 
+@pytest.mark.slow
+def test_arcane_figures_are_sane(quick_report):
+    result = json.loads((quick_report / "arcane.json").read_text())
+    assert _fraction(result["monolith"]["accuracy"]) and result["monolith"]["retrain_seconds_median"] > 0
+    assert [(v["blocks"], v["keep_fraction"]) for v in result["variants"]] == [(1, 1.0), (3, 0.5)]
+    for variant in result["variants"]:
+        assert _fraction(variant["accuracy"]) and variant["deletion_budget"] > 0
+        # every run's unlearned class models were checked bit-identical to a retrain from scratch
+        assert variant["bit_identical_runs"] == len(variant["unlearn_seconds"]) == result["params"]["runs"]
+        assert all(seconds > 0 for seconds in variant["unlearn_seconds"])
+    assert result["variants"][1]["selected_rows"] < result["variants"][0]["selected_rows"]
+
+
+@pytest.mark.slow
+def test_puma_figures_are_sane(quick_report):
+    (digits,) = json.loads((quick_report / "puma.json").read_text())["datasets"]
+    assert [e["subjects"] for e in digits["erasures"]] == [1, 4, 20] and digits["factor_bytes"] > 0
+    for erasure in digits["erasures"]:
+        models = erasure["models"]
+        assert set(models) == {"original", "puma", "retrain"}
+        assert all(_fraction(m[key]) for m in models.values() for key in ("acc_erased", "acc_retained", "acc_holdout"))
+        # the patch pushes the erased rows' loss up, away from what the original model remembered
+        assert models["puma"]["erased_loss"] > models["original"]["erased_loss"]
+        assert models["retrain"]["verification"] == "exact"
+        assert erasure["patch"]["rows_removed"] == erasure["rows"]
+    assert digits["erasures"][-1]["default_decision"].startswith("retrain")
+
+
+@pytest.mark.slow
+def test_memorising_figures_are_sane(quick_report):
+    result = json.loads((quick_report / "memorising.json").read_text())
+    assert result["member_rows"] >= result["params"]["member_rows"]
+    assert [(f["subjects"], f["repeats"]) for f in result["forget_sets"]] == [(1, 2), (5, 1)]
+    for forget in result["forget_sets"]:
+        assert set(forget["models"]) == {"PUMA original", "PUMA unlearned", "Amnesiac original",
+                                         "Amnesiac unlearned", "retrain (gold standard)"}
+        assert len(forget["rows"]) == forget["repeats"]
+        for figures in forget["models"].values():
+            assert all(_fraction(figures[key]) for key in ("lira_auc", "loss_auc", "acc_forget", "acc_holdout"))
+            assert len(figures["lira_auc_runs"]) == figures["requests"] == forget["repeats"]
+            # a request with fewer than 5 rows is reported as such, never scored
+            assert figures["requests_insufficient"] == sum(rows < 5 for rows in forget["rows"])
+    assert result["forget_sets"][-1]["models"]["retrain (gold standard)"]["requests_insufficient"] == 0
+
+
 def test_an_unknown_benchmark_is_refused_by_name(tmp_path):
     result = CliRunner().invoke(main, ["bench", "--only", "sisa,nope", "--out", str(tmp_path)])
     assert result.exit_code == 2
-    assert "nope" in result.output and "sisa, amnesiac, s3t, e2e" in result.output
+    assert "nope" in result.output and "sisa, amnesiac, s3t, arcane, puma, memorising, e2e" in result.output
     assert not (tmp_path / "report.md").exists()

@@ -215,7 +215,7 @@ def test_erasure_request_field_rules(change, expected):
     [
         ({"version": 0}, "data.version: 0 breaks minimum 1"),
         ({"version": "2"}, "data.version: '2' is not of type 'integer'"),
-        ({"method": "retrain"}, "data.method: 'retrain' is not one of ['sisa', 'amnesiac', 's3t']"),
+        ({"method": "retrain"}, "data.method: 'retrain' is not one of ['sisa', 'amnesiac', 's3t', 'arcane', 'puma']"),
         ({"sha256": "ABC"}, "data.sha256: 'ABC' does not match ^[0-9a-f]{64}$"),
         ({"model": "m" * 200}, "data.model: '" + "m" * 76 + "... does not match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"),
         ({"deletion_budget_remaining": -1}, "data.deletion_budget_remaining: -1 breaks minimum 0"),

@@ -1,6 +1,9 @@
-"""Membership inference: the attack arithmetic, and real models that do or do not remember."""
+"""Membership inference: the attack arithmetic, real models that do or do not remember, offline
+LiRA, and the per-request evidence a receipt carries."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -11,12 +14,14 @@ from worker.core.amnesiac import NetPredictor
 from worker.core.base import TrainConfig, TrainingSet
 from worker.core.mia import (
     advantage_at,
+    auc_high_score_is_member,
     auc_low_loss_is_member,
     best_threshold,
-    compare_with_retrain,
+    confidence_logit,
+    erasure_evidence,
+    lira,
     loss_threshold_advantage,
     membership_evidence,
-    shadow_model_advantage,
 )
 from worker.core.nets import build_net
 from worker.core.training import fit
@@ -30,7 +35,7 @@ def splits() -> dict[str, TrainingSet]:
                              bunch.data.reshape(-1, 1, 8, 8) / 16.0, bunch.target, 10)
     part = np.arange(len(data)) % 18  # 100 members: few enough to memorise
     return {"members": data.select(part == 0), "non_members": data.select((part == 1) | (part == 2)),
-            "attacker": data.select((part == 3) | (part == 4))}
+            "attacker": data.select((part == 3) | (part == 4)), "unseen": data.select(part == 5)}
 
 
 def overfit(rows: TrainingSet, epochs: int = 120) -> NetPredictor:
@@ -99,21 +104,84 @@ def test_memorising_model_leaks_membership_and_an_untrained_one_does_not(splits,
     assert (leaky["members"], leaky["non_members"]) == (len(members), len(others))
 
 
-def test_comparison_with_a_model_retrained_without_the_rows(splits, remembering):
-    # Given a model that still holds the "erased" members and one trained without them
-    retrained = overfit(splits["attacker"])
-    report = compare_with_retrain(remembering, retrained, splits["members"], splits["non_members"])
-    # Then the retrained model gives no signal and the gaps show what was not forgotten
-    assert abs(report["retrained"]["auc"] - 0.5) < 0.1
-    assert report["auc_gap"] > 0.1 and report["advantage_gap"] > 0.15
+def test_lira_calibrates_each_row_and_finds_the_members(splits, remembering):
+    members, attacker = splits["members"], splits["attacker"]
+    others = splits["non_members"].select(np.arange(len(splits["non_members"])) < len(members))
+    pool = TrainingSet.build(list(members.sample_ids) + list(others.sample_ids),
+                             np.concatenate([members.features, others.features]),
+                             np.concatenate([members.labels, others.labels]), 10)
+    is_member = np.isin(pool.sample_ids, members.sample_ids)
+    # Given shadows trained like the target on random halves of the pool (members and non-members),
+    # in complementary pairs so every row has shadows that trained on it and shadows that did not
+    rng = np.random.default_rng(0)
+    halves = [rng.permutation(len(pool)) < len(pool) // 2 for _ in range(2)]
+    trained_on = np.array([side for half in halves for side in (half, ~half)])
+    shadows = [overfit(pool.select(chosen)) for chosen in trained_on]
+    # When the memorising target and a model that never saw the pool are attacked
+    leaky = lira(remembering, pool, shadows, trained_on)
+    never = lira(overfit(attacker), pool, shadows, trained_on)
+    # Then LiRA separates the members clearly, better than the uncalibrated loss threshold, and
+    # finds nothing in the model that never trained on them
+    lira_auc = auc_high_score_is_member(leaky[is_member], leaky[~is_member])
+    loss_auc = membership_evidence(remembering, members, others)["auc"]
+    assert lira_auc > 0.75 and lira_auc > loss_auc + 0.05, (lira_auc, loss_auc)
+    assert abs(auc_high_score_is_member(never[is_member], never[~is_member]) - 0.5) < 0.1
+    with pytest.raises(ValueError, match="at least one shadow that trained on it"):
+        lira(remembering, pool, shadows[:1], trained_on[:1])
 
 
-def test_shadow_attack_transfers_a_threshold_learned_on_shadow_models(splits, remembering):
-    members, others, attacker = splits["members"], splits["non_members"], splits["attacker"]
-    # When the attacker trains shadows the way the target was trained, on its own rows
-    leaky = shadow_model_advantage(overfit, attacker, remembering, members, others, shadows=2)
-    blank = shadow_model_advantage(overfit, attacker, untrained(members), members, others, shadows=1)
-    # Then the fixed threshold finds the memorised rows, and nothing in an untrained model
-    assert leaky["shadow_advantage"] > 0.25
-    assert leaky["advantage"] > 0.25
-    assert abs(blank["advantage"]) < 0.15
+def test_confidence_keeps_the_signal_of_a_label_within_float32_rounding_of_one():
+    class Certain:
+        def predict_proba(self, features):
+            return np.array([[1.0, 1e-9, 1e-9]] * len(features), dtype=np.float32)
+
+    rows = TrainingSet.build(["a", "b"], np.zeros((2, 3)), np.array([0, 1]), 3)
+    phi = confidence_logit(Certain(), rows)
+    assert phi[0] == pytest.approx(np.log(1 / 2e-9), rel=1e-3)  # 1 - p would be 0 in float32
+    assert phi[1] == pytest.approx(np.log(1e-9 / (1 + 1e-9)), rel=1e-3)
+
+
+def test_erasure_evidence_of_memorised_rows_is_confident_and_json(splits, remembering):
+    # Given a request for all 100 memorised rows, and unseen reference rows
+    erased = splits["members"]
+    evidence = erasure_evidence(remembering, erased, splits["non_members"])
+    # Then they score as members, the interval excludes "unseen" (0.5) and the p-value is small
+    assert evidence["status"] == "ok" and evidence["rows"] == 100
+    assert evidence["membership_score"] > 0.6 and evidence["ci_low"] > 0.55
+    assert evidence["ci_low"] <= evidence["membership_score"] <= evidence["ci_high"] <= 1.0
+    assert evidence["p_value"] < 1e-4 and evidence["class_calibrated_rows"] == 100
+    # and the evidence is plain JSON with no row identifiers in it, the same every time
+    text = json.dumps(evidence)
+    assert not any(sample_id in text for sample_id in erased.sample_ids)
+    assert erasure_evidence(remembering, erased, splits["non_members"]) == evidence
+
+
+def test_erasure_evidence_of_unseen_rows_is_calibrated(splits, remembering):
+    # Given 20 requests of 5 rows the model never saw, judged against other unseen rows
+    unseen = splits["unseen"]
+    requests = [unseen.select(np.arange(len(unseen)) // 5 == r) for r in range(20)]
+    results = [erasure_evidence(remembering, rows, splits["non_members"]) for rows in requests]
+    # Then the scores centre on 0.5 and "member-like" (p < 0.05) is as rare as chance allows
+    assert abs(np.mean([r["membership_score"] for r in results]) - 0.5) < 0.08
+    assert sum(r["p_value"] < 0.05 for r in results) <= 3
+    assert sum(r["ci_low"] <= 0.5 <= r["ci_high"] for r in results) >= 15
+
+
+def test_erasure_evidence_says_so_when_rows_are_too_few(splits, remembering):
+    few = splits["members"].select(np.arange(100) < 4)
+    evidence = erasure_evidence(remembering, few, splits["non_members"])
+    assert evidence == {"status": "insufficient_rows", "attack": "population_calibrated_loss_rank", "rows": 4,
+                        "reference_rows": len(splits["non_members"]), "min_rows": 5}
+    # a class with too few reference rows is ranked against all reference rows instead
+    thin = splits["non_members"].select(splits["non_members"].labels != 3)
+    erased = splits["members"].select(splits["members"].labels == 3)
+    assert erasure_evidence(remembering, erased, thin)["class_calibrated_rows"] == 0
+    with pytest.raises(ValueError, match="min_rows"):
+        erasure_evidence(remembering, few, splits["non_members"], min_rows=1)
+
+
+def test_more_rows_give_a_narrower_interval(splits, remembering):
+    members = splits["members"]
+    small = erasure_evidence(remembering, members.select(np.arange(100) < 5), splits["non_members"])
+    large = erasure_evidence(remembering, members, splits["non_members"])
+    assert large["ci_high"] - large["ci_low"] < small["ci_high"] - small["ci_low"]

@@ -1,5 +1,6 @@
 """The erasure and unlearning steps against the real PostgreSQL, for every method, without
-Kafka or Celery in between (the end-to-end test covers those)."""
+Kafka or Celery in between (the end-to-end test covers those): train and publish version 1,
+record and delete a subject's rows, unlearn, publish the version event and the receipt, verify."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from worker.artifacts import ArtifactStore, read_manifest
 from worker.cli import main
 from worker.core.base import TrainConfig
 from worker.pipeline import unlearning
+from worker.pipeline.verify import verify_request
 
 import pipeline_steps as steps
 
@@ -40,7 +42,10 @@ def test_amnesiac_rollback_receipt_is_approximate_with_membership_evidence(conn,
     assert receipt["verification"]["kind"] == "approximate"
     evidence = receipt["verification"]["evidence"]["models"]["amn"]
     assert evidence["steps_reverted"] > 0
-    assert 0.0 <= evidence["membership_inference"]["auc"] <= 1.0
+    # measured on this request's rows alone: a subject's few rows are too few to say anything
+    membership = evidence["membership_inference"]
+    assert membership["attack"] == "population_calibrated_loss_rank" and membership["rows"] == 4
+    assert membership["status"] == "insufficient_rows"
     # And the reverted batches are gone from the batch log
     assert done.version == 2
     assert conn.execute("SELECT count(*) FROM pending_unlearning").fetchone()[0] == 0
@@ -126,8 +131,6 @@ def test_unknown_subject_completes_with_nothing_deleted(conn, digits):
 
 
 def test_verify_rechecks_a_receipt_and_catches_tampering(conn, digits, ctx):
-    from worker.pipeline.verify import verify_request
-
     # Given a completed SISA erasure
     registry.train_model(conn, digits, "a", "sisa", "digits", TrainConfig(shards=2, slices=2, epochs=1, hidden=(16,)))
     request_id = steps.request(conn, digits, steps.subjects(conn, 1))
@@ -154,3 +157,74 @@ def test_verify_rechecks_a_receipt_and_catches_tampering(conn, digits, ctx):
     assert failed == {"receipt #1 (completed) hash"}
     conn.commit()
     assert CliRunner().invoke(main, ["verify", "--request", str(request_id)]).exit_code == 1
+
+
+def _train_labels(conn, subjects: list[str]) -> list[int]:
+    """The labels of the subjects' training rows, one per row."""
+    return [label for (label,) in conn.execute(
+        "SELECT label FROM training_samples WHERE subject_id = ANY(%s) AND split = 'train'", (subjects,))]
+
+
+def test_arcane_erasure_retrains_the_subjects_classes_and_verifies(conn, digits, ctx):
+    # Given an ARCANE model (3 blocks per class) trained and published through the CLI
+    trained = CliRunner().invoke(main, ["train", "--model", "arc", "--method", "arcane", "--dataset", "digits",
+                                        "--slices", "3", "--epochs", "2", "--hidden", "32"])
+    assert trained.exit_code == 0, trained.output
+    [subject] = steps.subjects(conn, 1)
+    classes = set(_train_labels(conn, [subject]))
+    # When one subject is erased and the model unlearns
+    request_id = steps.request(conn, digits, [subject])
+    done = steps.run_passes(ctx, "arc")
+    # Then version 2 retrained only the subject's classes, exactly, and says so in its event
+    [second] = steps.outbox_events(conn, events.MODEL_VERSION_PUBLISHED)
+    assert second["method"] == "arcane" and second["version"] == done.version == 2
+    assert second["components_changed"] == sorted(f"class-{k}" for k in classes)
+    assert second["revokes"] == [1] and second["deletion_budget_remaining"] > 0
+    [receipt] = steps.outbox_events(conn, events.ERASURE_COMPLETED)
+    assert receipt["request_id"] == str(request_id) and receipt["status"] == "completed"
+    assert receipt["verification"]["kind"] == "exact"
+    # And the receipt verifies: hash, chain, files, tainted checkpoints purged, evidence kind
+    checks = verify_request(conn, digits, request_id)
+    assert all(c.passed for c in checks), checks
+    removed = read_manifest(digits.artifact_dir, "arc", 2)["lineage"]["removed_artifacts"]
+    assert removed and not set(removed) & ArtifactStore(digits.artifact_dir, "arc").digests()
+
+
+def test_puma_erasure_is_approximate_with_influence_figures_and_verifies(conn, digits, ctx):
+    # Given a PUMA model that may patch out 2% of its rows
+    trained = CliRunner().invoke(main, ["train", "--model", "pum", "--method", "puma", "--dataset", "digits",
+                                        "--epochs", "5", "--hidden", "32", "--option", "max_removed_fraction=0.02"])
+    assert trained.exit_code == 0, trained.output
+    before = registry.current_version(conn, "pum").deletion_budget_remaining
+    # When one subject (a few rows, under 1%) is erased and the model unlearns
+    subjects = steps.subjects(conn, 1)
+    rows = len(_train_labels(conn, subjects))
+    request_id = steps.request(conn, digits, subjects)
+    steps.run_passes(ctx, "pum")
+    # Then the receipt is approximate, with the influence-removal figures
+    [receipt] = steps.outbox_events(conn, events.ERASURE_COMPLETED)
+    assert receipt["verification"]["kind"] == "approximate"
+    evidence = receipt["verification"]["evidence"]["models"]["pum"]
+    assert evidence["method"] == "puma" and evidence["rows_removed"] == rows > 0
+    assert evidence["erased_loss_predicted_after"] > evidence["erased_loss_before"]
+    assert evidence["predicted_class_loss_change_max"] < 1e-6
+    # the budget counted the rows down, and the old network and factor file are gone
+    version = registry.current_version(conn, "pum")
+    assert version.deletion_budget_remaining == pytest.approx(before - rows)
+    assert all(c.passed for c in verify_request(conn, digits, request_id))
+
+
+def test_puma_past_its_threshold_retrains_exactly_and_says_so(conn, digits, ctx):
+    registry.train_model(conn, digits, "pum", "puma", "digits",
+                         TrainConfig(epochs=2, hidden=(32,), options={"max_removed_fraction": 0.005}))
+    subjects = steps.subjects(conn, 3)
+    rows = len(_train_labels(conn, subjects))
+    first = steps.request(conn, digits, subjects)
+    steps.run_passes(ctx, "pum")
+    receipts = steps.outbox_events(conn, events.ERASURE_COMPLETED)
+    assert len(receipts) == 3
+    for receipt in receipts:
+        evidence = receipt["verification"]["evidence"]["models"]["pum"]
+        assert receipt["verification"]["kind"] == "exact" and evidence["reason"] == "fallback"
+        assert evidence["detail"].startswith(f"retrain: removing {rows} of")
+    assert all(c.passed for c in verify_request(conn, digits, first))

@@ -93,13 +93,31 @@ def _method_options(ctx, param, values: tuple[str, ...]) -> dict:
     return options
 
 
+class MethodChoice(click.Choice):
+    """The methods `worker.registry.method_names` finds in worker/core, listed only when the option
+    is parsed or its help shown: finding them imports torch, which no other verb should wait for."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    @property
+    def choices(self):
+        from worker.registry import method_names
+
+        return method_names()
+
+    @choices.setter
+    def choices(self, value) -> None:
+        """Choices are never set, only found."""
+
+
 @main.command("train")
 @click.option("--model", "name", required=True, help="Name of the new model (never reused).")
-@click.option("--method", required=True, type=click.Choice(["sisa", "amnesiac", "s3t"]))
+@click.option("--method", required=True, type=MethodChoice(), help="How the model unlearns (a module of worker/core).")
 @click.option("--dataset", default="letter", show_default=True, type=click.Choice(["digits", "letter", "mnist5k"]))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shards", type=int, help="SISA/S3T shards S (default 1).")
-@click.option("--slices", type=int, help="SISA/S3T slices R per shard (default 1).")
+@click.option("--slices", type=int, help="SISA/S3T slices R per shard, ARCANE blocks per class (default 1).")
 @click.option("--epochs", type=int, help="Epochs per training stage (default 10).")
 @click.option("--batch-size", type=int, help="Mini-batch size (default 64).")
 @click.option("--lr", type=float, help="SGD learning rate (default 0.05).")
@@ -431,17 +449,18 @@ def _benchmark_names(ctx, param, value: str | None) -> list[str] | None:
 
 @main.command("bench")
 @click.option("--quick", is_flag=True, help="Small datasets, few epochs and runs: the suite in well under a minute.")
-@click.option("--only", callback=_benchmark_names, help="Comma-separated subset of sisa,amnesiac,s3t,e2e.")
+@click.option("--only", callback=_benchmark_names, help="Comma-separated subset of sisa,amnesiac,s3t,arcane,puma,memorising,e2e.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-report"),
               show_default=True, help="Directory for the JSON files, PNG figures and report.md.")
 def bench_cmd(quick: bool, only: list[str] | None, out: Path) -> None:
-    """The benchmark suite: SISA, Amnesiac, S3T and end-to-end latency; writes a report with figures."""
+    """The benchmark suite: SISA, Amnesiac, S3T, ARCANE, PUMA, membership inference where models memorise, and
+    end-to-end latency; writes a report with figures."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from worker import bench
 
-    columns = (TextColumn("{task.fields[name]:<8}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+    columns = (TextColumn("{task.fields[name]:<10}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TimeElapsedColumn(), TextColumn("{task.description}"))
     with Progress(*columns, console=Console(stderr=True)) as display:
         tasks = {name: display.add_task("waiting", name=name, total=None, start=False)

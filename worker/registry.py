@@ -13,8 +13,11 @@ the next pass. `train_model` publishes version 1 the same way.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import logging
+import pkgutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -24,6 +27,7 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
+import worker.core
 from worker import data
 from worker.artifacts import (
     NAMESPACE,
@@ -49,12 +53,8 @@ from worker.pipeline import failpoints
 
 log = logging.getLogger(__name__)
 
-# imported on first use, so a method whose module is missing or broken never stops the others
-METHODS: dict[str, str] = {
-    "sisa": "worker.core.sisa:Sisa",
-    "amnesiac": "worker.core.amnesiac:Amnesiac",
-    "s3t": "worker.core.s3t:S3T",
-}
+# what a class needs to be a method (see worker.core.base.UnlearningMethod)
+METHOD_INTERFACE = ("train", "plan", "apply", "budget", "predictor")
 # training again when rows were erased while it ran; more than this means erasures keep racing it
 TRAIN_ATTEMPTS = 3
 
@@ -102,18 +102,33 @@ class StagedVersion:
     replace_batch_log: bool = False  # a full retrain: the whole batch log is new
 
 
+def method_names() -> list[str]:
+    """Every method there is: each module `worker/core/<name>.py` that defines a class whose `name`
+    is `<name>` and which has the method interface. A new method is a new module, nothing else.
+    Imports every core module (and so torch): call it when the list is needed, not at import."""
+    return sorted(name for name in _core_modules() if _method_class(name) is not None)
+
+
 def method_for(name: str) -> type[UnlearningMethod]:
-    """The class implementing method `name` (instantiate it to use it)."""
-    if name not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(sorted(METHODS))}, not {name!r}")
-    module_name, class_name = METHODS[name].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-        raise ValueError(f"method {name!r} is not available in this build ({module_name} is missing)") from None
-    return getattr(module, class_name)
+    """The class implementing method `name` (instantiate it to use it); imports only its module."""
+    found = _method_class(name) if name in _core_modules() else None
+    if found is None:
+        raise ValueError(f"method must be one of {', '.join(method_names())}, not {name!r}")
+    return found
+
+
+def _core_modules() -> set[str]:
+    return {module.name for module in pkgutil.iter_modules(worker.core.__path__) if not module.ispkg}
+
+
+@functools.cache
+def _method_class(module_name: str) -> type[UnlearningMethod] | None:
+    module = importlib.import_module(f"{worker.core.__name__}.{module_name}")
+    for _, candidate in inspect.getmembers(module, inspect.isclass):
+        if (candidate.__module__ == module.__name__ and getattr(candidate, "name", None) == module_name
+                and all(callable(getattr(candidate, attribute, None)) for attribute in METHOD_INTERFACE)):
+            return candidate
+    return None
 
 
 def train_model(conn: psycopg.Connection, settings: Settings, name: str, method: str, dataset: str,

@@ -1,24 +1,30 @@
 """Membership inference: can an attacker tell the erased rows from rows the model never saw?
 
-Usable for every method (it only needs a `Predictor`). The loss-threshold attack (Yeom et al.,
-2018) calls a row a member when the model's loss on it is low. Two figures:
+Usable for every method (it only needs a `Predictor`). Three attacks, weakest to strongest:
 
-- AUC of "low loss means member" over members vs non-members (0.5 = no signal);
-- advantage = max over thresholds of TPR - FPR (0 = no signal), with the threshold chosen on the
-  evaluated rows themselves, so it is an optimistic (attacker-friendly) upper figure.
+- loss threshold (Yeom et al., 2018): a row is a member when the model's loss on it is low; AUC
+  over members vs non-members (0.5 = no signal) and the best TPR - FPR, with the threshold tuned
+  on the evaluated rows themselves (an optimistic, attacker-friendly upper figure);
+- population-calibrated loss rank (`erasure_evidence`, the receipts' per-request evidence): each
+  erased row's loss is ranked among unseen reference rows of its own class, which removes the
+  "this class is easy" effect; the mean rank with a bootstrap confidence interval, and the
+  p-value of "these rows look no more like members than unseen rows do";
+- LiRA (Carlini et al., 2022, `lira`): shadow models trained like the target on random halves of
+  a pool of rows give, for every row, the distribution of its logit-scaled confidence when it was
+  trained on and when it was not; the target's confidence is judged by which of the two it fits
+  better. Calibrated per row, so hard and easy rows are judged on their own scale.
 
-The shadow-model attack instead fixes the threshold on shadow models trained like the target on
-rows the attacker owns, then measures TPR - FPR of that threshold on the target: no tuning on
-the evaluated rows. For an erasure, "members" are the erased rows and "non-members" unseen
-holdout rows; a model that forgot them scores near a model retrained without them.
+For an erasure, "members" are the erased rows and "non-members" unseen holdout rows. The gold
+standard is a model retrained without the erased rows: an unlearned model should score like it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from worker.core.base import Predictor, TrainingSet
 
@@ -39,7 +45,13 @@ def sample_losses(predictor: Predictor, features: np.ndarray, labels: np.ndarray
 def auc_low_loss_is_member(member_losses: np.ndarray, non_member_losses: np.ndarray) -> float:
     """P(a random member has lower loss than a random non-member), ties counting one half."""
     members, others = _check_pair(member_losses, non_member_losses)
-    scores = np.concatenate([-members, -others])
+    return auc_high_score_is_member(-members, -others)
+
+
+def auc_high_score_is_member(member_scores: np.ndarray, non_member_scores: np.ndarray) -> float:
+    """P(a random member scores higher than a random non-member), ties counting one half."""
+    members, others = _check_pair(member_scores, non_member_scores)
+    scores = np.concatenate([members, others])
     order = np.argsort(scores, kind="mergesort")
     ranks = np.empty(len(scores), dtype=np.float64)
     sorted_scores = scores[order]
@@ -93,53 +105,85 @@ def membership_evidence(predictor: Predictor, erased: TrainingSet, holdout: Trai
     return loss_threshold_advantage(predictor, erased.features, erased.labels, holdout.features, holdout.labels)
 
 
-def compare_with_retrain(unlearned: Predictor, retrained: Predictor, erased: TrainingSet,
-                         holdout: TrainingSet) -> dict[str, Any]:
-    """The same attack on the unlearned model and on a model retrained without the erased rows;
-    the gaps say how far the unlearned model still is from never having seen them."""
-    mine = membership_evidence(unlearned, erased, holdout)
-    reference = membership_evidence(retrained, erased, holdout)
-    return {"unlearned": mine, "retrained": reference,
-            "auc_gap": mine["auc"] - reference["auc"],
-            "advantage_gap": mine["advantage"] - reference["advantage"]}
+def confidence_logit(predictor: Predictor, rows: TrainingSet) -> np.ndarray:
+    """(n,) LiRA's logit-scaled confidence φ = log p_y - log Σ_{c≠y} p_c of each row's true label.
 
-
-def shadow_model_advantage(train_shadow: Callable[[TrainingSet], Predictor], attacker_rows: TrainingSet,
-                           target: Predictor, members: TrainingSet, non_members: TrainingSet,
-                           shadows: int = 2, seed: int = 0) -> dict[str, Any]:
-    """Shadow-model attack (Shokri et al., 2017) with the loss as the attack feature.
-
-    `train_shadow` trains a model the way the target was trained; each shadow trains on a random
-    half of `attacker_rows` (rows disjoint from the target's members and non-members). The
-    threshold that best separates the shadows' in-rows from their out-rows is then applied,
-    unchanged, to the target.
+    The other classes' probabilities are summed rather than taking 1 - p_y, so a memorised row
+    (p_y within float32 rounding of 1) keeps its signal.
     """
-    if shadows < 1:
-        raise ValueError("shadows must be at least 1")
-    if len(attacker_rows) < 4:
-        raise ValueError("attacker_rows: a shadow attack needs at least 4 rows")
-    rng = np.random.default_rng(seed)
-    shadow_in, shadow_out = [], []
-    for _ in range(shadows):
-        chosen = np.zeros(len(attacker_rows), dtype=bool)
-        chosen[rng.permutation(len(attacker_rows))[: len(attacker_rows) // 2]] = True
-        inside, outside = attacker_rows.select(chosen), attacker_rows.select(~chosen)
-        shadow = train_shadow(inside)
-        shadow_in.append(sample_losses(shadow, inside.features, inside.labels))
-        shadow_out.append(sample_losses(shadow, outside.features, outside.labels))
-    shadow_advantage, threshold = best_threshold(np.concatenate(shadow_in), np.concatenate(shadow_out))
-    target_in = sample_losses(target, members.features, members.labels)
-    target_out = sample_losses(target, non_members.features, non_members.labels)
-    return {
-        "attack": "shadow_loss_threshold",
-        "shadows": shadows,
-        "threshold": threshold if np.isfinite(threshold) else None,
-        "shadow_advantage": shadow_advantage,
-        "advantage": advantage_at(threshold, target_in, target_out),
-        "auc": auc_low_loss_is_member(target_in, target_out),
-        "members": int(len(target_in)),
-        "non_members": int(len(target_out)),
-    }
+    proba = predictor.predict_proba(rows.features).astype(np.float64)
+    picked = np.arange(len(rows)), rows.labels
+    label = proba[picked]
+    proba[picked] = 0.0
+    return np.log(np.maximum(label, 1e-300)) - np.log(np.maximum(proba.sum(axis=1), 1e-300))
+
+
+def lira(target: Predictor, rows: TrainingSet, shadows: Sequence[Predictor], trained_on: np.ndarray) -> np.ndarray:
+    """(n,) LiRA membership score of each row under `target` (Carlini et al., 2022, online): the log
+    likelihood ratio log N(φ; μ_in, σ_in) - log N(φ; μ_out, σ_out) of its confidence φ, where μ_in
+    and μ_out are the row's mean confidence under the shadow models that did and did not train on
+    it (`trained_on[k, i]`: shadow k trained on row i), and σ_in, σ_out the spreads averaged over
+    rows, as Carlini et al. advise for few shadows. Each row needs shadows of both kinds."""
+    trained_on = np.asarray(trained_on, dtype=bool)
+    if trained_on.shape != (len(shadows), len(rows)):
+        raise ValueError(f"trained_on must be (shadows, rows) = ({len(shadows)}, {len(rows)}), not {trained_on.shape}")
+    inside, outside = trained_on.sum(axis=0), (~trained_on).sum(axis=0)
+    if inside.min(initial=1) < 1 or outside.min(initial=1) < 1:
+        raise ValueError("trained_on: every row needs at least one shadow that trained on it and one that did not")
+    confidence = np.stack([confidence_logit(shadow, rows) for shadow in shadows])  # (m, n)
+    means = [np.where(side, confidence, 0.0).sum(axis=0) / np.maximum(side.sum(axis=0), 1)
+             for side in (trained_on, ~trained_on)]
+    spreads = []
+    for side, mean in zip((trained_on, ~trained_on), means):
+        deviation = np.where(side, confidence - mean, 0.0)
+        spreads.append(max(float(np.sqrt((deviation ** 2).sum() / max(side.sum() - side.shape[1], 1))), 1e-6))
+    observed = confidence_logit(target, rows)
+    return stats.norm.logpdf(observed, means[0], spreads[0]) - stats.norm.logpdf(observed, means[1], spreads[1])
+
+
+def erasure_evidence(predictor: Predictor, erased: TrainingSet, reference: TrainingSet, *, min_rows: int = 5,
+                     min_class_reference: int = 10, confidence: float = 0.95, resamples: int = 2000,
+                     seed: int = 0) -> dict[str, Any]:
+    """Membership evidence for one erasure request, from that request's erased rows alone.
+
+    `predictor` is the model version that should have forgotten `erased`; `reference` rows were
+    never trained on (holdout rows). Each erased row gets a calibrated membership score: the share
+    of reference rows of its class (of all reference rows, where its class has fewer than
+    `min_class_reference`) whose loss is higher than the row's, ties counting one half. An unseen
+    row scores about 0.5 on average; a memorised row near 1. Returned (JSON-able):
+    `membership_score` (mean over the rows), its bootstrap confidence interval (BCa), and
+    `p_value`: how likely unseen rows would score at least that high (the scores of unseen rows
+    are uniform, so their sum follows the Irwin-Hall law). With fewer than `min_rows` erased rows
+    (or fewer than 2 × `min_class_reference` reference rows) it says so instead of guessing:
+    `{"status": "insufficient_rows", ...}`. Pure: no I/O; identifiers never appear in the result.
+    """
+    if min_rows < 2:
+        raise ValueError("min_rows must be at least 2: one row has no spread to build an interval from")
+    attack = {"attack": "population_calibrated_loss_rank", "rows": len(erased), "reference_rows": len(reference),
+              "min_rows": min_rows}
+    if len(erased) < min_rows or len(reference) < 2 * min_class_reference:
+        return {"status": "insufficient_rows", **attack}
+    losses = sample_losses(predictor, erased.features, erased.labels)
+    reference_losses = sample_losses(predictor, reference.features, reference.labels)
+    scores = np.empty(len(erased))
+    class_calibrated = 0
+    for i, (loss, label) in enumerate(zip(losses, erased.labels)):
+        peers = reference_losses[reference.labels == label]
+        if len(peers) >= min_class_reference:
+            class_calibrated += 1
+        else:
+            peers = reference_losses
+        scores[i] = np.mean(peers > loss) + 0.5 * np.mean(peers == loss)
+    mean = float(scores.mean())
+    if np.ptp(scores) == 0:  # every resample has the same mean: the interval is that point
+        low = high = mean
+    else:
+        interval = stats.bootstrap((scores,), np.mean, confidence_level=confidence, n_resamples=resamples,
+                                   method="BCa", rng=np.random.default_rng(seed)).confidence_interval
+        low, high = float(interval.low), float(interval.high)
+    return {"status": "ok", **attack, "membership_score": mean, "ci_low": low, "ci_high": high,
+            "confidence": confidence, "p_value": float(stats.irwinhall(len(scores)).sf(scores.sum())),
+            "class_calibrated_rows": class_calibrated}
 
 
 def _check_pair(member_losses: np.ndarray, non_member_losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -391,18 +391,17 @@ def retrain_shard(ctx: Context, model: str, shard: int) -> int | None:
 
 
 def _membership_evidence(predictor, snapshot: Snapshot, request_id: uuid.UUID) -> dict:
-    """Loss-threshold membership inference on this request's erased rows vs unseen holdout rows."""
+    """Calibrated membership evidence from this request's erased rows alone, against unseen
+    holdout rows (`worker.core.mia.erasure_evidence`: a score with its interval, or
+    `insufficient_rows` when the request erased too few rows to say anything)."""
     from worker.core import mia
 
     spec = data.spec(snapshot.dataset)
-    holdout = snapshot.holdout
     rows = [p for p in snapshot.pending if p.request_id == request_id]
-    if len(holdout) == 0 or not rows:
-        return {}
-    erased_x = (np.array([r.features for r in rows], dtype=np.float32) / spec.scale).reshape(len(rows), *spec.input_shape)
-    erased_y = np.array([r.label for r in rows], dtype=np.int64)
-    return {"membership_inference": mia.loss_threshold_advantage(
-        predictor, erased_x, erased_y, holdout.features, holdout.labels)}
+    features = np.array([r.features for r in rows], dtype=np.float32).reshape(len(rows), -1) / spec.scale
+    erased = TrainingSet.build([r.sample_id for r in rows], features.reshape(len(rows), *spec.input_shape),
+                               np.array([r.label for r in rows], dtype=np.int64), spec.num_classes)
+    return {"membership_inference": mia.erasure_evidence(predictor, erased, snapshot.holdout)}
 
 
 def version_event(settings: Settings, version: registry.ModelVersion):
