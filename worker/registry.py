@@ -265,18 +265,18 @@ def _publish(conn: psycopg.Connection, settings: Settings, store: ArtifactStore,
         "metrics": metrics,
     }
     # an orphan manifest (the transaction below failing) is harmless: nothing points at it
-    path, manifest_sha256 = write_manifest(settings.artifact_dir, model, version, manifest)
+    manifest_uri, manifest_sha256 = write_manifest(settings.artifact_dir, model, version, manifest)
     conn.execute(
         "INSERT INTO model_versions (model, version, parent_version, method, manifest_uri, manifest_sha256,"
         " components_changed, deletion_budget_remaining, metrics, created_at)"
         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (model, version, parent_version, implementation.name, path.as_uri(), manifest_sha256,
+        (model, version, parent_version, implementation.name, manifest_uri, manifest_sha256,
          components_changed, budget, Jsonb(metrics), created_at),
     )
     conn.execute("UPDATE models SET current_version = %s WHERE name = %s", (version, model))
     return ModelVersion(
         model=model, version=version, parent_version=parent_version, method=implementation.name,
-        manifest_uri=path.as_uri(), manifest_sha256=manifest_sha256, components_changed=components_changed,
+        manifest_uri=manifest_uri, manifest_sha256=manifest_sha256, components_changed=components_changed,
         deletion_budget_remaining=budget, metrics=metrics, revokes=revokes,
         created_at=_rfc3339(created_at), erasure_request_ids=erasure_request_ids,
     )
