@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import s3fs
 import torch
+from click.testing import CliRunner
 
 from worker.artifacts import (
     ArtifactIntegrityError,
@@ -18,7 +19,8 @@ from worker.artifacts import (
     write_manifest,
     write_revocation,
 )
-from worker.config import Settings
+from worker.cli import main
+from worker.config import Settings, get_settings
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -110,3 +112,15 @@ def test_bad_names_digests_versions_and_locations_are_rejected(tmp_path):
         open_root("gs://bucket/prefix")
     with pytest.raises(ValueError, match="local path or s3://bucket/prefix"):
         Settings(artifact_dir="s3:///no-bucket")
+
+
+def test_unlearn_config_shows_the_store_and_masks_the_endpoint_password(monkeypatch):
+    monkeypatch.setenv("UNLEARN_ARTIFACT_DIR", "s3://models/prod")
+    monkeypatch.setenv("UNLEARN_S3_ENDPOINT_URL", "http://key:secret@minio:9000")
+    get_settings.cache_clear()
+    try:
+        shown = CliRunner().invoke(main, ["config"]).output
+    finally:
+        get_settings.cache_clear()
+    assert "UNLEARN_ARTIFACT_DIR=s3://models/prod\n" in shown
+    assert "UNLEARN_S3_ENDPOINT_URL=http://key:***@minio:9000\n" in shown and "secret" not in shown

@@ -57,8 +57,8 @@ class Settings(BaseSettings):
         """`NAME=value` pairs for `unlearn config`, with any password masked."""
         items = []
         for name, value in self.model_dump().items():
-            text = str(value)
-            if name in {"database_url", "celery_broker"}:
+            text = "" if value is None else str(value)
+            if name in {"database_url", "celery_broker", "s3_endpoint_url"}:
                 text = redact_url(text)
             items.append((f"UNLEARN_{name.upper()}", text))
         return items
