@@ -177,7 +177,7 @@ def test_over_threshold_request_falls_back_to_an_exact_retrain(digits, tmp_path)
     # Then the model is bit-identical to a fresh training without the row
     fresh = method.train(digits.without(erased), config, ArtifactStore(tmp_path / "fresh", "m"))
     assert result.components[0].sha256 == fresh.components[0].sha256
-    assert hashlib.sha256(store.backend.read(store.key(result.components[0].sha256))).hexdigest() == fresh.components[0].sha256
+    assert hashlib.sha256(store.path(result.components[0].sha256).read_bytes()).hexdigest() == fresh.components[0].sha256
     # and the receipt says exact, by fallback; every old update is gone; the new log starts clean
     assert result.verification["kind"] == "exact" and result.verification["reason"] == "fallback"
     assert result.verification["detail"] == plan.fallback

@@ -48,8 +48,8 @@ class Clock:
 
 def test_a_revoked_version_loads_only_to_verify_an_old_receipt(model):
     v1, holdout = model
-    write_revocation(get_settings().artifact_dir, "m", 1, {"reason": "superseded by v2"})
-    with pytest.raises(VersionRevoked, match=r"m v1 is revoked \(superseded by v2\)"):
+    write_revocation(get_settings().artifact_dir, "m", 1, {"reason": "superseded", "superseded_by": 2})
+    with pytest.raises(VersionRevoked, match=r"m v1 is revoked \(superseded, by v2\)"):
         load_version("m", 1)
     loaded = load_version("m", 1, expected_sha256=v1.manifest_sha256, allow_revoked=True)
     assert loaded.predict(holdout.features).shape == (len(holdout),)
@@ -58,7 +58,7 @@ def test_a_revoked_version_loads_only_to_verify_an_old_receipt(model):
 def test_a_withdrawal_marker_is_never_loaded(model):
     republish(2, servable=False)
     for allow_revoked in (False, True):
-        with pytest.raises(VersionRevoked, match="m v2 is withdrawn"):
+        with pytest.raises(VersionRevoked, match="m v2 was withdrawn: it keeps state"):
             load_version("m", 2, allow_revoked=allow_revoked)
 
 

@@ -59,7 +59,7 @@ def test_unlearning_is_bit_identical_to_training_from_scratch(digits, trained, s
     _, result = trained
     erased = rows_in(digits, 0, 2, 3) + rows_in(digits, 0, 3, 1) + rows_in(digits, 2, 1, 2)
     remaining = digits.without(erased)
-    untouched = {c.sha256: store.backend.path(store.key(c.sha256)).stat().st_mtime_ns for c in checkpoints(result.state, 1)}
+    untouched = {c.sha256: store.path(c.sha256).stat().st_mtime_ns for c in checkpoints(result.state, 1)}
 
     # When SISA unlearns them
     sisa = Sisa()
@@ -77,7 +77,7 @@ def test_unlearning_is_bit_identical_to_training_from_scratch(digits, trained, s
     # the store holds exactly what training from scratch leaves behind, nothing more
     assert store.digests() == scratch_store.digests()
     # and shard 1's files were never rewritten
-    assert {d: store.backend.path(store.key(d)).stat().st_mtime_ns for d in untouched} == untouched
+    assert {d: store.path(d).stat().st_mtime_ns for d in untouched} == untouched
     assert unlearned.components_changed == ["shard-0", "shard-2"]
 
 

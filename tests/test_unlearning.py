@@ -164,11 +164,11 @@ def test_verify_rechecks_a_receipt_and_catches_tampering(conn, digits):
     assert shown.exit_code == 0 and shown.output.count("ok  ") == 5, shown.output
     # When a purged tainted checkpoint reappears, the purge check fails
     removed = read_manifest(digits.artifact_dir, "a", 2)["lineage"]["removed_artifacts"]
-    store = ArtifactStore(digits.artifact_dir, "a")
-    store.backend.write(store.key(removed[0]), b"stale copy")
+    stale = ArtifactStore(digits.artifact_dir, "a").path(removed[0])
+    stale.write_bytes(b"stale copy")
     failed = {c.name for c in verify_request(conn, digits, request_id) if not c.passed}
     assert failed == {"a v2 erased influence purged"}
-    store.delete(removed[0])
+    stale.unlink()
     # When the stored receipt is edited, the hash check fails
     conn.execute("UPDATE erasure_requests SET receipt = jsonb_set(receipt, '{rows_deleted}', '0')"
                  " WHERE request_id = %s", (request_id,))

@@ -187,6 +187,12 @@ class ArtifactStore:
     def uri(self, digest: str) -> str:
         return self.backend.uri(self.key(digest))
 
+    def path(self, digest: str) -> Path:
+        """The file on this machine (a local store only): for tools and tests that inspect files."""
+        if not isinstance(self.backend, LocalDirectory):
+            raise TypeError(f"artifacts at {self.root} are objects, with no local path")
+        return self.backend.path(self.key(digest))
+
     def put(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
         """Store the tensors; returns the sha256 of the file (identical tensors, identical digest)."""
         contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
@@ -196,7 +202,9 @@ class ArtifactStore:
         data = save_safetensors(contiguous, metadata=metadata)
         digest = sha256_bytes(data)
         key = self.key(digest)
-        if not self.backend.exists(key):
+        # a file already there under this digest is reused only if it still has these bytes: a
+        # corrupted copy would otherwise survive every retrain that should replace it
+        if not self.backend.exists(key) or sha256_bytes(self.backend.read(key)) != digest:
             self.backend.write(key, data)
         return digest
 

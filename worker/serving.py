@@ -105,14 +105,15 @@ def load_version(name: str, version: int, settings: Settings | None = None,
     settings = settings or get_settings()
     root = settings.artifact_dir
     if not allow_revoked and (record := read_revocation(root, name, version)) is not None:
-        raise VersionRevoked(f"{name} v{version} is revoked ({record.get('reason', 'no reason recorded')})")
+        raise VersionRevoked(f"{name} v{version} is revoked ({_why(record)})")
     manifest = read_manifest(root, name, version, expected_sha256)
     if manifest.get("model") != name or manifest.get("version") != version:
         raise ArtifactIntegrityError(f"manifest file for {name} v{version} describes "
                                      f"{manifest.get('model')} v{manifest.get('version')}")
     if manifest.get("servable") is False:
-        raise VersionRevoked(f"{name} v{version} is withdrawn: it keeps state for the next unlearning"
-                             " pass but has nothing to serve")
+        code = manifest.get("withdrawn", {}).get("code")
+        raise VersionRevoked(f"{name} v{version} was withdrawn{f' ({code})' if code else ''}: it keeps state"
+                             " for the next unlearning pass but has nothing to serve")
     store = ArtifactStore(root, name)
     files = {}
     for component in manifest["components"]:
@@ -128,6 +129,11 @@ def load_version(name: str, version: int, settings: Settings | None = None,
                                          "does not hash to the sha256 in its manifest") from None
     predictor = method_for(manifest["method"])().predictor(manifest["state"], _VerifiedComponents(store, files))
     return LoadedVersion(name, version, manifest, predictor)
+
+
+def _why(revocation: dict) -> str:
+    why = revocation.get("reason", "no reason recorded")
+    return f"{why}, by v{revocation['superseded_by']}" if revocation.get("superseded_by") else why
 
 
 @dataclass(frozen=True)
@@ -238,8 +244,7 @@ class ServedModel:
             if record is not None:
                 with self._lock:
                     self._revoked.add(current.version)
-                self._serve_nothing(f"{self.model} v{current.version} was revoked "
-                                    f"({record.get('reason', 'no reason recorded')})")
+                self._serve_nothing(f"{self.model} v{current.version} was revoked ({_why(record)})")
         self.settle()
 
     def superseded_seconds(self) -> float:

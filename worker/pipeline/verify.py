@@ -75,8 +75,7 @@ def _version(conn: psycopg.Connection, settings: Settings, receipt: dict, model:
     checks = []
     try:
         manifest = read_manifest(settings.artifact_dir, model, version, row[0])
-        # later versions revoke this one; a receipt must verify for ever all the same
-        serving.load_version(model, version, settings=settings, expected_sha256=row[0], allow_revoked=True)
+        serving.load_version(model, version, settings=settings, expected_sha256=row[0])
         checks.append(Check(f"{label} files", True, f"manifest and {len(manifest['components'])} components verified"))
     except (ArtifactIntegrityError, FileNotFoundError) as exc:
         return checks + [Check(f"{label} files", False, str(exc))]
