@@ -10,6 +10,7 @@ takes the version it serves out of service without a fallback; and no log line n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -52,6 +53,7 @@ class Cluster:
     server: str
     rows: list
     watcher: TopicWatcher
+    later: contextlib.ExitStack  # processes started by a test, stopped with the others
     erased: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -107,10 +109,10 @@ def cluster(tmp_path_factory, s3_env):
                 _worker(settings, root, "host-a"),
                 dataclasses.replace(server_process(MODEL, port), cwd=root / "host-serve"),
             ]
-            with running(settings, Console(quiet=True), processes) as started:
+            with running(settings, Console(quiet=True), processes) as started, contextlib.ExitStack() as later:
                 watcher = TopicWatcher(settings)
                 try:
-                    yield Cluster(settings, root, started, f"http://127.0.0.1:{port}", rows, watcher)
+                    yield Cluster(settings, root, started, f"http://127.0.0.1:{port}", rows, watcher, later)
                 finally:
                     watcher.close()
                     for log in sorted((settings.stack_dir / "demo").glob("*.log")):
@@ -181,12 +183,13 @@ def test_erasures_complete_on_either_worker_and_the_server_swaps_without_a_gap(c
 
         # When worker B starts on another host and A stops, B completes the next erasure from the
         # version A wrote: the only place the two share is the bucket
-        with running(cluster.settings, Console(quiet=True), [_worker(cluster.settings, cluster.root, "host-b")]):
-            stop(cluster.processes["worker-host-a"])
-            assert cluster.processes["worker-host-a"].wait(30) is not None
-            version = _complete(cluster, _erase(cluster))
-            assert wait_for_version(cluster.server, version, timeout=30)["version"] == version == 3
-            time.sleep(0.3)
+        cluster.later.enter_context(
+            running(cluster.settings, Console(quiet=True), [_worker(cluster.settings, cluster.root, "host-b")]))
+        stop(cluster.processes["worker-host-a"])
+        assert cluster.processes["worker-host-a"].wait(30) is not None
+        version = _complete(cluster, _erase(cluster))
+        assert wait_for_version(cluster.server, version, timeout=30)["version"] == version == 3
+        time.sleep(0.3)
     finally:
         client.done.set()
         client.join()
@@ -221,10 +224,9 @@ def test_a_revocation_record_takes_the_served_version_out_without_a_fallback(clu
     assert status == 503 and "could not unlearn" in body["detail"]
     shown = _call(f"{cluster.server}/version")[1]
     assert shown["serving"] is False and shown["version"] is None and version in shown["revoked_versions"]
-    # When the next erasure publishes a new version, it is served again
-    with running(cluster.settings, Console(quiet=True), [_worker(cluster.settings, cluster.root, "host-b")]):
-        newer = _complete(cluster, _erase(cluster))
-        assert newer > version and wait_for_version(cluster.server, newer)["version"] == newer
+    # When the next erasure publishes a new version (on worker B), it is served again
+    newer = _complete(cluster, _erase(cluster))
+    assert newer > version and wait_for_version(cluster.server, newer)["version"] == newer
 
 
 def test_every_log_line_is_json_and_names_no_subject(cluster):
