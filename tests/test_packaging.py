@@ -4,6 +4,7 @@ virtual environment and validates an event there, from its own files, not from t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import site
 import subprocess
@@ -80,7 +81,9 @@ def test_the_wheel_installs_into_a_fresh_venv_and_validates_an_event(tmp_path):
     (venv_site / "project-dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
                     "--no-index", str(wheel)], check=True, cwd=tmp_path, timeout=300)
-    done = subprocess.run([str(python), "-c", CHECK], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    clean = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    done = subprocess.run([str(python), "-c", CHECK], capture_output=True, text=True, cwd=tmp_path, env=clean,
+                          timeout=120)
 
     # Then the event validates from the installed schemas, and a bad one is refused by name
     assert done.returncode == 0, done.stderr
@@ -91,5 +94,5 @@ def test_the_wheel_installs_into_a_fresh_venv_and_validates_an_event(tmp_path):
     assert shown["migrations"] == sorted(shown["migrations"]) and len(shown["migrations"]) >= 4
     # and the console script is there
     usage = subprocess.run([str(venv / "bin" / "unlearn"), "--help"], capture_output=True, text=True,
-                           cwd=tmp_path, timeout=120)
+                           cwd=tmp_path, env=clean, timeout=120)
     assert usage.returncode == 0 and "serve" in usage.stdout
