@@ -59,6 +59,9 @@ class VersionFollower(threading.Thread):
             except KafkaError as exc:
                 log.warning("cannot read %s (%s); retrying", self.settings.topic_versions, exc.__class__.__name__)
                 self._stop.wait(2)
+            except Exception:  # noqa: BLE001 - the thread must outlive any one failure, or serving freezes
+                log.exception("following %s failed; starting over", self.settings.topic_versions)
+                self._stop.wait(2)
 
     def _follow(self) -> None:
         # no consumer group: every server replica reads every event

@@ -224,7 +224,7 @@ class ServedModel:
                 self._revoked.add(newest.version)
             self._serve_nothing(str(exc))
             return
-        except (ArtifactIntegrityError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever stops it loading (store unreachable too), retry
             self._serve_nothing(f"{self.model} v{newest.version} cannot be loaded yet ({exc}); retrying")
             return
         with self._lock:
@@ -240,7 +240,12 @@ class ServedModel:
         """Drop the version being served if it has gained a revocation record; retry a failed load."""
         current = self.current
         if current is not None:
-            record = read_revocation(self.settings.artifact_dir, self.model, current.version)
+            try:
+                record = read_revocation(self.settings.artifact_dir, self.model, current.version)
+            except Exception as exc:  # noqa: BLE001 - an unreachable store: the events still flow
+                log.warning("cannot read the revocation record of %s v%d now: %s", self.model, current.version,
+                            exc.__class__.__name__)
+                record = None
             if record is not None:
                 with self._lock:
                     self._revoked.add(current.version)
