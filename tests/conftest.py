@@ -59,6 +59,41 @@ def artifact_dir(tmp_path, monkeypatch):
     get_settings.cache_clear()
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A real S3 API on loopback (moto's server: no MinIO binary installs here)."""
+    from moto.server import ThreadedMotoServer
+
+    from worker.sandbox import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_env(s3_endpoint) -> dict[str, str]:
+    """What a process needs to reach that server: its endpoint and (any) credentials."""
+    return {"UNLEARN_S3_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3_root(s3_env, monkeypatch) -> str:
+    """`s3://<a new bucket>/artifacts` on the S3 server, with its endpoint and credentials set."""
+    import s3fs
+
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    bucket = f"unlearn-test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(endpoint_url=s3_env["UNLEARN_S3_ENDPOINT_URL"]).mkdir(bucket)
+    yield f"s3://{bucket}/artifacts"
+    get_settings.cache_clear()
+
+
 def pytest_configure(config):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from worker import data, registry
-from worker.artifacts import ArtifactIntegrityError, ArtifactStore, read_manifest, sha256_file
+from worker.artifacts import ArtifactIntegrityError, ArtifactStore, manifest_uri, open_root, read_manifest, sha256_bytes
 from worker.config import get_settings
 from worker.core.base import DeletedSample, TrainConfig
 from worker.core.placement import shard_of, slice_of
@@ -33,15 +33,15 @@ def test_training_publishes_version_one_with_placement_and_manifest(conn, traine
     assert conn.execute("SELECT current_version FROM models WHERE name = 'digits-sisa'").fetchone() == (1,)
     current = registry.current_version(conn, "digits-sisa")
     assert current == trained
-    manifest_file = settings.artifact_dir / "manifests" / "digits-sisa" / "1.json"
-    assert trained.manifest_uri == manifest_file.resolve().as_uri()
-    assert sha256_file(manifest_file) == trained.manifest_sha256
+    assert trained.manifest_uri == manifest_uri(settings.artifact_dir, "digits-sisa", 1)
+    assert trained.manifest_uri.startswith("file:///") and trained.manifest_uri.endswith("/manifests/digits-sisa/1.json")
+    assert sha256_bytes(open_root(settings.artifact_dir).read("manifests/digits-sisa/1.json")) == trained.manifest_sha256
     manifest = read_manifest(settings.artifact_dir, "digits-sisa", 1, trained.manifest_sha256)
     assert manifest["method"] == "sisa" and manifest["aggregation"] == "mean"
     assert [c["name"] for c in manifest["components"]] == ["shard-0", "shard-1", "shard-2"]
     store = ArtifactStore(settings.artifact_dir, "digits-sisa")
     for component in manifest["components"]:
-        assert sha256_file(store.path(component["sha256"])) == component["sha256"]
+        assert sha256_bytes(store.backend.read(store.key(component["sha256"]))) == component["sha256"]
     assert trained.components_changed == ["shard-0", "shard-1", "shard-2"]
     assert 0 < trained.deletion_budget_remaining
     assert trained.metrics["holdout_accuracy"] > 0.5
@@ -78,10 +78,11 @@ def test_serving_loads_a_version_and_refuses_a_tampered_file(conn, trained):
     with pytest.raises(ArtifactIntegrityError, match="does not match its recorded sha256"):
         load_version("digits-sisa", 1, expected_sha256="0" * 64)
     manifest = served.manifest
-    path = ArtifactStore(get_settings().artifact_dir, "digits-sisa").path(manifest["components"][1]["sha256"])
-    raw = bytearray(path.read_bytes())
+    store = ArtifactStore(get_settings().artifact_dir, "digits-sisa")
+    key = store.key(manifest["components"][1]["sha256"])
+    raw = bytearray(store.backend.read(key))
     raw[-1] ^= 0x01
-    path.write_bytes(bytes(raw))
+    store.backend.write(key, bytes(raw))
     with pytest.raises(ArtifactIntegrityError, match="shard-1 of digits-sisa v1 does not hash"):
         load_version("digits-sisa", 1)
 

@@ -8,7 +8,6 @@ import itertools
 import json
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,7 +78,7 @@ def a_row(data: TrainingSet, shard: int, slice_: int, skip: int = 0) -> str:
 
 
 def file_digests(store: ArtifactStore) -> dict[str, str]:
-    return {p.stem: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(store.directory).glob("*.safetensors")}
+    return {d: hashlib.sha256(store.backend.read(store.key(d))).hexdigest() for d in store.digests()}
 
 
 def erase(state, store, data, sample_ids):

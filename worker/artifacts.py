@@ -1,8 +1,16 @@
-"""Content-addressed artifact store for safetensors files.
+"""Content-addressed artifact store: model files and manifests, on a local directory or S3.
 
-Each model has its own namespace (`objects/<model>/<sha256>.safetensors`), so deleting a tainted
-checkpoint of one model can never remove a byte-identical file another model still serves.
-Every load re-hashes the file and refuses it when the digest differs.
+`UNLEARN_ARTIFACT_DIR` is a local directory (one machine) or `s3://bucket/prefix` (any S3 API:
+AWS, MinIO; `UNLEARN_S3_ENDPOINT_URL` and the usual `AWS_*` credentials), so that workers and
+model servers on other hosts read the same files. Under that root:
+
+    objects/<model>/<sha256>.safetensors       component files, one namespace per model
+    manifests/<model>/<version>.json           a model version
+    manifests/<model>/<version>.revoked.json   present once that version must no longer be served
+
+Each model has its own namespace, so deleting a tainted checkpoint of one model can never remove
+a byte-identical file another model still serves. Every read of a component re-hashes its bytes
+and refuses them when the digest differs; a purge deletes the object itself.
 """
 
 from __future__ import annotations
@@ -12,14 +20,19 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from worker.config import get_settings, split_s3_url
+
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MANIFEST_NAME = re.compile(r"^([1-9][0-9]*)\.json$")
 
 
 class ArtifactIntegrityError(RuntimeError):
@@ -30,27 +43,129 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class Backend(Protocol):
+    """Where the bytes live. Keys are relative, '/'-separated; a reader never sees half a write."""
+
+    root: Path | str
+
+    def read(self, key: str) -> bytes:
+        """The object's bytes; FileNotFoundError when there is none."""
+
+    def write(self, key: str, data: bytes) -> None: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> bool:
+        """Remove the object; True when it existed."""
+
+    def names(self, folder: str) -> list[str]:
+        """Names of the objects directly under `folder` (none when it does not exist)."""
+
+    def size(self, key: str) -> int: ...
+
+    def uri(self, key: str) -> str: ...
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class LocalDirectory:
+    """A directory on this machine (the default; `file://` URIs)."""
+
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def read(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def write(self, key: str, data: bytes) -> None:
+        # via a temporary file and a rename: a crash never leaves a half-written file
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def delete(self, key: str) -> bool:
+        target = self.path(key)
+        existed = target.exists()
+        target.unlink(missing_ok=True)
+        return existed
+
+    def names(self, folder: str) -> list[str]:
+        directory = self.path(folder)
+        if not directory.is_dir():
+            return []
+        return [p.name for p in directory.iterdir() if p.is_file() and not p.name.startswith(".tmp-")]
+
+    def size(self, key: str) -> int:
+        return self.path(key).stat().st_size
+
+    def uri(self, key: str) -> str:
+        return self.path(key).as_uri()
+
+
+class S3Bucket:
+    """A prefix of an S3 bucket, through s3fs (a single PUT is atomic for readers)."""
+
+    def __init__(self, url: str, endpoint_url: str | None):
+        import s3fs  # only deployments on object storage pay for its import
+
+        bucket, prefix = split_s3_url(url)
+        self.root = url
+        self.base = f"{bucket}/{prefix}" if prefix else bucket
+        # no listings cache: another host may add or delete an object at any moment
+        self.fs = s3fs.S3FileSystem(endpoint_url=endpoint_url, use_listings_cache=False)
+
+    def _path(self, key: str) -> str:
+        return f"{self.base}/{key}"
+
+    def read(self, key: str) -> bytes:
+        return self.fs.cat_file(self._path(key))
+
+    def write(self, key: str, data: bytes) -> None:
+        self.fs.pipe_file(self._path(key), data)
+
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self._path(key))
+
+    def delete(self, key: str) -> bool:
+        # S3 answers a DELETE of a missing key with success, so ask first
+        if not self.exists(key):
+            return False
+        self.fs.rm_file(self._path(key))
+        return True
+
+    def names(self, folder: str) -> list[str]:
+        try:
+            entries = self.fs.ls(self._path(folder), detail=True)
+        except FileNotFoundError:
+            return []
+        return [entry["name"].rsplit("/", 1)[-1] for entry in entries if entry["type"] == "file"]
+
+    def size(self, key: str) -> int:
+        return self.fs.size(self._path(key))
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self._path(key)}"
+
+
+def open_root(root: Path | str) -> Backend:
+    """The backend for an artifact root: `s3://bucket/prefix` or a local directory."""
+    text = str(root)
+    if "://" in text:
+        return S3Bucket(text, get_settings().s3_endpoint_url)
+    return LocalDirectory(Path(text))
 
 
 class ArtifactStore:
@@ -59,17 +174,24 @@ class ArtifactStore:
     def __init__(self, root: Path | str, namespace: str):
         if not NAMESPACE.match(namespace):
             raise ValueError(f"invalid artifact namespace {namespace!r}")
-        self.root = Path(root).resolve()
+        self.backend = open_root(root)
+        self.root = self.backend.root
         self.namespace = namespace
-        self.directory = self.root / "objects" / namespace
+        self.folder = f"objects/{namespace}"
 
-    def path(self, digest: str) -> Path:
+    def key(self, digest: str) -> str:
         if not DIGEST.match(digest):
             raise ValueError(f"not a sha256 digest: {digest!r}")
-        return self.directory / f"{digest}.safetensors"
+        return f"{self.folder}/{digest}.safetensors"
 
     def uri(self, digest: str) -> str:
-        return self.path(digest).as_uri()
+        return self.backend.uri(self.key(digest))
+
+    def path(self, digest: str) -> Path:
+        """The file on this machine (a local store only): for tools and tests that inspect files."""
+        if not isinstance(self.backend, LocalDirectory):
+            raise TypeError(f"artifacts at {self.root} are objects, with no local path")
+        return self.backend.path(self.key(digest))
 
     def put(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
         """Store the tensors; returns the sha256 of the file (identical tensors, identical digest)."""
@@ -79,80 +201,105 @@ class ArtifactStore:
             metadata = {"metadata": json.dumps(metadata, sort_keys=True)}
         data = save_safetensors(contiguous, metadata=metadata)
         digest = sha256_bytes(data)
-        target = self.path(digest)
+        key = self.key(digest)
         # a file already there under this digest is reused only if it still has these bytes: a
         # corrupted copy would otherwise survive every retrain that should replace it
-        if not target.exists() or sha256_file(target) != digest:
-            atomic_write(target, data)
+        if not self.backend.exists(key) or sha256_bytes(self.backend.read(key)) != digest:
+            self.backend.write(key, data)
         return digest
 
-    def get(self, digest: str) -> dict[str, torch.Tensor]:
-        data = self.path(digest).read_bytes()
+    def read(self, digest: str) -> bytes:
+        """The file's bytes, checked against its digest; FileNotFoundError when it is gone."""
+        data = self.backend.read(self.key(digest))
         actual = sha256_bytes(data)
         if actual != digest:
             raise ArtifactIntegrityError(
                 f"artifact {self.namespace}/{digest} is corrupt: its bytes hash to {actual}"
             )
-        return load_safetensors(data)
+        return data
+
+    def get(self, digest: str) -> dict[str, torch.Tensor]:
+        return load_safetensors(self.read(digest))
 
     def exists(self, digest: str) -> bool:
-        return self.path(digest).exists()
+        return self.backend.exists(self.key(digest))
 
     def delete(self, digest: str) -> bool:
         """Remove a file; True when it existed."""
-        target = self.path(digest)
-        existed = target.exists()
-        target.unlink(missing_ok=True)
-        return existed
+        return self.backend.delete(self.key(digest))
 
-    def delete_all(self, digests) -> int:
+    def delete_all(self, digests: Iterable[str]) -> int:
         """Remove several files; returns how many existed."""
         return sum(self.delete(digest) for digest in digests)
 
     def digests(self) -> set[str]:
-        if not self.directory.exists():
-            return set()
-        return {p.stem for p in self.directory.glob("*.safetensors")}
+        suffix = ".safetensors"
+        return {name.removesuffix(suffix) for name in self.backend.names(self.folder)
+                if name.endswith(suffix) and DIGEST.match(name.removesuffix(suffix))}
 
     def size(self, digest: str) -> int:
-        return self.path(digest).stat().st_size
+        return self.backend.size(self.key(digest))
 
 
-def manifest_path(root: Path | str, model: str, version: int) -> Path:
+def _model_folder(model: str) -> str:
     if not NAMESPACE.match(model):
         raise ValueError(f"invalid model name {model!r}")
-    return Path(root).resolve() / "manifests" / model / f"{version}.json"
+    return f"manifests/{model}"
+
+
+def _version_key(model: str, version: int, suffix: str) -> str:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"a model version is a positive integer, not {version!r}")
+    return f"{_model_folder(model)}/{version}{suffix}"
+
+
+def _encode(document: dict) -> bytes:
+    return json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+
+
+def manifest_uri(root: Path | str, model: str, version: int) -> str:
+    """Where a version's manifest is (`file://` or `s3://`): the event's `manifest_uri`."""
+    return open_root(root).uri(_version_key(model, version, ".json"))
 
 
 def write_manifest(root: Path | str, model: str, version: int, manifest: dict) -> tuple[str, str]:
-    """Write a manifest atomically; returns its URI and the sha256 of its bytes."""
-    data = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8") + b"\n"
-    path = manifest_path(root, model, version)
-    atomic_write(path, data)
-    return path.as_uri(), sha256_bytes(data)
+    """Write a manifest (readers see all of it or none); returns its URI and the sha256 of its bytes."""
+    backend = open_root(root)
+    key = _version_key(model, version, ".json")
+    data = _encode(manifest)
+    backend.write(key, data)
+    return backend.uri(key), sha256_bytes(data)
 
 
 def read_manifest(root: Path | str, model: str, version: int, expected_sha256: str | None = None) -> dict:
-    path = manifest_path(root, model, version)
-    data = path.read_bytes()
+    """A version's manifest; FileNotFoundError when there is none, ArtifactIntegrityError when
+    its bytes do not hash to `expected_sha256` (from the database or the version's event)."""
+    data = open_root(root).read(_version_key(model, version, ".json"))
     if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
         raise ArtifactIntegrityError(f"manifest {model} v{version} does not match its recorded sha256")
     return json.loads(data)
 
 
-def revocation_path(root: Path | str, model: str, version: int) -> Path:
-    return manifest_path(root, model, version).with_suffix(".revoked.json")
+def manifest_versions(root: Path | str, model: str) -> list[int]:
+    """The versions of `model` that have a manifest, in increasing order."""
+    names = open_root(root).names(_model_folder(model))
+    return sorted(int(match[1]) for name in names if (match := MANIFEST_NAME.match(name)))
 
 
 def write_revocation(root: Path | str, model: str, version: int, record: dict) -> None:
-    """Record next to its manifest that a version must no longer be served (idempotent)."""
-    atomic_write(revocation_path(root, model, version),
-                 json.dumps(record, indent=2, sort_keys=True).encode("utf-8") + b"\n")
+    """Record that `version` must no longer be served (superseded, or withdrawn) and why.
+
+    A revocation is final: writing one for a version that has one already keeps the first record.
+    """
+    backend = open_root(root)
+    key = _version_key(model, version, ".revoked.json")
+    if not backend.exists(key):
+        backend.write(key, _encode(record))
 
 
 def read_revocation(root: Path | str, model: str, version: int) -> dict | None:
-    """The revocation record of a version, or None while it may be served."""
+    """The revocation record of `version`, or None while it may be served."""
     try:
-        return json.loads(revocation_path(root, model, version).read_bytes())
+        return json.loads(open_root(root).read(_version_key(model, version, ".revoked.json")))
     except FileNotFoundError:
         return None

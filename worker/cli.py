@@ -256,13 +256,14 @@ def stack_status() -> None:
     _print_states(_run_stack("status"))
 
 
-def _logging() -> None:
+def _logging():
+    """The process's log setup (UNLEARN_LOG_FORMAT); returns the `unlearn` logger."""
     import logging
 
-    from rich.logging import RichHandler
+    from worker import logs
 
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", handlers=[RichHandler(show_path=False)])
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    logs.configure(json=get_settings().log_format == "json")
+    return logging.getLogger("unlearn")
 
 
 @main.command("intake")
@@ -276,10 +277,10 @@ def intake_cmd(max_seconds: float | None) -> None:
     from worker import events
     from worker.pipeline import context, intake, metrics, outbox
 
-    _logging()
+    log = _logging()
     settings = get_settings()
     port = metrics.serve(settings.intake_metrics_port, settings.database_url, settings.metrics_addr)
-    click.echo(f"intake: metrics on http://127.0.0.1:{port}/metrics; consuming {settings.topic_requests}")
+    log.info("intake: metrics on http://127.0.0.1:%d/metrics; consuming %s", port, settings.topic_requests)
     ctx = context.from_settings(settings)
     relay = outbox.Relay(ctx.connect, ctx.publisher)
     sweeper = intake.Sweeper(context.from_settings(settings), settings.sweep_interval_seconds,
@@ -311,6 +312,7 @@ def worker_cmd(concurrency: int, queues: str) -> None:
     import os
     import shutil
 
+    log = _logging()
     settings = get_settings()
     # prometheus_client picks its multiprocess value class when first imported: set the
     # directory (wiped of a previous run's files) before anything imports it
@@ -321,11 +323,29 @@ def worker_cmd(concurrency: int, queues: str) -> None:
     from worker.pipeline import metrics
 
     port = metrics.serve(settings.worker_metrics_port, settings.database_url, settings.metrics_addr)
-    click.echo(f"worker: metrics on http://127.0.0.1:{port}/metrics")
+    log.info("worker: metrics on http://127.0.0.1:%d/metrics", port)
     from worker.pipeline.tasks import app
 
-    app.worker_main(["worker", "-Q", queues, f"--concurrency={concurrency}", "--loglevel=INFO",
+    # Celery keeps the root logger's handler (worker_hijack_root_logger=False); --quiet drops its
+    # banner, which is not a log record
+    app.worker_main(["--quiet", "worker", "-Q", queues, f"--concurrency={concurrency}", "--loglevel=INFO",
                      "-n", f"unlearn-{os.getpid()}@%h", "--without-gossip", "--without-mingle"])
+
+
+@main.command("serve")
+@click.option("--model", "name", required=True, help="The model to serve.")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="HTTP port (default: UNLEARN_SERVE_PORT, 8080).")
+def serve_cmd(name: str, port: int | None) -> None:
+    """Serve a model over HTTP, following model.versions; never a revoked version."""
+    from worker import model_server
+    from worker.artifacts import NAMESPACE
+
+    if not NAMESPACE.match(name):
+        raise click.BadParameter(f"{name!r} is not a model name", param_hint="--model")
+    _logging()
+    settings = get_settings()
+    model_server.run(settings, name, settings.serve_port if port is None else port)
 
 
 @main.command("status")

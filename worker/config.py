@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,12 +21,21 @@ class Settings(BaseSettings):
     database_url: str = "postgresql://postgres@127.0.0.1:5432/unlearning"
     kafka_bootstrap: str = "127.0.0.1:9092"
     celery_broker: str = "redis://127.0.0.1:6379/0"
-    artifact_dir: Path = Path(".stack/artifacts")
+    # a local directory, or s3://bucket/prefix shared by workers and model servers on other hosts
+    artifact_dir: str = ".stack/artifacts"
+    # an S3-compatible service other than AWS (MinIO...); credentials: the usual AWS_* variables
+    s3_endpoint_url: str | None = None
     intake_metrics_port: int = Field(9464, ge=0, le=65535)
     worker_metrics_port: int = Field(9465, ge=0, le=65535)
     # loopback by default; a container sets 0.0.0.0 so Prometheus can scrape it
     metrics_addr: str = "127.0.0.1"
     stack_dir: Path = Path(".stack")
+    # `unlearn intake | worker | serve` log lines: rich text for a terminal, or one JSON object each
+    log_format: Literal["text", "json"] = "text"
+    # `unlearn serve`: where it listens, and how often it re-checks that its version is not revoked
+    serve_addr: str = "127.0.0.1"
+    serve_port: int = Field(8080, ge=0, le=65535)
+    serve_refresh_seconds: float = Field(5.0, gt=0)
 
     topic_requests: str = "erasure.requests"
     topic_dlq: str = "erasure.requests.dlq"
@@ -42,15 +52,30 @@ class Settings(BaseSettings):
     stuck_after_seconds: float = Field(60.0, gt=0)
     sweep_interval_seconds: float = Field(15.0, gt=0)
 
+    @field_validator("artifact_dir")
+    @classmethod
+    def _local_path_or_s3(cls, value: str) -> str:
+        if "://" in value:
+            split_s3_url(value)
+        return value
+
     def public_items(self) -> list[tuple[str, str]]:
         """`NAME=value` pairs for `unlearn config`, with any password masked."""
         items = []
         for name, value in self.model_dump().items():
-            text = str(value)
-            if name in {"database_url", "celery_broker"}:
+            text = "" if value is None else str(value)
+            if name in {"database_url", "celery_broker", "s3_endpoint_url"}:
                 text = redact_url(text)
             items.append((f"UNLEARN_{name.upper()}", text))
         return items
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix"); ValueError for anything else."""
+    parts = urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"artifact location {url!r} must be a local path or s3://bucket/prefix")
+    return parts.netloc, parts.path.strip("/")
 
 
 def redact_url(url: str) -> str:

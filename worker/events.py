@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
-from pathlib import Path
+from importlib import resources
 from typing import Any
 
 from cloudevents.core.bindings import kafka as ce_kafka
@@ -24,14 +24,12 @@ from cloudevents.core.v1.event import CloudEvent
 from jsonschema import Draft202012Validator, FormatChecker, ValidationError
 from kafka import KafkaProducer
 
-import worker
-
 ERASURE_REQUESTED = "gdpr.erasure.requested.v1"
 MODEL_VERSION_PUBLISHED = "ml.model.version.published.v1"
 ERASURE_COMPLETED = "gdpr.erasure.completed.v1"
 EVENT_TYPES: tuple[str, ...] = (ERASURE_REQUESTED, MODEL_VERSION_PUBLISHED, ERASURE_COMPLETED)
 
-SCHEMA_DIR = Path(worker.__file__).resolve().parent.parent / "schemas"
+SCHEMA_PACKAGE = "worker.schemas"  # the repository's schemas/, installed as package data
 CONTENT_TYPE = "application/cloudevents+json; charset=UTF-8"
 _MEDIA_TYPE = "application/cloudevents+json"
 _SUBJECT_FIELD = "subject_id"
@@ -74,10 +72,10 @@ _FORMAT = _StructuredJSON()
 
 @lru_cache(maxsize=None)
 def schema_for(event_type: str) -> dict[str, Any]:
-    """The JSON Schema of `data` for `event_type`, read once from `schemas/<type>.json`."""
+    """The JSON Schema of `data` for `event_type`, read once from the installed `schemas/<type>.json`."""
     if event_type not in EVENT_TYPES:
         raise ValueError(f"event_type: {event_type!r} is not one of {list(EVENT_TYPES)}")
-    schema = json.loads((SCHEMA_DIR / f"{event_type}.json").read_text(encoding="utf-8"))
+    schema = json.loads(resources.files(SCHEMA_PACKAGE).joinpath(f"{event_type}.json").read_text(encoding="utf-8"))
     Draft202012Validator.check_schema(schema)
     return schema
 

@@ -36,14 +36,15 @@ def _with_path(url: str, path: str) -> str:
 
 @contextmanager
 def isolated(base: Settings, root: Path, redis_db: int, label: str,
-             stack_dir: Path | None = None) -> Iterator[Settings]:
-    """Settings for a private run with its artifacts under `root` (and the intake's and worker's
-    logs under `stack_dir`, default `root/stack`); the environment is restored afterwards."""
+             stack_dir: Path | None = None, artifact_dir: str | None = None) -> Iterator[Settings]:
+    """Settings for a private run with its artifacts under `root` (or at `artifact_dir`, e.g. an
+    s3:// location), and the intake's and worker's logs under `stack_dir` (default `root/stack`);
+    the environment is restored afterwards."""
     suffix = f"{label}_{uuid.uuid4().hex[:10]}"
     env = {
         "UNLEARN_DATABASE_URL": _with_path(base.database_url, f"/unlearn_{suffix}"),
         "UNLEARN_CELERY_BROKER": _with_path(base.celery_broker, f"/{redis_db}"),
-        "UNLEARN_ARTIFACT_DIR": str(root / "artifacts"),
+        "UNLEARN_ARTIFACT_DIR": artifact_dir or str(root / "artifacts"),
         "UNLEARN_STACK_DIR": str(stack_dir or root / "stack"),
         "UNLEARN_INTAKE_METRICS_PORT": str(free_port()),
         "UNLEARN_WORKER_METRICS_PORT": str(free_port()),

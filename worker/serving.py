@@ -1,26 +1,41 @@
-"""Load a published model version for predictions.
+"""Load a published model version for predictions, and decide which version a server may answer with.
 
-Downstream serving has the artifact directory and nothing else: no database. Every component
-file is re-hashed against the manifest before it is used, and the manifest itself against the
-sha256 of the `ml.model.version.published.v1` event when the caller passes it.
+Downstream serving has the artifact store and nothing else: no database. Every component file is
+re-hashed against the manifest before it is used, and the manifest itself against the sha256 of
+the `ml.model.version.published.v1` event when the caller passes it. A version with a revocation
+record, or whose manifest says `"servable": false` (a withdrawal marker), is refused.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
 
-from worker.artifacts import ArtifactIntegrityError, ArtifactStore, read_manifest, read_revocation, sha256_file
+from worker.artifacts import (
+    ArtifactIntegrityError,
+    ArtifactStore,
+    manifest_versions,
+    read_manifest,
+    read_revocation,
+)
 from worker.config import Settings, get_settings
 from worker.core.base import Predictor
 from worker.registry import method_for
 
+log = logging.getLogger(__name__)
 
 class VersionRevoked(ArtifactIntegrityError):
-    """The version must no longer be served: superseded by an unlearned one, or withdrawn."""
+    """The version must no longer be served: it was revoked, or it is a withdrawal marker."""
 
 
 @dataclass(frozen=True)
@@ -54,35 +69,200 @@ class LoadedVersion:
         return self.predict_proba(features).argmax(axis=1)
 
 
+class _VerifiedComponents:
+    """The store as a predictor sees it: the component files `load_version` has already read and
+    verified come from memory (one download each); anything else is read, and verified, anew."""
+
+    def __init__(self, store: ArtifactStore, files: dict[str, bytes]):
+        self.store = store
+        self.files = files
+
+    def get(self, digest: str) -> dict[str, torch.Tensor]:
+        data = self.files.get(digest)
+        return self.store.get(digest) if data is None else load_safetensors(data)
+
+    def put(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+        return self.store.put(tensors, metadata)
+
+    def exists(self, digest: str) -> bool:
+        return digest in self.files or self.store.exists(digest)
+
+    def size(self, digest: str) -> int:
+        data = self.files.get(digest)
+        return self.store.size(digest) if data is None else len(data)
+
+
 def load_version(name: str, version: int, settings: Settings | None = None,
                  expected_sha256: str | None = None, allow_revoked: bool = False) -> LoadedVersion:
     """Read manifest `version` of model `name`, verify every component file, build its predictor.
 
-    Raises VersionRevoked for a version that must no longer be served (it has a revocation
-    record, or it is a withdrawal marker with nothing to serve) unless `allow_revoked`, and
-    ArtifactIntegrityError when the manifest does not match `expected_sha256`, or a component file
-    is missing (a revoked version's tainted files are deleted) or altered.
+    Raises VersionRevoked when the version has a revocation record (unless `allow_revoked`, as
+    verifying an old receipt needs) or is a withdrawal marker (`"servable": false`: nothing to
+    serve, whatever `allow_revoked` says); ArtifactIntegrityError when the manifest does not match
+    `expected_sha256`, or a component file is missing (a revoked version's tainted files are
+    deleted) or altered; FileNotFoundError when there is no such manifest.
     """
     settings = settings or get_settings()
-    manifest = read_manifest(settings.artifact_dir, name, version, expected_sha256)
-    if not manifest.get("servable", True):
-        raise VersionRevoked(f"{name} v{version} was withdrawn ({manifest['withdrawn']['code']}): it has nothing to serve")
-    revocation = None if allow_revoked else read_revocation(settings.artifact_dir, name, version)
-    if revocation is not None:
-        raise VersionRevoked(f"{name} v{version} is revoked ({revocation['reason']}, by v{revocation['superseded_by']})")
+    root = settings.artifact_dir
+    if not allow_revoked and (record := read_revocation(root, name, version)) is not None:
+        raise VersionRevoked(f"{name} v{version} is revoked ({_why(record)})")
+    manifest = read_manifest(root, name, version, expected_sha256)
     if manifest.get("model") != name or manifest.get("version") != version:
         raise ArtifactIntegrityError(f"manifest file for {name} v{version} describes "
                                      f"{manifest.get('model')} v{manifest.get('version')}")
-    store = ArtifactStore(settings.artifact_dir, name)
+    if manifest.get("servable") is False:
+        code = manifest.get("withdrawn", {}).get("code")
+        raise VersionRevoked(f"{name} v{version} was withdrawn{f' ({code})' if code else ''}: it keeps state"
+                             " for the next unlearning pass but has nothing to serve")
+    store = ArtifactStore(root, name)
+    files = {}
     for component in manifest["components"]:
-        path = store.path(component["sha256"])
-        if not path.exists():
+        try:
+            files[component["sha256"]] = store.read(component["sha256"])
+        except FileNotFoundError:
             raise ArtifactIntegrityError(
                 f"component {component['name']} of {name} v{version} is missing from the artifact store"
                 " (versions revoked by an erasure lose their tainted files)"
-            )
-        if sha256_file(path) != component["sha256"]:
+            ) from None
+        except ArtifactIntegrityError:
             raise ArtifactIntegrityError(f"component {component['name']} of {name} v{version} "
-                                         "does not hash to the sha256 in its manifest")
-    predictor = method_for(manifest["method"])().predictor(manifest["state"], store)
+                                         "does not hash to the sha256 in its manifest") from None
+    predictor = method_for(manifest["method"])().predictor(manifest["state"], _VerifiedComponents(store, files))
     return LoadedVersion(name, version, manifest, predictor)
+
+
+def _why(revocation: dict) -> str:
+    why = revocation.get("reason", "no reason recorded")
+    return f"{why}, by v{revocation['superseded_by']}" if revocation.get("superseded_by") else why
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """What `model.versions` says about one version of the served model."""
+
+    version: int
+    sha256: str | None  # of the manifest; None for a version found in the store without an event
+    revokes: tuple[int, ...] = ()
+    published_at: float = field(default_factory=time.time)  # unix seconds
+    erasure_request_ids: tuple[str, ...] = ()
+
+    @classmethod
+    def from_event(cls, data: dict[str, Any]) -> Announcement:
+        """From the validated `data` of an ml.model.version.published.v1 event."""
+        return cls(version=data["version"], sha256=data["sha256"], revokes=tuple(data["revokes"]),
+                   published_at=datetime.fromisoformat(data["created_at"]).timestamp(),
+                   erasure_request_ids=tuple(data["erasure_request_ids"]))
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """A consistent view of a ServedModel, for /version, /healthz and /metrics."""
+
+    current: LoadedVersion | None
+    newest: Announcement | None
+    revoked: tuple[int, ...]
+    problem: str | None
+
+
+class ServedModel:
+    """Which version of one model a server answers with.
+
+    It serves the newest announced version, once that version has loaded and verified; requests
+    keep getting the previous one until then, and the swap is one assignment. Every publication
+    revokes its parent, so nothing older than the newest is ever served in its place: when the
+    newest cannot be served (revoked, withdrawn, files missing), the server serves nothing and
+    says why. A revocation record on the version being served takes it out at the next refresh.
+    """
+
+    def __init__(self, model: str, settings: Settings, clock: Callable[[], float] = time.time):
+        self.model = model
+        self.settings = settings
+        self.clock = clock
+        self.current: LoadedVersion | None = None
+        self._newest: Announcement | None = None
+        self._revoked: set[int] = set()
+        self._problem: str | None = "reading model.versions"
+        self._lock = threading.Lock()
+
+    def state(self) -> ServingState:
+        with self._lock:
+            return ServingState(self.current, self._newest, tuple(sorted(self._revoked)), self._problem)
+
+    def announce(self, announcement: Announcement) -> None:
+        """Note a published version (call `settle` to act on it)."""
+        with self._lock:
+            self._revoked.update(announcement.revokes)
+            newest = self._newest
+            if newest is None or announcement.version > newest.version or (
+                    announcement.version == newest.version and newest.sha256 is None):
+                self._newest = announcement
+
+    def discover(self) -> None:
+        """With no event for the model on the topic (a new topic, or retention dropped them), take
+        the newest manifest in the store: its component files are still checked on load."""
+        if self._newest is not None:
+            return
+        versions = manifest_versions(self.settings.artifact_dir, self.model)
+        if versions:
+            self.announce(Announcement(versions[-1], None, published_at=self.clock()))
+        else:
+            self._serve_nothing(f"no version of {self.model} has been published yet")
+
+    def settle(self) -> None:
+        """Serve the newest announced version if it can be served, else nothing."""
+        newest = self._newest
+        if newest is None or (self.current is not None and self.current.version == newest.version):
+            return
+        if newest.version in self._revoked:
+            if self.current is not None:  # else the reason it was dropped stands
+                self._serve_nothing(f"{self.model} v{newest.version}, the newest version, is revoked")
+            return
+        try:
+            loaded = load_version(self.model, newest.version, self.settings, expected_sha256=newest.sha256)
+        except VersionRevoked as exc:
+            with self._lock:
+                self._revoked.add(newest.version)
+            self._serve_nothing(str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - whatever stops it loading (store unreachable too), retry
+            self._serve_nothing(f"{self.model} v{newest.version} cannot be loaded yet ({exc}); retrying")
+            return
+        with self._lock:
+            if self._newest is not newest or newest.version in self._revoked:
+                return
+            self.current = loaded
+            self._problem = None
+        log.info("now serving %s v%d", self.model, newest.version,
+                 extra={"model": self.model, "version": newest.version,
+                        "erasure_request_ids": list(newest.erasure_request_ids)})
+
+    def refresh(self) -> None:
+        """Drop the version being served if it has gained a revocation record; retry a failed load."""
+        current = self.current
+        if current is not None:
+            try:
+                record = read_revocation(self.settings.artifact_dir, self.model, current.version)
+            except Exception as exc:  # noqa: BLE001 - an unreachable store: the events still flow
+                log.warning("cannot read the revocation record of %s v%d now: %s", self.model, current.version,
+                            exc.__class__.__name__)
+                record = None
+            if record is not None:
+                with self._lock:
+                    self._revoked.add(current.version)
+                self._serve_nothing(f"{self.model} v{current.version} was revoked ({_why(record)})")
+        self.settle()
+
+    def superseded_seconds(self) -> float:
+        """Seconds since the newest version was published while this server does not answer with
+        it (it serves the one before during a swap, or nothing); 0 while it serves the newest."""
+        state = self.state()
+        if state.newest is None or (state.current is not None and state.current.version == state.newest.version):
+            return 0.0
+        return max(0.0, self.clock() - state.newest.published_at)
+
+    def _serve_nothing(self, reason: str) -> None:
+        with self._lock:
+            self.current = None
+            changed, self._problem = reason != self._problem, reason
+        if changed:
+            log.warning("serving nothing: %s", reason, extra={"model": self.model})

@@ -413,7 +413,8 @@ def package_dir(package: str) -> Path:
     """Where an installed package lives, without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise StackError(f"the {package} package is not installed (it is a dependency: run `make install`)")
+        raise StackError(f"the {package} package is not installed: the local stack needs the"
+                         " `unlearning-worker[local]` extra (`make install` installs it)")
     return Path(spec.submodule_search_locations[0])
 
 

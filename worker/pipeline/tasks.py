@@ -19,7 +19,7 @@ from functools import cache
 from celery import Celery
 from celery.signals import worker_process_shutdown
 
-from worker import registry
+from worker import logs, registry
 from worker.config import get_settings
 from worker.pipeline import context, erasure, failpoints, failures, ledger, unlearning
 from worker.pipeline.failures import FailureCode
@@ -85,6 +85,11 @@ def _finished(task: str, key: str) -> None:
 
 @app.task(name=ERASE_ROWS, bind=True, **RETRY_POLICY)
 def erase_rows(self, request_id: str) -> None:
+    with logs.request_context(request_id):
+        _erase_rows(request_id)
+
+
+def _erase_rows(request_id: str) -> None:
     ctx = _context()
     request = uuid.UUID(request_id)
     if not _delivery(ERASE_ROWS, request_id, lambda: unlearning.fail_request(

@@ -1,0 +1,1 @@
+"""JSON Schemas (2020-12) of each event type's `data`; installed as the package `worker.schemas`."""

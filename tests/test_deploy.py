@@ -1,0 +1,141 @@
+"""The shipped deployment, checked as far as a machine without Docker allows.
+
+docker-compose (Debian's 1.29, installed by .ci/run) validates the compose file; the rest reads
+the files as the containers would: every variable they set is one the code reads, services start
+in order on healthchecks, the GPU worker reserves a device, the one-shot services create exactly
+the topics and the bucket the code uses, Prometheus scrapes every process that serves /metrics,
+and Grafana is provisioned with the datasource and the dashboard. No image is built or pulled
+here, and MinIO and Grafana do not run: what they do is checked on paper.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path, PurePosixPath
+
+import botocore
+import pytest
+import yaml
+
+from worker.config import Settings, split_s3_url
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+DEPLOY = ROOT / "deploy"
+
+
+def services() -> dict[str, dict]:
+    return yaml.safe_load(COMPOSE.read_text())["services"]
+
+
+def ours() -> dict[str, dict]:
+    """The services that run this repository's image."""
+    return {name: service for name, service in services().items() if "build" in service}
+
+
+def default(setting: str):
+    """A setting's default, which is what a container gets unless compose sets the variable."""
+    return Settings.model_fields[setting].default
+
+
+def _docker_compose(compose_file: Path) -> subprocess.CompletedProcess:
+    tool = shutil.which("docker-compose")
+    if tool is None:
+        pytest.skip("docker-compose is not installed (.ci/run installs it)")
+    return subprocess.run([tool, "-f", str(compose_file), "config", "--quiet"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, check=False)
+
+
+def test_docker_compose_validates_the_file(tmp_path):
+    done = _docker_compose(COMPOSE)
+    assert done.returncode == 0, done.stderr
+    # and it is a real check: an unknown start condition is refused
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE.read_text().replace("condition: service_healthy", "condition: service_happy", 1))
+    assert _docker_compose(broken).returncode != 0
+
+
+def test_every_variable_the_containers_get_is_one_the_code_reads():
+    read_by_us = {f"UNLEARN_{name.upper()}" for name in Settings.model_fields}
+    # the S3 client (botocore, under s3fs) reads the usual AWS variables itself
+    botocore_dir = Path(botocore.__file__).parent
+    read_by_botocore = (botocore_dir / "credentials.py").read_text() + (botocore_dir / "configprovider.py").read_text()
+    for name, service in ours().items():
+        for variable in service["environment"]:
+            if variable.startswith("UNLEARN_"):
+                assert variable in read_by_us, f"{name}: nothing reads {variable}"
+            else:
+                assert f"'{variable}'" in read_by_botocore, f"{name}: nothing reads {variable}"
+    image_env = re.findall(r"\b(UNLEARN_[A-Z0-9_]+)=", (ROOT / "Dockerfile").read_text())
+    assert image_env and set(image_env) <= read_by_us
+    build_args = {arg for service in ours().values() if isinstance(service["build"], dict)
+                  for arg in service["build"].get("args", {})}
+    assert build_args <= set(re.findall(r"^ARG (\w+)", (ROOT / "Dockerfile").read_text(), flags=re.MULTILINE))
+
+
+def test_services_start_in_order_and_report_their_health():
+    all_services = services()
+    for name, service in all_services.items():
+        one_shot = service.get("restart") == "no"
+        assert one_shot or "healthcheck" in service, f"{name} runs for good but has no healthcheck"
+        for dependency, rule in service.get("depends_on", {}).items():
+            condition = rule["condition"]
+            if condition == "service_healthy":
+                assert "healthcheck" in all_services[dependency], f"{name} waits on {dependency}'s health"
+            else:
+                assert condition == "service_completed_successfully", f"{name}: {condition}"
+                assert all_services[dependency].get("restart") == "no", f"{dependency} is not a one-shot"
+    for name in ("intake", "worker"):
+        assert set(all_services[name]["depends_on"]) >= {"kafka-init", "minio-init", "migrate", "redis"}
+    [device] = all_services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+
+
+def test_one_shot_services_create_the_topics_and_the_bucket_the_code_uses():
+    all_services = services()
+    environment = all_services["intake"]["environment"]
+    bucket, _ = split_s3_url(environment["UNLEARN_ARTIFACT_DIR"])
+    assert f"store/{bucket}" in all_services["minio-init"]["command"][0]
+    assert environment["UNLEARN_S3_ENDPOINT_URL"] == "http://minio:9000"
+    created = re.search(r"for topic in ([^;]+);", all_services["kafka-init"]["command"][0]).group(1).split()
+    assert sorted(created) == sorted(default(f"topic_{kind}") for kind in ("requests", "dlq", "versions", "receipts"))
+
+
+def _container_port(service: dict) -> int:
+    [mapping] = service["ports"]
+    return int(mapping.split(":")[-1])
+
+
+def test_prometheus_scrapes_every_process_that_serves_metrics():
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    targets = {target for job in config["scrape_configs"] for static in job["static_configs"]
+               for target in static["targets"]}
+    serving = {name: service for name, service in ours().items() if service.get("restart") != "no"}
+    assert targets == {f"{name}:{_container_port(service)}" for name, service in serving.items()}
+    assert _container_port(serving["intake"]) == default("intake_metrics_port")
+    assert _container_port(serving["worker"]) == default("worker_metrics_port")
+    command = serving["serve"]["command"]
+    assert _container_port(serving["serve"]) == int(command[command.index("--port") + 1])
+
+
+def test_grafana_is_provisioned_with_a_prometheus_datasource_and_the_dashboard():
+    all_services = services()
+    mounts = {PurePosixPath(target.removesuffix(":ro")): Path(ROOT / source)
+              for source, target in (volume.split(":", 1) for volume in all_services["grafana"]["volumes"])}
+    by_file = {source.resolve(): target for target, source in mounts.items()}
+    datasources = yaml.safe_load((DEPLOY / "grafana" / "datasources.yml").read_text())
+    assert by_file[(DEPLOY / "grafana" / "datasources.yml").resolve()].parent == PurePosixPath(
+        "/etc/grafana/provisioning/datasources")
+    [source] = datasources["datasources"]
+    host, port = re.fullmatch(r"http://([a-z-]+):(\d+)", source["url"]).groups()
+    assert source["type"] == "prometheus" and source["isDefault"]
+    assert _container_port(all_services[host]) == int(port)
+    providers = yaml.safe_load((DEPLOY / "grafana" / "dashboards.yml").read_text())["providers"]
+    assert by_file[(DEPLOY / "grafana" / "dashboards.yml").resolve()].parent == PurePosixPath(
+        "/etc/grafana/provisioning/dashboards")
+    dashboard_at = by_file[(DEPLOY / "grafana" / "unlearning.json").resolve()]
+    assert [p["options"]["path"] for p in providers] == [str(dashboard_at.parent)]
+    variables = yaml.safe_load((DEPLOY / "grafana" / "unlearning.json").read_text())["templating"]["list"]
+    assert {"type": "datasource", "query": source["type"]}.items() <= variables[0].items()

@@ -1,0 +1,158 @@
+"""Serving without a database: `load_version` refuses revoked and withdrawn versions, a
+ServedModel only ever answers with the newest published version, and the HTTP API says so.
+
+A real model is trained on `digits` in PostgreSQL; later versions are written the way the
+registry writes them (a manifest, its revocation record), so the files under test are real.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from worker import data, registry
+from worker.artifacts import read_manifest, write_manifest, write_revocation
+from worker.config import get_settings
+from worker.core.base import TrainConfig
+from worker.model_server import create_app
+from worker.serving import Announcement, ServedModel, VersionRevoked, load_version
+
+pytestmark = pytest.mark.services
+
+CONFIG = TrainConfig(architecture="mlp", hidden=(16,), epochs=1, batch_size=64, seed=3, shards=2, slices=1)
+
+
+@pytest.fixture
+def model(conn, artifact_dir):
+    """Version 1 of model `m`, and the holdout rows to predict."""
+    data.load_into_postgres(conn, "digits")
+    version = registry.train_model(conn, get_settings(), "m", "sisa", "digits", CONFIG)
+    return version, data.read_training_set(conn, "digits", "holdout")
+
+
+def republish(version: int, **changes) -> str:
+    """Version `version` of `m`: version 1's manifest with `changes`; returns its sha256."""
+    root = get_settings().artifact_dir
+    manifest = {**read_manifest(root, "m", 1), "version": version, "parent_version": version - 1, **changes}
+    return write_manifest(root, "m", version, manifest)[1]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_revoked_version_loads_only_to_verify_an_old_receipt(model):
+    v1, holdout = model
+    write_revocation(get_settings().artifact_dir, "m", 1, {"reason": "superseded", "superseded_by": 2})
+    with pytest.raises(VersionRevoked, match=r"m v1 is revoked \(superseded, by v2\)"):
+        load_version("m", 1)
+    loaded = load_version("m", 1, expected_sha256=v1.manifest_sha256, allow_revoked=True)
+    assert loaded.predict(holdout.features).shape == (len(holdout),)
+
+
+def test_a_withdrawal_marker_is_never_loaded(model):
+    republish(2, servable=False)
+    for allow_revoked in (False, True):
+        with pytest.raises(VersionRevoked, match="m v2 was withdrawn: it keeps state"):
+            load_version("m", 2, allow_revoked=allow_revoked)
+
+
+def test_served_model_follows_new_versions_and_never_falls_back_to_a_revoked_one(model):
+    v1, _ = model
+    root = get_settings().artifact_dir
+    clock = Clock()
+    served = ServedModel("m", get_settings(), clock)
+    assert served.current is None and served.state().problem == "reading model.versions"
+
+    # Given version 1 announced, it is served
+    served.announce(Announcement(1, v1.manifest_sha256, published_at=clock.now))
+    served.settle()
+    assert served.current.version == 1 and served.superseded_seconds() == 0
+
+    # When version 2 is published, revoking 1, the old version answers until the swap, then 2 does
+    clock.now += 30
+    served.announce(Announcement(2, republish(2), revokes=(1,), published_at=clock.now))
+    clock.now += 2
+    assert served.current.version == 1 and served.superseded_seconds() == 2
+    served.settle()
+    assert served.current.version == 2 and served.superseded_seconds() == 0
+
+    # When version 3 is a withdrawal marker revoking 2, nothing is served: neither 2 nor 1
+    served.announce(Announcement(3, republish(3, servable=False), revokes=(2,), published_at=clock.now))
+    served.settle()
+    served.refresh()
+    state = served.state()
+    assert state.current is None and state.revoked == (1, 2, 3) and "withdrawn" in state.problem
+
+    # When version 4's manifest does not match its event, or 5 misses a component: nothing still
+    republish(4)
+    served.announce(Announcement(4, "0" * 64, revokes=(3,), published_at=clock.now))
+    served.settle()
+    assert served.current is None and "does not match its recorded sha256" in served.state().problem
+    components = read_manifest(root, "m", 1)["components"]
+    broken = republish(5, components=[{**components[0], "sha256": "f" * 64}, *components[1:]])
+    served.announce(Announcement(5, broken, revokes=(4,), published_at=clock.now))
+    served.refresh()
+    assert served.current is None and "missing from the artifact store" in served.state().problem
+    clock.now += 5
+    assert served.superseded_seconds() == 5
+
+    # When an intact version 6 is published, it is served again
+    served.announce(Announcement(6, republish(6), revokes=(5,), published_at=clock.now))
+    served.settle()
+    assert served.current.version == 6
+
+    # When version 6 is later withdrawn by a revocation record, the next refresh drops it
+    write_revocation(root, "m", 6, {"reason": "withdrawn: the model could not unlearn"})
+    served.refresh()
+    assert served.current is None and "could not unlearn" in served.state().problem
+    assert served.state().revoked == (1, 2, 3, 4, 5, 6)
+
+
+def test_without_any_event_the_newest_manifest_in_the_store_is_served(model):
+    republish(2)
+    served = ServedModel("m", get_settings())
+    served.discover()
+    served.settle()
+    assert served.current.version == 2
+    nothing = ServedModel("never-trained", get_settings())
+    nothing.discover()
+    assert nothing.current is None and nothing.state().problem == "no version of never-trained has been published yet"
+
+
+def test_http_api_answers_with_the_served_version_or_503(model):
+    v1, holdout = model
+    served = ServedModel("m", get_settings())
+    client = TestClient(create_app(served))
+    rows = holdout.features[:3]
+
+    # Before any version is served: 503 everywhere it matters, and why
+    response = client.post("/predict", json={"instances": rows.tolist()})
+    assert response.status_code == 503 and response.json()["detail"] == "reading model.versions"
+    assert client.get("/healthz").status_code == 503
+    assert client.get("/version").json()["serving"] is False
+
+    # Once version 1 is served, predictions come from it, shaped or flattened
+    served.announce(Announcement(1, v1.manifest_sha256))
+    served.settle()
+    expected = load_version("m", 1).predict(rows).tolist()
+    for instances in (rows.tolist(), rows.reshape(3, -1).tolist()):
+        body = client.post("/predict", json={"instances": instances}).json()
+        assert (body["model"], body["version"], body["predictions"]) == ("m", 1, expected)
+        assert np.allclose(np.sum(body["probabilities"], axis=1), 1, atol=1e-5)
+    assert client.get("/healthz").json() == {"status": "serving", "model": "m", "version": 1}
+    shown = client.get("/version").json()
+    assert shown["version"] == 1 and shown["newest_version"] == 1 and shown["revoked_versions"] == []
+    metrics = client.get("/metrics").text
+    assert 'unlearning_served_model_version{model="m"} 1.0' in metrics
+    assert 'unlearning_served_version_superseded_seconds{model="m"} 0.0' in metrics
+
+    # Bad input is a clear 422, never a 500
+    assert "features must be shaped" in client.post("/predict", json={"instances": [[1, 2, 3]]}).json()["detail"]
+    for bad in ([[1, 2], [3]], [["a"] * 64], []):
+        assert client.post("/predict", json={"instances": bad}).status_code == 422

@@ -1,0 +1,81 @@
+"""Log lines for operators: rich text for a terminal, or one JSON object a line for a log pipeline.
+
+`unlearn intake`, `unlearn worker` and `unlearn serve` call `configure` once
+(`UNLEARN_LOG_FORMAT=text|json`). Code handling one erasure wraps its work in
+`request_context(request_id)`, or passes `extra={"request_id": ...}`, and every record it logs
+carries that id. Subject identifiers are never logged: pass ids of requests and samples' counts,
+never the subject; a stray `subject_id` extra field is dropped before any handler formats it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+from rich.logging import RichHandler
+
+_REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+# kafka-python narrates every connection at INFO; these logs are for erasures
+QUIET_LOGGERS = ("kafka",)
+
+
+@contextmanager
+def request_context(request_id: str | uuid.UUID) -> Iterator[None]:
+    """Records logged inside carry `request_id` (in this thread or task only)."""
+    token = _REQUEST_ID.set(str(request_id))
+    try:
+        yield
+    finally:
+        _REQUEST_ID.reset(token)
+
+
+class RequestContext(logging.Filter):
+    """Gives each record the request id bound by `request_context` (unless it has its own) and
+    drops a `subject_id` attribute, so no formatter can print one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = _REQUEST_ID.get()
+        record.__dict__.pop("subject_id", None)
+        return True
+
+
+class _Json(JsonFormatter):
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        if log_data.get("request_id") is None:
+            log_data.pop("request_id", None)
+        return log_data
+
+
+class _Text(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        request_id = getattr(record, "request_id", None)
+        return text if request_id is None else f"{text} [request {request_id}]"
+
+
+def configure(json: bool, level: int = logging.INFO) -> None:
+    """Route every logger through one handler on stderr: JSON objects or rich text."""
+    handler: logging.Handler
+    if json:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Json("%(levelname)s %(name)s %(message)s", timestamp="time",
+                                   rename_fields={"levelname": "level", "name": "logger"}))
+    else:
+        handler = RichHandler(show_path=False)
+        handler.setFormatter(_Text("%(name)s: %(message)s"))
+    handler.addFilter(RequestContext())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)  # warnings become records too, not stray lines on stderr
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

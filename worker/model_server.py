@@ -1,0 +1,214 @@
+"""`unlearn serve --model NAME`: the downstream model server.
+
+It follows `model.versions` as a serving team would: on start it replays the topic to learn the
+model's newest version and every revocation (taking the newest manifest in the store only when no
+event names the model), then hot-swaps to each version as it is published, re-checking every
+few seconds that the version it serves has not been revoked since. `worker.serving.ServedModel`
+decides which version may answer; this module is its HTTP face and its Kafka feed:
+
+    POST /predict   {"instances": [[...], ...]} -> predictions and probabilities, and the version
+    GET  /version   the version served (or why none is), the newest published, the revoked ones
+    GET  /healthz   200 while a version is served, 503 with the reason otherwise
+    GET  /metrics   Prometheus: the version served, seconds since it was superseded
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Response
+from fastapi.responses import JSONResponse
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from pydantic import BaseModel, Field
+
+from worker import events
+from worker.config import Settings
+from worker.serving import Announcement, ServedModel
+
+log = logging.getLogger(__name__)
+
+MAX_INSTANCES = 10_000  # rows per /predict call
+
+
+class VersionFollower(threading.Thread):
+    """Feeds `model.versions` into a ServedModel: the whole topic first, then each new event."""
+
+    def __init__(self, settings: Settings, served: ServedModel):
+        super().__init__(name="model-versions", daemon=True)
+        self.settings = settings
+        self.served = served
+        self.key = served.model.encode()  # model.versions is keyed by model name
+        self.replayed = threading.Event()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._follow()
+            except KafkaError as exc:
+                log.warning("cannot read %s (%s); retrying", self.settings.topic_versions, exc.__class__.__name__)
+                self._stop.wait(2)
+            except Exception:  # noqa: BLE001 - the thread must outlive any one failure, or serving freezes
+                log.exception("following %s failed; starting over", self.settings.topic_versions)
+                self._stop.wait(2)
+
+    def _follow(self) -> None:
+        # no consumer group: every server replica reads every event
+        consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, group_id=None,
+                                 enable_auto_commit=False, auto_offset_reset="earliest")
+        try:
+            partitions = self._partitions(consumer)
+            if not partitions:
+                return
+            consumer.assign(partitions)
+            consumer.seek_to_beginning(*partitions)
+            end = consumer.end_offsets(partitions)
+            next_refresh = time.monotonic() + self.settings.serve_refresh_seconds
+            while not self._stop.is_set():
+                announced = self._announce(consumer.poll(timeout_ms=500))
+                if not self.replayed.is_set() and all(consumer.position(p) >= end[p] for p in partitions):
+                    self.served.discover()
+                    self.replayed.set()
+                    announced = True
+                if not self.replayed.is_set():
+                    continue
+                if announced:
+                    self.served.settle()
+                if time.monotonic() >= next_refresh:
+                    self.served.refresh()
+                    next_refresh = time.monotonic() + self.settings.serve_refresh_seconds
+        finally:
+            consumer.close()
+
+    def _partitions(self, consumer: KafkaConsumer) -> list[TopicPartition]:
+        topic = self.settings.topic_versions
+        while not self._stop.is_set():
+            found = consumer.partitions_for_topic(topic)
+            if found:
+                return [TopicPartition(topic, p) for p in sorted(found)]
+            log.info("waiting for topic %s to exist", topic)
+            self._stop.wait(1)
+        return []
+
+    def _announce(self, batch: dict) -> bool:
+        announced = False
+        for records in batch.values():
+            for record in records:
+                if record.key is not None and record.key != self.key:
+                    continue  # another model's version (the contract keys by model name)
+                try:
+                    event = events.decode(record.value, record.headers)
+                except events.InvalidEvent as exc:
+                    log.warning("skipped an invalid event on %s: %s", record.topic, exc.reason)
+                    continue
+                if event.type == events.MODEL_VERSION_PUBLISHED and event.data["model"] == self.served.model:
+                    self.served.announce(Announcement.from_event(event.data))
+                    announced = True
+        return announced
+
+
+class ServingCollector:
+    """The server's gauges, read from its ServedModel at scrape time."""
+
+    def __init__(self, served: ServedModel):
+        self.served = served
+
+    def collect(self):
+        model = self.served.model
+        current = self.served.state().current
+        version = GaugeMetricFamily("unlearning_served_model_version",
+                                    "Model version this server answers with (0: none).", labels=["model"])
+        version.add_metric([model], current.version if current else 0)
+        superseded = GaugeMetricFamily(
+            "unlearning_served_version_superseded_seconds",
+            "Seconds since the newest version was published, while this server does not serve it"
+            " (0: it serves the newest).",
+            labels=["model"])
+        superseded.add_metric([model], self.served.superseded_seconds())
+        yield version
+        yield superseded
+
+
+class PredictRequest(BaseModel):
+    instances: list[Any] = Field(min_length=1, max_length=MAX_INSTANCES, description=(
+        "Rows of raw features as in the training data: (n, d) or (n, *input_shape)."))
+
+
+def create_app(served: ServedModel, follower: VersionFollower | None = None) -> FastAPI:
+    """The HTTP API over `served`; `follower`, when given, runs for the app's lifetime."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if follower is not None:
+            follower.start()
+        yield
+        if follower is not None:
+            follower.stop()
+
+    app = FastAPI(title=f"unlearning-worker model server: {served.model}", lifespan=lifespan)
+    metrics = CollectorRegistry()
+    metrics.register(ServingCollector(served))
+
+    @app.post("/predict")
+    def predict(request: PredictRequest) -> dict[str, Any]:
+        loaded = served.current  # one read: the whole request uses one version
+        if loaded is None:
+            raise HTTPException(503, detail=served.state().problem, headers={"Retry-After": "5"})
+        try:
+            features = np.asarray(request.instances, dtype=np.float32)
+            probabilities = loaded.predict_proba(features)
+        except ValueError as exc:
+            raise HTTPException(422, detail=f"instances: {exc}") from None
+        return {"model": loaded.model, "version": loaded.version,
+                "predictions": probabilities.argmax(axis=1).tolist(), "probabilities": probabilities.tolist()}
+
+    @app.get("/version")
+    def version() -> dict[str, Any]:
+        state = served.state()
+        current = state.current
+        return {
+            "model": served.model,
+            "serving": current is not None,
+            "version": current.version if current else None,
+            "created_at": current.manifest["created_at"] if current else None,
+            "erasure_request_ids": current.manifest["erasure_request_ids"] if current else [],
+            "newest_version": state.newest.version if state.newest else None,
+            "revoked_versions": list(state.revoked),
+            "problem": state.problem,
+        }
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        state = served.state()
+        if state.current is None:
+            return JSONResponse({"status": "not serving", "model": served.model, "reason": state.problem},
+                                status_code=503)
+        return JSONResponse({"status": "serving", "model": served.model, "version": state.current.version})
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def run(settings: Settings, model: str, port: int) -> None:
+    """Serve `model` on `settings.serve_addr:port` until interrupted."""
+    import uvicorn
+
+    served = ServedModel(model, settings)
+    app = create_app(served, VersionFollower(settings, served))
+    log.info("serving %s on http://%s:%d", model, settings.serve_addr, port)
+    # log_config=None: uvicorn's records go through the handlers worker.logs configured
+    uvicorn.run(app, host=settings.serve_addr, port=port, log_config=None)
