@@ -250,36 +250,18 @@ def _logging() -> None:
 @main.command("intake")
 @click.option("--max-seconds", type=float, default=None, help="Stop after this long (default: run until Ctrl-C).")
 def intake_cmd(max_seconds: float | None) -> None:
-    """Consume erasure events from Kafka into the ledger and dispatch the work."""
-    import time
+    """Consume erasure events from Kafka into the ledger and dispatch the work.
 
-    import psycopg
-
-    from worker.pipeline import intake, metrics, outbox
+    Invalid records go to the DLQ with a reason; a database or broker outage pauses the intake
+    (it retries with backoff, offsets untouched) and it resumes by itself.
+    """
+    from worker.pipeline import intake, metrics
 
     _logging()
     settings = get_settings()
     port = metrics.serve(settings.intake_metrics_port, settings.database_url, settings.metrics_addr)
     click.echo(f"intake: metrics on http://127.0.0.1:{port}/metrics; consuming {settings.topic_requests}")
-    relay = outbox.Relay(settings.database_url, settings.kafka_bootstrap)
-    sweeper = intake.Sweeper(settings.database_url)
-    relay.start()
-    sweeper.start()
-    consumer = intake.make_consumer(settings)
-    dlq = outbox.make_producer(settings.kafka_bootstrap)
-    deadline = None if max_seconds is None else time.monotonic() + max_seconds
-    try:
-        with psycopg.connect(settings.database_url) as conn:
-            loop = intake.Intake(settings, consumer, dlq, conn)
-            while deadline is None or time.monotonic() < deadline:
-                loop.poll_once()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        relay.stop()
-        sweeper.stop()
-        consumer.close()
-        dlq.close(timeout=5)
+    intake.run(settings, max_seconds)
 
 
 @main.command("worker")
