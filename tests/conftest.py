@@ -59,5 +59,17 @@ def artifact_dir(tmp_path, monkeypatch):
     get_settings.cache_clear()
 
 
+@pytest.fixture(scope="module")
+def private_stack(tmp_path_factory):
+    """A private tansu, PostgreSQL and Redis on free loopback ports, under the test's own
+    directory, torn down after the module. Tests may `kill`, `stop` and `start` each service and
+    `spawn` `unlearn` processes against it (`worker.private_stack.PrivateStack`); the shared
+    services are never touched."""
+    from worker.private_stack import PrivateStack
+
+    with PrivateStack(tmp_path_factory.mktemp("private-stack")) as stack:
+        yield stack
+
+
 def pytest_configure(config):
     os.environ.setdefault("OMP_NUM_THREADS", "1")

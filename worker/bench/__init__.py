@@ -22,10 +22,11 @@ from types import ModuleType
 
 import torch
 
-from worker.bench import amnesiac, e2e, s3t, sisa
+from worker.bench import amnesiac, e2e, intake, reliability, s3t, sisa
 from worker.bench.base import Skipped
 
-BENCHMARKS: dict[str, ModuleType] = {"sisa": sisa, "amnesiac": amnesiac, "s3t": s3t, "e2e": e2e}
+BENCHMARKS: dict[str, ModuleType] = {"sisa": sisa, "amnesiac": amnesiac, "s3t": s3t, "e2e": e2e, "intake": intake,
+                                     "reliability": reliability}
 
 # progress(benchmark, done, total, note)
 SuiteProgress = Callable[[str, float, float, str], None]

@@ -102,7 +102,7 @@ def make_consumer(settings: Settings) -> KafkaConsumer:
 def until_available(on_outage: Callable[[RetryCallState], None] | None = None) -> Retrying:
     """Retries a call for as long as it fails with an outage, backing off up to MAX_BACKOFF_S."""
     return Retrying(retry=retry_if_exception(is_outage), reraise=True,
-                    wait=wait_exponential_jitter(initial=0.2, max=MAX_BACKOFF_S),
+                    wait=wait_exponential_jitter(multiplier=0.2, max=MAX_BACKOFF_S, jitter=0.5),
                     before_sleep=on_outage or _log_outage)
 
 
