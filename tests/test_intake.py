@@ -18,6 +18,7 @@ import psycopg
 import pytest
 import redis
 from dateutil.relativedelta import relativedelta
+from kafka import KafkaProducer
 
 from worker import events
 from worker import stack as local_stack
@@ -136,6 +137,29 @@ def test_one_hostile_record_never_halts_the_intake(lane, make_intake):
     # And the 100,000-id list that overflowed the DLQ forward on main goes whole
     [listed] = [letters[p] for name, p in zip(CRASHERS, positions) if name == "100k-sample-ids"]
     assert header(listed, "dlq_stub") is None and listed.value == CRASHERS["100k-sample-ids"][0]
+
+
+def test_a_record_the_kafka_client_cannot_parse_is_dead_lettered_and_stepped_over(lane, make_intake):
+    class NotUtf8(str):  # a header name as a foreign producer might write it
+        def encode(self, *args, **kwargs):
+            return b"\xff\xfe"
+
+    producer = KafkaProducer(bootstrap_servers=lane.kafka_bootstrap)
+    valid = request(SOURCE, subject_id="behind")
+    metadata = [producer.send(lane.topic_requests, value=value, headers=headers, partition=0).get(30) for value, headers in
+                [(valid.value, [(NotUtf8("x"), b"1")]), (valid.value, valid.headers)]]
+    producer.close()
+    positions = [(m.partition, m.offset) for m in metadata]
+    intake, dispatched = make_intake()
+    observer = Observer(lane)
+
+    counts = drain(intake, observer, positions)
+
+    assert counts == Counter(accepted=1)  # the unreadable one never reached the batch
+    [letter] = observer.dead_letters().values()
+    assert header(letter, "dlq_reason") == "corrupt_record" and header(letter, "dlq_stub") == "1"
+    assert json.loads(letter.value)["offset"] == positions[0][1]
+    assert len(ledger_rows(lane)) == 1
 
 
 def test_a_record_over_the_forward_limit_becomes_a_bounded_stub(lane, make_intake):

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import psycopg
 from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError, CorruptRecordError, KafkaError
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential_jitter
 
 from worker import events
@@ -148,7 +148,8 @@ class Intake:
 
     def poll_once(self, timeout_ms: int = 500) -> Counter[str]:
         """Handle one poll batch; returns how many records were accepted, duplicate and invalid."""
-        batch = self.consumer.poll(timeout_ms=timeout_ms)
+        # while the broker is away, poll may raise instead of coming back empty
+        batch = self._retrying(self._poll, timeout_ms)
         records = [record for partition in batch.values() for record in partition]
         if not records:
             return Counter()
@@ -172,6 +173,40 @@ class Intake:
         for outcome in ("duplicate", "invalid"):
             ERASURE_REQUESTS.labels(outcome=outcome).inc(counts[outcome])
         return counts
+
+    def _poll(self, timeout_ms: int) -> dict:
+        try:
+            return self.consumer.poll(timeout_ms=timeout_ms)
+        except CorruptRecordError:
+            self._skip_corrupt_record()
+            return {}
+
+    def _skip_corrupt_record(self) -> None:
+        """Dead-letter (as a stub) and step over a record the Kafka client cannot even parse (a
+        failed CRC, a header name that is not UTF-8). The client does not say where it is: each
+        assigned partition's next record is read once more on its own to find it."""
+        for partition in self.consumer.assignment():
+            offset = self.consumer.position(partition)
+            probe = KafkaConsumer(bootstrap_servers=self.consumer.config["bootstrap_servers"],
+                                  enable_auto_commit=False, max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES)
+            try:
+                probe.assign([partition])
+                probe.seek(partition, offset)
+                probe.poll(timeout_ms=2000, max_records=1)
+                continue
+            except CorruptRecordError as exc:
+                error = f"the Kafka client cannot parse it ({exc.__class__.__name__})"
+            finally:
+                probe.close()
+            unreadable = ConsumerRecord(
+                topic=partition.topic, partition=partition.partition, leader_epoch=-1, offset=offset, timestamp=-1,
+                timestamp_type=-1, key=None, value=None, headers=[], checksum=None, serialized_key_size=-1,
+                serialized_value_size=-1, serialized_header_size=-1)
+            self._retrying(self.dead_letters.send, [DeadLetter(unreadable, "corrupt_record", error)])
+            self._retrying(self._commit, [unreadable])
+            self.consumer.seek(partition, offset + 1)
+            ERASURE_REQUESTS.labels(outcome="invalid").inc()
+            return
 
     def _ledger(self, requests: Sequence[events.ValidatedEvent]) -> list[tuple[str, str]]:
         """(outcome, error) per request, in one transaction; refused rows isolated if need be."""
