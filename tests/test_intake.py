@@ -27,7 +27,7 @@ from worker.drills import Observer, header, publish, request
 from worker.drills import Record as Published
 from worker.pipeline import ledger, tasks
 from worker.pipeline.dead_letters import DeadLetters
-from worker.pipeline.intake import Database, Intake, make_consumer
+from worker.pipeline.intake import Companions, Database, Intake, make_consumer
 
 pytestmark = pytest.mark.services
 
@@ -303,6 +303,25 @@ def test_a_database_outage_mid_batch_is_retried_without_losing_an_offset(lane, m
     # Then nothing is lost or doubled
     assert not worker.is_alive()
     assert len({row[1] for row in ledger_rows(lane)}) == len(ledger_rows(lane)) == 30
+
+
+def test_a_background_thread_that_died_is_restarted(lane):
+    # Given the intake's relay and sweeper threads, and a relay that stopped (as one does when the
+    # broker is away at its start)
+    companions = Companions(lane)
+    companions.RESTART_AFTER_S = 0
+    companions.check()
+    relay = companions.threads["relay"]
+    relay.stop()
+    relay.join(30)
+    try:
+        # When the intake loop checks on them
+        companions.check()
+        # Then a new relay runs, and the sweeper was left alone
+        assert companions.threads["relay"] is not relay and companions.threads["relay"].is_alive()
+        assert companions.threads["sweeper"].is_alive()
+    finally:
+        companions.stop()
 
 
 def test_dispatch_many_enqueues_one_erase_rows_task_per_request():

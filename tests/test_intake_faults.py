@@ -70,9 +70,16 @@ def test_postgres_and_broker_restarts_pause_the_intake_and_it_resumes_by_itself(
     assert any(rows is None for _, rows in report.timeline)
 
 
+def test_an_intake_started_while_postgres_and_the_broker_are_down_waits_for_them(private_stack, reports):
+    report = reports["cold_start"] = drills.cold_start_drill(private_stack, down_s=5.0)
+
+    assert report.intake_alive_while_down
+    assert report.lost == 0
+
+
 def test_the_reliability_report_shows_every_drill(reports, tmp_path):
-    if set(reports) != {"fuzz", "kill", "replay", "outage"}:
-        pytest.skip("needs the four drills of this module")
+    if set(reports) != {"fuzz", "kill", "replay", "outage", "cold_start"}:
+        pytest.skip("needs the five drills of this module")
     result = reliability.as_result(reports)
     text = "\n".join(reliability.tables(result))
     for heading in ("hostile events", "kill -9", "replay", "outages"):

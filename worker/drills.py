@@ -519,3 +519,39 @@ def outage_drill(stack: PrivateStack, postgres_down_s: float = 20.0, broker_down
         stop_sampling.set()
         intake.stop()
         observer.close()
+
+
+@dataclass
+class ColdStartReport:
+    down_s: float
+    intake_alive_while_down: bool
+    recovery_s: float  # services back → every event sent since ledgered
+    events: int
+    lost: int
+
+
+def cold_start_drill(stack: PrivateStack, down_s: float = 5.0, events_count: int = 20) -> ColdStartReport:
+    """Start the intake while PostgreSQL and the broker are both down; it must wait, not exit."""
+    settings, env = lane(stack, "cold")
+    observer = Observer(settings)
+    source = "urn:drill:cold"
+    records = [request(source, subject_id=f"cold-{i}") for i in range(events_count)]
+    stack.kill("kafka")
+    stack.kill("postgres")
+    intake = stack.spawn("intake", env=env)
+    try:
+        time.sleep(down_s)
+        alive = intake.alive
+        stack.start("postgres")
+        stack.start("kafka")
+        back = time.monotonic()
+        local_stack.create_topics(settings)  # tansu forgot them; a persistent broker would not have
+        publish(settings, records)
+        wait_for(lambda: (observer.ledger_count(source) or 0) >= events_count, 120, "events after the cold start",
+                 intake)
+        wanted = {(source, events.decode(r.value, r.headers).id) for r in records}
+        return ColdStartReport(down_s=down_s, intake_alive_while_down=alive, recovery_s=time.monotonic() - back,
+                               events=events_count, lost=len(wanted - set(observer.ledger_keys(source))))
+    finally:
+        intake.stop()
+        observer.close()

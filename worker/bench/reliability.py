@@ -9,6 +9,7 @@ time to recover. Worker-side drills (Redis, crash points of the tasks) join this
 
 Full: 1,000 hostile events, 2 × 500-event batches and 4 kills, 300 replayed, PostgreSQL down 20 s.
 Quick: 200 hostile events, 2 × 100 events and 2 kills, 50 replayed, PostgreSQL down 5 s.
+Both also start an intake while PostgreSQL and the broker are down.
 Needs nothing running: the drills start their own tansu, PostgreSQL and Redis on free ports.
 """
 
@@ -45,17 +46,19 @@ def measure(quick: bool, progress: Progress) -> dict[str, Any]:
     params = QUICK if quick else FULL
     reports: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-reliability-") as root, PrivateStack(Path(root)) as stack:
-        progress(0, 4, f"{params.fuzz_cases} hostile events")
+        progress(0, 5, f"{params.fuzz_cases} hostile events")
         reports["fuzz"] = drills.fuzz_drill(stack, cases=params.fuzz_cases)
-        progress(1, 4, f"kill -9 at {len(params.crash_points) + params.kill_from_outside} points")
+        progress(1, 5, f"kill -9 at {len(params.crash_points) + params.kill_from_outside} points")
         reports["kill"] = drills.kill_drill(stack, batch=params.batch, crash_points=params.crash_points,
                                             kill_from_outside=params.kill_from_outside)
-        progress(2, 4, f"replay of {params.replayed} events")
+        progress(2, 5, f"replay of {params.replayed} events")
         reports["replay"] = drills.replay_drill(stack, events_count=params.replayed)
-        progress(3, 4, f"PostgreSQL down {params.postgres_down_s:g} s, then the broker")
+        progress(3, 5, f"PostgreSQL down {params.postgres_down_s:g} s, then the broker")
         reports["outage"] = drills.outage_drill(stack, postgres_down_s=params.postgres_down_s,
                                                 broker_down_s=params.broker_down_s)
-        progress(4, 4, "done")
+        progress(4, 5, "started while PostgreSQL and the broker are down")
+        reports["cold_start"] = drills.cold_start_drill(stack, down_s=params.broker_down_s)
+        progress(5, 5, "done")
     return as_result(reports)
 
 
@@ -63,13 +66,14 @@ def as_result(reports: dict[str, Any]) -> dict[str, Any]:
     """The drills' reports as JSON-ready figures, with the totals the section leads with."""
     result = {name: asdict(report) for name, report in reports.items()}
     result["lost"] = (len(reports["fuzz"].lost) + reports["kill"].lost + reports["outage"].lost
+                      + reports["cold_start"].lost
                       + reports["replay"].ledger_rows_before - reports["replay"].ledger_rows_after)
     result["duplicated"] = reports["kill"].duplicated + reports["replay"].duplicated + reports["outage"].duplicated
     return result
 
 
 def tables(result: dict[str, Any]) -> list[str]:
-    fuzz, kill, replay, outage = (result[name] for name in ("fuzz", "kill", "replay", "outage"))
+    fuzz, kill, replay, outage, cold = (result[name] for name in ("fuzz", "kill", "replay", "outage", "cold_start"))
     lines = [f"**Lost: {result['lost']}. Ledgered twice: {result['duplicated']}.** Every drill ran a real "
              "`unlearn intake` process against a private tansu, PostgreSQL and Redis.", ""]
     lines += ["### hostile events", "",
@@ -98,7 +102,9 @@ def tables(result: dict[str, Any]) -> list[str]:
                    [["PostgreSQL (kill -9)", f"{outage['postgres_down_s']:g} s", f"{outage['postgres_recovery_s']:.1f} s",
                      outage["restarts_of_intake"]],
                     ["broker (kill -9, topics re-created)", f"{outage['broker_down_s']:g} s",
-                     f"{outage['broker_recovery_s']:.1f} s", outage["restarts_of_intake"]]])
+                     f"{outage['broker_recovery_s']:.1f} s", outage["restarts_of_intake"]],
+                    ["both, from before the intake started", f"{cold['down_s']:g} s", f"{cold['recovery_s']:.1f} s",
+                     0 if cold["intake_alive_while_down"] else "**it exited**"]])
     lines += ["", f"Recovered in: from the service answering again to every event sent meanwhile ledgered. "
               f"{outage['events']} events, lost {outage['lost']}, duplicated {outage['duplicated']}; the intake "
               f"{'kept running throughout' if outage['intake_alive'] else '**exited**'}."]
