@@ -27,10 +27,11 @@ from kafka.errors import KafkaError
 from worker import events
 from worker import stack as local_stack
 from worker.config import Settings
+from worker.pipeline import failpoints
 from worker.private_stack import Child, PrivateStack
 from worker.sandbox import free_port
 
-CRASH_POINTS = ("intake.ledger_written", "intake.ledger_committed", "intake.dead_letters_sent")
+CRASH_POINTS = ("intake_before_ledger_commit", "intake_after_ledger_commit", "intake_after_dead_letters")
 _HEADERS = [("content-type", events.CONTENT_TYPE.encode())]
 
 
@@ -368,8 +369,11 @@ def kill_drill(stack: PrivateStack, batch: int = 500, crash_points: tuple[str, .
 
     try:
         positions = publish(settings, expected[:batch])
+        armed = stack.root / "failpoints" / "kill"
+        armed.mkdir(parents=True, exist_ok=True)
         for point in crash_points:
-            intake = stack.spawn("intake", env={**env, "UNLEARN_CRASH_AT": point})
+            failpoints.arm(armed, point)  # the intake kills itself once there
+            intake = stack.spawn("intake", env={**env, "UNLEARN_FAILPOINTS_DIR": str(armed)})
             intake.wait(120)
             kills.append(killed(point, intake))
         intake = stack.spawn("intake", env=env)

@@ -32,8 +32,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponent
 
 from worker import events
 from worker.config import Settings
-from worker.crashpoints import crash_point
-from worker.pipeline import ledger, outbox, tasks
+from worker.pipeline import failpoints, ledger, outbox, tasks
 from worker.pipeline.dead_letters import DeadLetter, DeadLetters
 from worker.pipeline.metrics import ERASURE_REQUESTS
 
@@ -162,10 +161,10 @@ class Intake:
                 accepted.append(event.data["request_id"])
             elif outcome != ledger.DUPLICATE:
                 letters.append(DeadLetter(record, outcome, error))
-        crash_point("intake.ledger_committed")
+        failpoints.hit("intake_after_ledger_commit")
         self._dispatch(accepted)
         self._retrying(self.dead_letters.send, letters)
-        crash_point("intake.dead_letters_sent")
+        failpoints.hit("intake_after_dead_letters")
         self._retrying(self._commit, records)
         counts = Counter(accepted=len(accepted), invalid=len(letters))
         counts["duplicate"] = len(records) - counts["accepted"] - counts["invalid"]
@@ -217,7 +216,7 @@ class Intake:
         try:
             with conn.transaction():
                 outcomes = ledger.record_many(conn, new)
-                crash_point("intake.ledger_written")
+                failpoints.hit("intake_before_ledger_commit")
         except Exception as exc:
             if not is_refusal(exc):
                 raise
