@@ -101,9 +101,9 @@ def tables(result: dict[str, Any]) -> list[str]:
     lines += table(["service", "down for", "recovered in", "intake restarted by hand"],
                    [["PostgreSQL (kill -9)", f"{outage['postgres_down_s']:g} s", f"{outage['postgres_recovery_s']:.1f} s",
                      outage["restarts_of_intake"]],
-                    ["broker (kill -9, topics re-created)", f"{outage['broker_down_s']:g} s",
+                    ["broker (restarted, topics re-created)", f"{outage['broker_down_s']:g} s",
                      f"{outage['broker_recovery_s']:.1f} s", outage["restarts_of_intake"]],
-                    ["both, from before the intake started", f"{cold['down_s']:g} s", f"{cold['recovery_s']:.1f} s",
+                    ["both (kill -9), from before the intake started", f"{cold['down_s']:g} s", f"{cold['recovery_s']:.1f} s",
                      0 if cold["intake_alive_while_down"] else "**it exited**"]])
     lines += ["", f"Recovered in: from the service answering again to every event sent meanwhile ledgered. "
               f"{outage['events']} events, lost {outage['lost']}, duplicated {outage['duplicated']}; the intake "
@@ -125,9 +125,9 @@ def _outage_timeline(outage: dict[str, Any], out_dir: Path) -> Figure:
     known = [(t, rows) for t, rows in outage["timeline"] if rows is not None]
     ax.plot([t for t, _ in known], [rows for _, rows in known], ".", markersize=3, label="ledger rows")
     marks = outage["marks"]
-    for service, colour in (("postgres", "tab:red"), ("broker", "tab:orange")):
-        ax.axvspan(marks[f"{service} killed"], marks[f"{service} back"], color=colour, alpha=0.2,
-                   label=f"{'PostgreSQL' if service == 'postgres' else 'broker'} down")
+    for down, back, colour, label in (("postgres killed", "postgres back", "tab:red", "PostgreSQL down"),
+                                      ("broker stopped", "broker back", "tab:orange", "broker down")):
+        ax.axvspan(marks[down], marks[back], color=colour, alpha=0.2, label=label)
     ax.set_xlabel("seconds since the intake started")
     ax.set_ylabel("requests in the ledger")
     ax.set_title("One intake process through a PostgreSQL and a broker outage")
