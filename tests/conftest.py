@@ -92,6 +92,16 @@ def s3_root(s3_env, monkeypatch) -> str:
     s3fs.S3FileSystem(endpoint_url=s3_env["UNLEARN_S3_ENDPOINT_URL"]).mkdir(bucket)
     yield f"s3://{bucket}/artifacts"
     get_settings.cache_clear()
+@pytest.fixture(scope="module")
+def private_stack(tmp_path_factory):
+    """A private tansu, PostgreSQL and Redis on free loopback ports, under the test's own
+    directory, torn down after the module. Tests may `kill`, `stop` and `start` each service and
+    `spawn` `unlearn` processes against it (`worker.private_stack.PrivateStack`); the shared
+    services are never touched."""
+    from worker.private_stack import PrivateStack
+
+    with PrivateStack(tmp_path_factory.mktemp("private-stack")) as stack:
+        yield stack
 
 
 def pytest_configure(config):

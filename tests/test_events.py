@@ -10,9 +10,11 @@ from datetime import datetime, timezone
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
 from jsonschema import Draft202012Validator
 
 from worker import events
+from worker.drills import hostile_record_strategy
 from worker.cli import main
 from worker.config import get_settings
 
@@ -158,13 +160,13 @@ def test_evidence_is_free_form():
 )
 def test_bad_uuid_is_named(event_type, field):
     data = GOOD[event_type]() | {field: "not-a-uuid"}
-    assert schema_error(event_type, data).error == f"data.{field}: 'not-a-uuid' is not a 'uuid'"
+    assert schema_error(event_type, data).error == f"data.{field}: not a valid uuid"
 
 
 def test_bad_uuid_inside_an_array_is_named():
     data = published() | {"erasure_request_ids": ["12345"]}
     error = schema_error(events.MODEL_VERSION_PUBLISHED, data).error
-    assert error == "data.erasure_request_ids[0]: '12345' is not a 'uuid'"
+    assert error == "data.erasure_request_ids[0]: not a valid uuid"
 
 
 @pytest.mark.parametrize(
@@ -178,7 +180,7 @@ def test_bad_uuid_inside_an_array_is_named():
 @pytest.mark.parametrize("bad", ["2026-11-22", "2026-11-22T10:00:00", "2026-13-01T00:00:00Z", "yesterday"])
 def test_bad_date_time_is_named(event_type, field, bad):
     data = GOOD[event_type]() | {field: bad}
-    assert schema_error(event_type, data).error == f"data.{field}: {bad!r} is not a 'date-time'"
+    assert schema_error(event_type, data).error == f"data.{field}: not a valid date-time"
 
 
 def test_erasure_request_needs_subject_or_samples():
@@ -202,8 +204,13 @@ def test_erasure_request_with_either_alone_is_valid(keep):
     [
         ({"sample_ids": []}, "data.sample_ids: length breaks minItems 1"),
         ({"sample_ids": ["x", "x"]}, "data.sample_ids: items must be unique"),
-        ({"models": ["-bad"]}, "data.models[0]: '-bad' does not match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"),
-        ({"regulation": "hipaa"}, "data.regulation: 'hipaa' is not one of ['gdpr', 'uk-gdpr', 'ccpa', 'lgpd']"),
+        ({"models": ["-bad"]}, "data.models[0]: does not match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"),
+        ({"regulation": "hipaa"}, "data.regulation: not one of ['gdpr', 'uk-gdpr', 'ccpa', 'lgpd']"),
+        ({"subject_id": "tab\there"}, "data.subject_id: does not match ^[^\\u0000-\\u001F\\u007F]+$"),
+        ({"sample_ids": ["s" * 257]}, "data.sample_ids[0]: length breaks maxLength 256"),
+        ({"sample_ids": [f"s{i}" for i in range(10_001)]}, "data.sample_ids: length breaks maxItems 10000"),
+        ({"submitted_at": "1969-12-31T23:59:59Z"}, "data.submitted_at: not a valid date-time (outside 1970-01-01 .. 9999-01-01)"),
+        ({"submitted_at": "9999-12-31T23:59:59-14:00"}, "data.submitted_at: not a valid date-time (outside 1970-01-01 .. 9999-01-01)"),
     ],
 )
 def test_erasure_request_field_rules(change, expected):
@@ -213,14 +220,14 @@ def test_erasure_request_field_rules(change, expected):
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"version": 0}, "data.version: 0 breaks minimum 1"),
-        ({"version": "2"}, "data.version: '2' is not of type 'integer'"),
-        ({"method": "retrain"}, "data.method: 'retrain' is not one of ['sisa', 'amnesiac', 's3t', 'arcane', 'puma']"),
-        ({"sha256": "ABC"}, "data.sha256: 'ABC' does not match ^[0-9a-f]{64}$"),
-        ({"model": "m" * 200}, "data.model: '" + "m" * 76 + "... does not match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"),
-        ({"deletion_budget_remaining": -1}, "data.deletion_budget_remaining: -1 breaks minimum 0"),
-        ({"metrics": {"accuracy": "high"}}, "data.metrics.accuracy: 'high' is not of type 'number'"),
-        ({"manifest_uri": "no scheme"}, "data.manifest_uri: 'no scheme' is not a 'uri'"),
+        ({"version": 0}, "data.version: breaks minimum 1"),
+        ({"version": "2"}, "data.version: a JSON string, not of type 'integer'"),
+        ({"method": "retrain"}, "data.method: not one of ['sisa', 'amnesiac', 's3t', 'arcane', 'puma']"),
+        ({"sha256": "ABC"}, "data.sha256: does not match ^[0-9a-f]{64}$"),
+        ({"model": "m" * 200}, "data.model: does not match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"),
+        ({"deletion_budget_remaining": -1}, "data.deletion_budget_remaining: breaks minimum 0"),
+        ({"metrics": {"accuracy": "high"}}, "data.metrics.accuracy: a JSON string, not of type 'number'"),
+        ({"manifest_uri": "no scheme"}, "data.manifest_uri: not a valid uri"),
     ],
 )
 def test_model_version_field_rules(change, expected):
@@ -305,9 +312,9 @@ def test_build_gives_fresh_ids_and_aware_time():
 @pytest.mark.parametrize(
     ("value", "headers", "reason", "mentions"),
     [
-        (b"\xff\xfe", [], "not_json", "not UTF-8 JSON"),
-        (b"{", [], "not_json", "not UTF-8 JSON"),
-        (b"[1, 2]", [], "not_cloudevent", "JSON list"),
+        (b"\xff\xfe", [], "not_json", "not UTF-8"),
+        (b"{", [], "not_json", "not JSON"),
+        (b"[1, 2]", [], "not_cloudevent", "JSON array"),
         (b'{"type": "gdpr.erasure.requested.v1"}', [], "not_cloudevent", "'id'"),
         (record(events.ERASURE_REQUESTED, requested(), specversion="0.3"), [], "not_cloudevent", "specversion"),
         (record(events.ERASURE_REQUESTED, requested(), source=""), [], "not_cloudevent", "source"),
@@ -318,7 +325,7 @@ def test_build_gives_fresh_ids_and_aware_time():
             "not_cloudevent",
             "structured mode",
         ),
-        (record("com.example.other", {}), [], "unknown_type", "com.example.other"),
+        (record("com.example.other", {}), [], "unknown_type", "type is not one of"),
         (record(events.MODEL_VERSION_PUBLISHED, published() | {"version": 0}), [], "schema", "data.version"),
         (
             json.dumps({"specversion": "1.0", "id": "1", "source": "s", "type": events.ERASURE_COMPLETED}).encode(),
@@ -343,6 +350,135 @@ def test_decode_accepts_a_foreign_producers_record_without_headers():
     data = requested()
     decoded = events.decode(record(events.ERASURE_REQUESTED, data), None)
     assert (decoded.id, decoded.source, decoded.time, decoded.data) == ("e-1", SOURCE, None, data)
+
+
+# --- hostile records: every one is an InvalidEvent with a reason, never a crash -------------
+
+SECRET = "SECRET-4711"
+
+
+def envelope(data: dict | None = None, **attributes) -> dict:
+    event = {"specversion": "1.0", "id": "e-1", "source": SOURCE, "type": events.ERASURE_REQUESTED,
+             "data": requested() if data is None else data}
+    return event | attributes
+
+
+def rejected(value: bytes | None, headers=None) -> events.InvalidEvent:
+    with pytest.raises(events.InvalidEvent) as caught:
+        events.decode(value, headers or [])
+    return caught.value
+
+
+# The single messages that each crashed the intake (issue 9), and their relatives.
+@pytest.mark.parametrize(
+    ("value", "reason", "mentions"),
+    [
+        (envelope(requested() | {"subject_id": "a\x00b"}), "unstorable_text", "data.subject_id"),
+        (envelope(source="urn:\x00"), "unstorable_text", "source"),
+        (envelope(requested() | {"sample_ids": ["ok", "n\x00l"]}), "unstorable_text", "data.sample_ids[1]"),
+        (envelope(requested() | {"subject_id": "\ud800"}), "unstorable_text", "data.subject_id"),
+        (envelope(requested() | {"sample_ids": ["x\udfff"]}), "unstorable_text", "data.sample_ids[0]"),
+        (envelope(**{"ext\x00": "1"}), "unstorable_text", "field name"),
+        (envelope(id="i" * 9000), "not_cloudevent", "attribute id: longer than 256"),
+        (envelope(source="s" * 9000), "not_cloudevent", "attribute source: longer than 256"),
+        (envelope(requested() | {"subject_id": "s" * 300}), "schema", "data.subject_id: length breaks maxLength 256"),
+        (envelope(requested() | {"subject_id": "s" * (1 << 20)}), "too_large", "exceeds 1048576"),
+        (envelope(requested() | {"sample_ids": [f"s{i}" for i in range(100_000)]}), "schema", "maxItems 10000"),
+        (envelope(requested() | {"submitted_at": "0001-01-01T00:00:00+01:00"}), "schema", "outside 1970-01-01"),
+        (envelope(time="9999-12-31T23:59:59-14:00"), "not_cloudevent", "attribute time"),
+        (envelope(requested() | {"submitted_at": True}), "schema", "data.submitted_at: a JSON boolean"),
+    ],
+    ids=["nul-subject", "nul-source", "nul-sample", "surrogate-subject", "surrogate-sample", "nul-attribute-name",
+         "huge-id", "huge-source", "long-subject", "mebibyte-subject", "100k-sample-ids", "year-0",
+         "time-past-9999", "bool-time"],
+)
+def test_hostile_record_is_rejected_with_a_reason(value, reason, mentions):
+    error = rejected(json.dumps(value).encode())
+    assert (error.reason, mentions in error.error) == (reason, True), error.error
+
+
+@pytest.mark.parametrize("depth", [33, 5_000, 100_000])
+@pytest.mark.parametrize("opener", ["[", '{"a":'])
+def test_deep_json_is_rejected_without_recursing(depth, opener):
+    closer = "]" if opener == "[" else "}"
+    assert rejected((opener * depth + "1" + closer * depth).encode()).reason == "too_deep"
+
+
+def test_deep_json_inside_an_event_is_rejected():
+    nested = json.loads("[" * 40 + "]" * 40)
+    assert rejected(json.dumps(envelope(requested() | {"sample_ids": nested})).encode()).reason == "too_deep"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [(None, "not_json"), (b"NaN", "not_json"), (b'{"n": ' + b"1" * 5000 + b"}", "not_json")],
+    ids=["tombstone", "nan", "huge-integer"],
+)
+def test_values_json_libraries_disagree_on_are_rejected(value, reason):
+    assert rejected(value).reason == reason
+
+
+@pytest.mark.timeout(60)
+def test_unique_items_of_10000_objects_is_answered_in_one_pass():
+    # jsonschema's own check compares every pair of unsortable items: minutes for this list
+    data = requested() | {"sample_ids": [{"n": i} for i in range(10_000)]}
+    assert "not of type 'string'" in schema_error(events.ERASURE_REQUESTED, data).error
+
+
+@pytest.mark.parametrize(("items", "unique"), [([1, 1.0], False), ([True, 1], True), ([{"a": [1]}, {"a": [1.0]}], False)])
+def test_unique_items_follows_json_schema_equality(items, unique):
+    errors = list(events._validator(events.MODEL_VERSION_PUBLISHED).iter_errors(published() | {"revokes": items}))
+    assert any(e.validator == "uniqueItems" for e in errors) is not unique
+
+
+@pytest.mark.parametrize("text", ["2026-11-22t10:00:00z", "2026-11-22T10:00:00.123456789+05:30", "1970-01-01T00:00:00Z"])
+def test_rfc3339_variants_in_range_are_accepted(text):
+    assert events.parse_time(text).tzinfo is not None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"request_id": SECRET}, {"regulation": SECRET}, {"subject_id": SECRET * 30}, {"subject_id": SECRET + "\t"},
+        {"sample_ids": [SECRET, SECRET]}, {"models": [f"-{SECRET}"]}, {"submitted_at": SECRET},
+        {"subject_id": [SECRET]}, {f"{SECRET}@field": 1},
+    ],
+    ids=lambda bad: next(iter(bad)),
+)
+def test_errors_never_echo_a_value(bad):
+    # Given a field (or an unknown field's name) carrying a secret value
+    error = rejected(json.dumps(envelope(requested() | bad)).encode())
+    # Then the error says what is wrong without repeating it
+    assert error.reason == "schema" and SECRET not in error.error and "4711" not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "headers"),
+    [({"type": SECRET}, []), ({"specversion": SECRET}, []), ({"time": SECRET}, []), ({"id": 4711}, []),
+     ({}, [("content-type", SECRET.encode())]), ({"data": SECRET}, [])],
+    ids=["type", "specversion", "time", "id-type", "content-type", "data"],
+)
+def test_envelope_errors_never_echo_a_value(attributes, headers):
+    error = rejected(json.dumps(envelope(**attributes)).encode(), headers)
+    assert SECRET not in error.error and "4711" not in error.error
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(hostile_record_strategy())
+def test_decode_answers_every_hostile_record_with_an_event_or_a_reason(record):
+    # Given anything hypothesis throws at it (random bytes, wrong types, huge or deep values, NUL...)
+    try:
+        event = events.decode(record.value, record.headers)
+    except events.InvalidEvent as exc:
+        # Then a rejection carries a known reason and a bounded message
+        assert exc.reason in REASONS and len(exc.error) < 2000
+    else:
+        # or the event is a valid request whose text PostgreSQL can store
+        assert event.type == events.ERASURE_REQUESTED
+        assert "\x00" not in json.dumps(event.data) and json.dumps(event.data, ensure_ascii=False).encode()
+
+
+REASONS = {"too_large", "not_json", "too_deep", "unstorable_text", "not_cloudevent", "unknown_type", "schema"}
 
 
 # --- receipt hash chain -------------------------------------------------------------------

@@ -269,39 +269,18 @@ def _logging():
 @main.command("intake")
 @click.option("--max-seconds", type=float, default=None, help="Stop after this long (default: run until Ctrl-C).")
 def intake_cmd(max_seconds: float | None) -> None:
-    """Consume erasure events from Kafka into the ledger and dispatch the work."""
-    import time
+    """Consume erasure events from Kafka into the ledger and dispatch the work.
 
-    import psycopg
-
-    from worker import events
-    from worker.pipeline import context, intake, metrics, outbox
+    Invalid records go to the DLQ with a reason; a database or broker outage pauses the intake
+    (it retries with backoff, offsets untouched) and it resumes by itself.
+    """
+    from worker.pipeline import intake, metrics
 
     log = _logging()
     settings = get_settings()
     port = metrics.serve(settings.intake_metrics_port, settings.database_url, settings.metrics_addr)
     log.info("intake: metrics on http://127.0.0.1:%d/metrics; consuming %s", port, settings.topic_requests)
-    ctx = context.from_settings(settings)
-    relay = outbox.Relay(ctx.connect, ctx.publisher)
-    sweeper = intake.Sweeper(context.from_settings(settings), settings.sweep_interval_seconds,
-                             settings.stuck_after_seconds)
-    relay.start()
-    sweeper.start()
-    consumer = intake.make_consumer(settings)
-    dlq = events.open_producer(settings.kafka_bootstrap)
-    deadline = None if max_seconds is None else time.monotonic() + max_seconds
-    try:
-        with psycopg.connect(settings.database_url) as conn:
-            loop = intake.Intake(settings, consumer, dlq, conn)
-            while deadline is None or time.monotonic() < deadline:
-                loop.poll_once()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        relay.stop()
-        sweeper.stop()
-        consumer.close()
-        dlq.close(timeout=5)
+    intake.run(settings, max_seconds)
 
 
 @main.command("worker")
@@ -469,12 +448,13 @@ def _benchmark_names(ctx, param, value: str | None) -> list[str] | None:
 
 @main.command("bench")
 @click.option("--quick", is_flag=True, help="Small datasets, few epochs and runs: the suite in well under a minute.")
-@click.option("--only", callback=_benchmark_names, help="Comma-separated subset of sisa,amnesiac,s3t,arcane,puma,memorising,e2e.")
+@click.option("--only", callback=_benchmark_names,
+              help="Comma-separated subset of sisa,amnesiac,s3t,arcane,puma,memorising,e2e,intake,reliability.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-report"),
               show_default=True, help="Directory for the JSON files, PNG figures and report.md.")
 def bench_cmd(quick: bool, only: list[str] | None, out: Path) -> None:
-    """The benchmark suite: SISA, Amnesiac, S3T, ARCANE, PUMA, membership inference where models memorise, and
-    end-to-end latency; writes a report with figures."""
+    """The benchmark suite: SISA, Amnesiac, S3T, ARCANE, PUMA, membership inference where models memorise,
+    end-to-end latency, intake throughput and reliability under faults; writes a report with figures."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

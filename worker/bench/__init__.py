@@ -22,11 +22,12 @@ from types import ModuleType
 
 import torch
 
-from worker.bench import amnesiac, arcane, e2e, memorising, puma, s3t, sisa
+from worker.bench import amnesiac, arcane, e2e, intake, memorising, puma, reliability, s3t, sisa
 from worker.bench.base import Skipped
 
 BENCHMARKS: dict[str, ModuleType] = {"sisa": sisa, "amnesiac": amnesiac, "s3t": s3t, "arcane": arcane, "puma": puma,
-                                     "memorising": memorising, "e2e": e2e}
+                                     "memorising": memorising, "e2e": e2e, "intake": intake,
+                                     "reliability": reliability}
 
 # progress(benchmark, done, total, note)
 SuiteProgress = Callable[[str, float, float, str], None]

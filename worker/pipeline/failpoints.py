@@ -13,7 +13,8 @@ import os
 import signal
 from pathlib import Path
 
-POINTS = ("after_rows_deleted", "mid_retrain", "after_staging", "after_publish_commit", "mid_purge")
+POINTS = ("after_rows_deleted", "mid_retrain", "after_staging", "after_publish_commit", "mid_purge",
+          "intake_before_ledger_commit", "intake_after_ledger_commit", "intake_after_dead_letters")
 
 
 def arm(directory: Path, name: str, times: int = 1) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -29,22 +30,74 @@ class ErasureRequest:
     due_at: datetime
 
 
-def record(conn: psycopg.Connection, *, source: str, event_id: str, data: dict) -> bool:
-    """Insert the request; False when (source, event id) or the request id was seen before.
+@dataclass(frozen=True)
+class NewRequest:
+    """A validated `gdpr.erasure.requested.v1` event on its way into the ledger."""
 
-    Runs in the caller's transaction; the row is durable once that commits.
+    source: str
+    event_id: str
+    data: dict
+
+
+# what the ledger made of one new request
+ACCEPTED, DUPLICATE, REQUEST_ID_REUSED = "accepted", "duplicate", "request_id_reused"
+
+
+class RequestIdReused(ValueError):
+    """A different event (another source or id) carries a request id the ledger already holds."""
+
+
+_INSERT = (
+    "INSERT INTO erasure_requests (request_id, source, event_id, regulation, subject_id,"
+    " sample_ids, models, submitted_at, received_at, due_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s::timestamptz, now(), erasure_due_at(%s::timestamptz, now()))"
+    " ON CONFLICT DO NOTHING RETURNING request_id"
+)
+
+
+def record_many(conn: psycopg.Connection, requests: Sequence[NewRequest]) -> list[str]:
+    """Insert the requests, in order, in the caller's transaction (durable once it commits).
+
+    Returns, per request, `accepted`, `duplicate` (its (source, event id), the idempotency key, was
+    seen before, also earlier in this batch) or `request_id_reused` (a different event carrying a
+    request id that is taken: it must be refused, not counted as a duplicate). `due_at` is one
+    calendar month after the earlier of `submitted_at` and receipt (`erasure_due_at`, migration 005).
     """
-    row = conn.execute(
-        "INSERT INTO erasure_requests (request_id, source, event_id, regulation, subject_id,"
-        " sample_ids, models, submitted_at, received_at, due_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now(), now() + interval '1 month')"
-        " ON CONFLICT DO NOTHING RETURNING request_id",
-        (
-            uuid.UUID(data["request_id"]), source, event_id, data["regulation"], data.get("subject_id"),
-            list(data.get("sample_ids", [])), data.get("models"), data.get("submitted_at"),
-        ),
-    ).fetchone()
-    return row is not None
+    if not requests:
+        return []
+    rows = []
+    for request in requests:
+        data = request.data
+        rows.append((
+            uuid.UUID(data["request_id"]), request.source, request.event_id, data["regulation"],
+            data.get("subject_id"), list(data.get("sample_ids", [])), data.get("models"),
+            data["submitted_at"], data["submitted_at"],
+        ))
+    with conn.cursor() as cur:
+        cur.executemany(_INSERT, rows, returning=True)
+        inserted = [cur.fetchone() is not None for _ in cur.results()]
+    missed = [request for request, done in zip(requests, inserted) if not done]
+    known: set[tuple[str, str]] = set()
+    if missed:
+        known = set(conn.execute(
+            "SELECT source, event_id FROM erasure_requests"
+            " WHERE (source, event_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+            ([r.source for r in missed], [r.event_id for r in missed]),
+        ).fetchall())
+    return [ACCEPTED if done else DUPLICATE if (request.source, request.event_id) in known else REQUEST_ID_REUSED
+            for request, done in zip(requests, inserted)]
+
+
+def record(conn: psycopg.Connection, *, source: str, event_id: str, data: dict) -> bool:
+    """Insert one request; False when its (source, event id) was seen before.
+
+    Raises `RequestIdReused` when another event already holds its request id. Runs in the
+    caller's transaction; the row is durable once that commits.
+    """
+    [outcome] = record_many(conn, [NewRequest(source, event_id, data)])
+    if outcome == REQUEST_ID_REUSED:
+        raise RequestIdReused(f"request id {data['request_id']} belongs to another event")
+    return outcome == ACCEPTED
 
 
 def lock(conn: psycopg.Connection, request_id: uuid.UUID) -> ErasureRequest | None:
