@@ -31,7 +31,6 @@ from worker.pipeline import failpoints
 from worker.private_stack import Child, PrivateStack
 from worker.sandbox import free_port
 
-CRASH_POINTS = ("intake_before_ledger_commit", "intake_after_ledger_commit", "intake_after_dead_letters")
 _HEADERS = [("content-type", events.CONTENT_TYPE.encode())]
 
 
@@ -348,7 +347,7 @@ class KillReport:
     seconds_to_finish: float  # after the last kill: restart to every event ledgered
 
 
-def kill_drill(stack: PrivateStack, batch: int = 500, crash_points: tuple[str, ...] = CRASH_POINTS,
+def kill_drill(stack: PrivateStack, batch: int = 500, crash_points: tuple[str, ...] = failpoints.INTAKE_POINTS,
                kill_from_outside: bool = True) -> KillReport:
     """kill -9 the intake at each crash point of a batch of `batch` events and (optionally) once from
     outside while a second batch flows in; then restart it and count every (source, id) in the ledger."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from worker import drills
 from worker.bench.base import Figure, Progress, new_figure, save, table
+from worker.pipeline import failpoints
 from worker.private_stack import PrivateStack
 
 TITLE = "Reliability: hostile events, kill -9, replay and outages under a running intake"
@@ -38,8 +39,8 @@ class Params:
     broker_down_s: float
 
 
-FULL = Params(1000, 500, drills.CRASH_POINTS, True, 300, 20.0, 5.0)
-QUICK = Params(200, 100, drills.CRASH_POINTS[:1], True, 50, 5.0, 2.0)
+FULL = Params(1000, 500, failpoints.INTAKE_POINTS, True, 300, 20.0, 5.0)
+QUICK = Params(200, 100, failpoints.INTAKE_POINTS[:1], True, 50, 5.0, 2.0)
 
 
 def measure(quick: bool, progress: Progress) -> dict[str, Any]:
