@@ -191,7 +191,7 @@ def extend_deadline(conn: psycopg.Connection, request_id: uuid.UUID, reason: str
     extension = {"reason": reason, "extended_at": rfc3339(datetime.now(timezone.utc)),
                  "previous_due_at": rfc3339(request.due_at)}
     row = conn.execute(
-        "UPDATE erasure_requests SET extension = %s, due_at = due_at + interval '2 months', updated_at = now()"
+        "UPDATE erasure_requests SET extension = %s, due_at = ((due_at AT TIME ZONE 'UTC') + interval '2 months') AT TIME ZONE 'UTC', updated_at = now()"
         " WHERE request_id = %s AND extension IS NULL RETURNING due_at",
         (Jsonb(extension), request_id),
     ).fetchone()
