@@ -13,12 +13,22 @@ import torch
 
 from worker import db
 from worker.config import get_settings
+from worker.core import runtime
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _single_threaded_torch():
-    # bit-equality across runs holds only at a fixed thread count
-    torch.set_num_threads(1)
+def _deterministic_cpu_runtime():
+    # bit-equality across runs holds only on one device at a fixed thread count
+    runtime.configure("cpu", threads=1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device (none on this machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(no_gpu)
 
 
 def _with_database(url: str, name: str) -> str:

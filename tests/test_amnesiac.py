@@ -1,9 +1,9 @@
-"""Amnesiac rollback: the update log, reverting the batches that held erased rows, fine-tuning on
-retained rows, the fallback to an exact retrain and the budget."""
+"""Amnesiac rollback: the update log, momentum-free updates (rolling a batch back removes its whole
+first-order effect), subject-grouped batches, reverting the batches that held erased rows,
+fine-tuning on retained rows, the fallback to an exact retrain, step labels unique for the model's
+lifetime and the budget."""
 
 from __future__ import annotations
-
-import hashlib
 
 import numpy as np
 import pytest
@@ -20,6 +20,7 @@ from worker.core.amnesiac import (
     storage,
 )
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet, TrainResult
+from worker.core.training import UpdateRule
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,8 @@ def digits() -> TrainingSet:
 
 
 def make_config(**options) -> TrainConfig:
-    return TrainConfig(hidden=(32,), epochs=3, batch_size=32, lr=0.05, seed=7,
-                       options={"max_revert_fraction": 0.5, **options})
+    return TrainConfig(hidden=(32,), epochs=3, batch_size=32, lr=0.5, seed=7,
+                       options={"max_revert_fraction": 0.5, "finetune_steps": 0, **options})
 
 
 def deleted_samples(result: TrainResult, sample_ids: set[str]) -> list[DeletedSample]:
@@ -162,7 +163,7 @@ def test_over_threshold_request_falls_back_to_an_exact_retrain(digits, tmp_path)
     # Given the default threshold (1% of steps): one row sits in 3 of 45 steps, about 6.7%
     store = ArtifactStore(tmp_path, "m")
     method = Amnesiac()
-    config = TrainConfig(hidden=(32,), epochs=3, batch_size=32, lr=0.05, seed=7)
+    config = TrainConfig(hidden=(32,), epochs=3, batch_size=32, lr=0.5, seed=7)
     trained = method.train(digits, config, store)
     old_updates = set(trained.state["updates"].values())
     erased = {"digits-0042"}
@@ -177,7 +178,7 @@ def test_over_threshold_request_falls_back_to_an_exact_retrain(digits, tmp_path)
     # Then the model is bit-identical to a fresh training without the row
     fresh = method.train(digits.without(erased), config, ArtifactStore(tmp_path / "fresh", "m"))
     assert result.components[0].sha256 == fresh.components[0].sha256
-    assert hashlib.sha256(store.path(result.components[0].sha256).read_bytes()).hexdigest() == fresh.components[0].sha256
+    assert store.exists(fresh.components[0].sha256)
     # and the receipt says exact, by fallback; every old update is gone; the new log starts clean
     assert result.verification["kind"] == "exact" and result.verification["reason"] == "fallback"
     assert result.verification["detail"] == plan.fallback
@@ -269,3 +270,100 @@ def test_retried_apply_after_the_updates_were_deleted_retrains_exactly(digits, t
     assert "no longer in the store" in retried.verification["detail"]
     fresh = method.train(digits.without(erased), make_config(), ArtifactStore(tmp_path / "fresh", "m"))
     assert retried.components[0].sha256 == fresh.components[0].sha256
+
+
+def test_rolling_back_a_batch_removes_its_whole_update_on_a_linear_model(digits, tmp_path):
+    # Given a linear model (no hidden layer) trained with momentum-free SGD, updates kept in float32
+    store = ArtifactStore(tmp_path, "m")
+    config = TrainConfig(hidden=(), epochs=2, batch_size=32, lr=0.5, seed=3,
+                         options={"update_dtype": "float32", "max_revert_fraction": 1.0, "finetune_steps": 0})
+    trained = Amnesiac().train(digits, config, store)
+    initial = stored_params(store, trained.state["initial_sha256"])
+    rule = UpdateRule("sgd", config.lr)
+
+    # Then, replayed independently: each logged update is -lr_s times the gradient of batch s alone,
+    # taken at the parameters the log had reached (momentum would mix in earlier batches)
+    params, gradients = dict(initial), []
+    for s, batch in enumerate(trained.batches):
+        rows = np.isin(digits.sample_ids, batch.sample_ids)
+        weight, bias = params["layers.1.weight"].clone().requires_grad_(), params["layers.1.bias"].clone().requires_grad_()
+        x, y = torch.from_numpy(digits.features[rows]).flatten(1), torch.from_numpy(digits.labels[rows])
+        torch.nn.functional.cross_entropy(x @ weight.T + bias, y).backward()
+        gradients.append({"layers.1.weight": weight.grad, "layers.1.bias": bias.grad})
+        update = decode_update(store.get(batch.update_sha256), trained.state["layout"], "float32", "none")
+        rate = rule.rate(s, len(trained.batches))
+        for name in params:
+            torch.testing.assert_close(update[name], -rate * gradients[-1][name], rtol=0, atol=1e-6)
+            params[name] = params[name] + update[name]
+
+    # When one batch is rolled back
+    t = 7
+    batch = trained.batches[t]
+    deleted = [DeletedSample("x", 0, steps=((0, batch.epoch, batch.step),))]
+    rolled = Amnesiac().apply(trained.state, Amnesiac().plan(trained.state, deleted), digits, store)
+
+    # Then the model is what training without that batch's update gives: θ0 - Σ_{s≠t} lr_s g_s
+    rate = lambda s: rule.rate(s, len(trained.batches))  # noqa: E731
+    expected = {name: initial[name] - sum(rate(s) * g[name] for s, g in enumerate(gradients) if s != t)
+                for name in initial}
+    assert_params_close(stored_params(store, rolled.state["model_sha256"]), expected)
+
+
+def test_a_subjects_rows_cost_one_step_per_epoch(digits, tmp_path):
+    # Given rows grouped by subject (five rows each), as `unlearn data load` owns them
+    grouped = TrainingSet.build(list(digits.sample_ids), digits.features, digits.labels, 10,
+                                np.arange(len(digits)) // 5)
+    trained = Amnesiac().train(grouped, make_config(), ArtifactStore(tmp_path, "m"))
+
+    # When one subject is erased
+    subject = set(grouped.sample_ids[10:15])
+    plan = Amnesiac().plan(trained.state, deleted_samples(trained, subject))
+
+    # Then one step per epoch is reverted, not one per row and epoch
+    assert sorted(epoch for epoch, _ in plan.work["steps"]) == [0, 1, 2]
+
+
+def test_step_labels_never_repeat_across_generations(digits, tmp_path):
+    # Given a model that fine-tunes after a rollback, then falls back to a full retrain
+    store = ArtifactStore(tmp_path, "m")
+    method = Amnesiac()
+    config = make_config(finetune_steps=4, max_revert_fraction=0.1)
+    trained = method.train(digits, config, store)
+    first = method.apply(trained.state, method.plan(trained.state, deleted_samples(trained, {"digits-0005"})),
+                         digits.without({"digits-0005"}), store)
+    history = [b for b in trained.batches if step_key(b.epoch, b.step) in first.state["updates"]] + first.batches
+    big = set(digits.sample_ids[100:140])
+    plan = method.plan(first.state, deleted_samples(TrainResult(first.state, [], batches=history), big))
+    assert plan.fallback is not None
+    retrained = method.apply(first.state, plan, digits.without(big | {"digits-0005"}), store)
+
+    # Then every step of the new generation has an (epoch, step) no earlier step ever had
+    earlier = {(b.epoch, b.step) for b in trained.batches + first.batches}
+    new = {(b.epoch, b.step) for b in retrained.batches}
+    assert not earlier & new
+    assert min(epoch for epoch, _ in new) == first.state["next_epoch"] == 3 + 1
+    assert retrained.state["generation"] == 1 and retrained.state["first_epoch"] == 4
+    # and a stale reference to an old step is refused rather than taken for a new one
+    with pytest.raises(ValueError, match="not in the update log"):
+        method.plan(retrained.state, [DeletedSample("x", 0, steps=((0, 0, 0),))])
+
+
+def test_the_budget_counts_down_and_resets_only_at_a_full_retrain(digits, tmp_path):
+    store = ArtifactStore(tmp_path, "m")
+    method = Amnesiac()
+    trained = method.train(digits, make_config(max_revert_fraction=0.25), store)
+    budgets, state, history = [method.budget(trained.state)], trained.state, list(trained.batches)
+    erased: set[str] = set()
+    for sample_id in ("digits-0001", "digits-0100", "digits-0200", "digits-0300", "digits-0400"):
+        erased.add(sample_id)
+        plan = method.plan(state, deleted_samples(TrainResult(state, [], batches=history), {sample_id}))
+        result = method.apply(state, plan, digits.without(erased), store)
+        history = [b for b in history if step_key(b.epoch, b.step) in result.state["updates"]] + result.batches
+        state = result.state
+        budgets.append(method.budget(state))
+        if plan.fallback:
+            break
+    # every rollback lowered it by about one deletion (3 steps of 3 epochs); the fallback reset it
+    assert plan.fallback is not None
+    assert all(later < earlier for earlier, later in zip(budgets[:-2], budgets[1:-1]))
+    assert budgets[-1] > budgets[-2]

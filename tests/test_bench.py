@@ -21,7 +21,7 @@ def _fraction(value: float) -> bool:
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    result = CliRunner().invoke(main, ["bench", "--quick", "--only", "sisa,amnesiac,s3t,arcane,puma,memorising",
+    result = CliRunner().invoke(main, ["bench", "--quick", "--only", "sisa,frontier,amnesiac,s3t,budget,arcane,puma,memorising",
                                        "--out", str(out)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out
@@ -33,12 +33,14 @@ def test_report_links_a_png_for_every_figure(quick_report):
     report = (quick_report / "report.md").read_text()
 
     # Then the report has a section per benchmark that ran, none for e2e, and every figure it links exists
-    for title in ("SISA:", "Amnesiac:", "S3T:", "ARCANE:", "PUMA:", "Membership inference in a memorising setting"):
+    for title in ("SISA:", "Frontier:", "Amnesiac:", "S3T:", "Deletion budget:", "ARCANE:", "PUMA:",
+                  "Membership inference in a memorising setting"):
         assert f"## {title}" in report
     assert "End to end" not in report
     images = re.findall(r"!\[[^\]]+\]\(([^)]+\.png)\)", report)
-    assert {"sisa_accuracy.png", "sisa_unlearn_time.png", "amnesiac_accuracy.png", "amnesiac_cost.png",
-            "s3t_deletions.png", "s3t_accuracy.png", "arcane.png", "puma.png", "memorising_mia.png"} <= set(images)
+    assert {"sisa_accuracy.png", "sisa_unlearn_time.png", "frontier.png", "amnesiac_accuracy.png", "amnesiac_cost.png",
+            "s3t_deletions.png", "s3t_accuracy.png", "budget.png", "arcane.png", "puma.png",
+            "memorising_mia.png"} <= set(images)
     for name in images:
         content = (quick_report / name).read_bytes()
         assert content.startswith(PNG_MAGIC) and len(content) > 10_000, name
@@ -57,7 +59,37 @@ def test_sisa_figures_are_sane(quick_report):
         assert model["full_retrain_seconds_median"] > 0
         # every run's unlearned components were checked bit-identical to a retrain
         assert model["bit_identical_runs"] == len(model["unlearn_seconds"]) == result["params"]["runs"]
-        assert model["deletion_budget"] >= 1
+        # the budget needs a learning curve: slices
+        assert model["deletion_budget"] is None if model["slices"] == 1 else model["deletion_budget"] > 0
+
+
+@pytest.mark.slow
+def test_frontier_figures_are_sane(quick_report):
+    result = json.loads((quick_report / "frontier.json").read_text())
+    (run,) = result["runs"]
+    assert run["device"] == "cpu" and run["dataset"] == "digits"
+    assert {(p["method"], p["shards"], p["slices"]) for p in run["points"]} == {
+        (m, s, r) for m in ("sisa", "s3t") for s in (1, 5) for r in (1, 3)}
+    for point in run["points"]:
+        assert _fraction(point["accuracy"]) and point["train_seconds"] > 0 and point["unlearn_seconds_median"] > 0
+    assert run["stacked"]["one_at_a_time"] > 0 and run["stacked"]["one_stack"] > 0
+    report = (quick_report / "report.md").read_text()
+    assert "Targets (issue 10)" in report and "SISA one-row unlearning ≥ 5×" in report
+
+
+@pytest.mark.slow
+def test_budget_figures_count_down(quick_report):
+    result = json.loads((quick_report / "budget.json").read_text())
+    assert [m["method"] for m in result["methods"]] == ["sisa", "s3t", "amnesiac"]
+    for method in result["methods"]:
+        steps = method["steps"]
+        assert len(steps) == result["params"]["subjects"] + 1
+        # between retrains the gauge never rises
+        for earlier, later in zip(steps, steps[1:]):
+            if later["event"] == "unlearned":
+                assert later["budget"] <= earlier["budget"]
+    sisa = result["methods"][0]["steps"]
+    assert sisa[-1]["budget"] < sisa[0]["budget"]
 
 
 @pytest.mark.slow
@@ -140,5 +172,5 @@ def test_memorising_figures_are_sane(quick_report):
 def test_an_unknown_benchmark_is_refused_by_name(tmp_path):
     result = CliRunner().invoke(main, ["bench", "--only", "sisa,nope", "--out", str(tmp_path)])
     assert result.exit_code == 2
-    assert "nope" in result.output and "sisa, amnesiac, s3t, arcane, puma, memorising, e2e" in result.output
+    assert "nope" in result.output and "sisa, frontier, amnesiac, s3t, budget, arcane, puma, memorising, e2e, intake, reliability" in result.output
     assert not (tmp_path / "report.md").exists()

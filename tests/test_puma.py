@@ -17,7 +17,7 @@ from worker.core.mia import sample_losses
 from worker.core.nets import build_net
 from worker.core.puma import Puma, factors_from_tensors, layer_factors, linear_layers
 
-CONFIG = TrainConfig(hidden=(128,), epochs=60, batch_size=32, lr=0.05, seed=3,
+CONFIG = TrainConfig(hidden=(128,), epochs=60, batch_size=32, seed=3,
                      options={"max_removed_fraction": 0.05})
 
 

@@ -21,7 +21,7 @@ from worker.core.placement import shard_of, slice_of
 from worker.core.s3t import BASE_STEPS, S3T, base_epochs, bms_orders, cyclic_orders, orders_for
 
 SHARDS, SLICES, ORDERS = 2, 3, 3
-CONFIG = TrainConfig(hidden=(32,), epochs=4, batch_size=32, lr=0.05, seed=7, shards=SHARDS, slices=SLICES,
+CONFIG = TrainConfig(hidden=(32,), epochs=4, batch_size=32, lr=1e-2, seed=7, shards=SHARDS, slices=SLICES,
                      options={"orders": ORDERS, "rank": 4})
 
 
@@ -241,6 +241,24 @@ def test_a_shard_with_no_order_left_is_left_out_then_retrained_exactly(trained, 
     assert {c.meta["shard"] for c in retrained.components[1:]} == {0, 1}
     with pytest.raises(ValueError, match="public"):
         S3T().retrain_shard(result.state, 0, remaining, data, store)
+
+
+def test_a_stacked_shard_retrain_equals_training_from_scratch(trained, tmp_path):
+    # Given a model whose 3 orders per shard train their layers as one stack
+    data, public = trained["train"], trained["public"]
+    config = replace(CONFIG, options={"orders": ORDERS, "rank": 4, "stack": ORDERS, "base_epochs": 20})
+    store = ArtifactStore(tmp_path / "a", "m")
+    model = S3T().train(data, config, store, public=public)
+    assert model.state["stack"] == ORDERS
+
+    # When shard 1 loses every order and is retrained
+    erased = [a_row(data, 1, s) for s in range(SLICES)]
+    _, lost = erase(model.state, store, data, erased)
+    retrained = S3T().retrain_shard(lost.state, 1, data.without(erased), public, store)
+
+    # Then it equals the same stacked model trained from scratch without the rows
+    fresh = S3T().train(data.without(erased), config, ArtifactStore(tmp_path / "b", "m"), public=public)
+    assert retrained.state["shards"] == fresh.state["shards"]
 
 
 def test_fewer_orders_train_the_first_orders_of_more(trained, tmp_path):

@@ -1,39 +1,74 @@
-"""SISA, the pure core: exactness bit for bit, coalescing, erasure of tainted checkpoints,
-aggregation rules and the deletion budget. No services needed."""
+"""SISA, the pure core: exactness bit for bit (one shard at a time and stacked), coalescing, shard
+retrains merged separately, erasure of tainted checkpoints, aggregation rules and the deletion
+budget. No services needed."""
 
 from __future__ import annotations
 
 import itertools
-import math
 import shutil
 
 import numpy as np
 import pytest
-import torch
 from sklearn.datasets import load_digits
 
 from worker.artifacts import ArtifactStore
 from worker.core import aggregate
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet, lineage_sha256
 from worker.core.placement import shard_of, slice_of
-from worker.core.sisa import Sisa, SliceCheckpoint, expected_deletions_until_full_retrain
+from worker.core.sisa import DEFAULT_ACCURACY_DROP, Sisa, SliceCheckpoint, expected_deletions_until_full_retrain
 
-CONFIG = TrainConfig(hidden=(32,), epochs=2, batch_size=32, lr=0.05, seed=7, shards=3, slices=4)
+CONFIG = TrainConfig(hidden=(32,), epochs=5, batch_size=32, lr=1e-2, seed=7, shards=3, slices=4)
+
+
+def split_digits() -> tuple[TrainingSet, TrainingSet]:
+    """(train, public): every sixth row is public (never erased; feature statistics, validation)."""
+    bunch = load_digits()
+    ids = [f"digits-{i:06d}" for i in range(len(bunch.target))]
+    public = np.arange(len(ids)) % 6 == 0
+
+    def part(mask: np.ndarray) -> TrainingSet:
+        return TrainingSet.build([s for s, keep in zip(ids, mask) if keep], bunch.data[mask] / 16.0,
+                                 bunch.target[mask], 10)
+
+    return part(~public), part(public)
 
 
 @pytest.fixture(scope="module")
 def digits() -> TrainingSet:
-    bunch = load_digits()
-    ids = [f"digits-{i:06d}" for i in range(len(bunch.target))]
-    return TrainingSet.build(ids, bunch.data / 16.0, bunch.target, 10)
+    return split_digits()[0]
 
 
 @pytest.fixture(scope="module")
-def trained(digits, tmp_path_factory):
-    torch.set_num_threads(1)
+def public() -> TrainingSet:
+    return split_digits()[1]
+
+
+@pytest.fixture(scope="module")
+def trained(digits, public, tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
-    result = Sisa().train(digits, CONFIG, ArtifactStore(root, "model-a"))
+    result = Sisa().train(digits, CONFIG, ArtifactStore(root, "model-a"), public=public)
     return root, result
+
+
+class RecordingStore:
+    """A TensorStore that keeps what is put into the real store it wraps (a spy, not a fake)."""
+
+    def __init__(self, store: ArtifactStore):
+        self.store, self.puts = store, []
+
+    def put(self, tensors, metadata=None):
+        digest = self.store.put(tensors, metadata)
+        self.puts.append(digest)
+        return digest
+
+    def get(self, digest):
+        return self.store.get(digest)
+
+    def exists(self, digest):
+        return self.store.exists(digest)
+
+    def size(self, digest):
+        return self.store.size(digest)
 
 
 @pytest.fixture
@@ -54,35 +89,76 @@ def checkpoints(state: dict, shard: int) -> list[SliceCheckpoint]:
     return [SliceCheckpoint.from_json(c) for c in state["shards"][shard]["checkpoints"]]
 
 
-def test_unlearning_is_bit_identical_to_training_from_scratch(digits, trained, store, tmp_path):
+def test_unlearning_is_bit_identical_to_training_from_scratch(digits, public, trained, store, tmp_path):
     # Given a trained model and rows erased from different slices of two shards
     _, result = trained
     erased = rows_in(digits, 0, 2, 3) + rows_in(digits, 0, 3, 1) + rows_in(digits, 2, 1, 2)
     remaining = digits.without(erased)
-    untouched = {c.sha256: store.path(c.sha256).stat().st_mtime_ns for c in checkpoints(result.state, 1)}
+    recording = RecordingStore(store)
 
     # When SISA unlearns them
     sisa = Sisa()
     plan = sisa.plan(result.state, [DeletedSample(s) for s in erased])
-    unlearned = sisa.apply(result.state, plan, remaining, store)
+    unlearned = sisa.apply(result.state, plan, remaining, recording)
     store.delete_all(unlearned.removed_artifacts)  # as the adapter does once the version is published
 
     # Then every shard's weights equal, byte for byte, a model trained from scratch without them
     scratch_store = ArtifactStore(tmp_path / "scratch", "another-name")
-    scratch = sisa.train(remaining, CONFIG, scratch_store)
+    scratch = sisa.train(remaining, CONFIG, scratch_store, public=public)
     assert [c.sha256 for c in unlearned.components] == [c.sha256 for c in scratch.components]
     assert unlearned.state["shards"] == scratch.state["shards"]
     assert unlearned.verification["retrained"] == {"0": 2, "2": 1}
     assert unlearned.verification["kind"] == "exact"
     # the store holds exactly what training from scratch leaves behind, nothing more
     assert store.digests() == scratch_store.digests()
-    # and shard 1's files were never rewritten
-    assert {d: store.path(d).stat().st_mtime_ns for d in untouched} == untouched
+    # and only the retrained stages were written: shard 0 slices 2-3, shard 2 slices 1-3
+    assert len(recording.puts) == 5
+    assert not set(recording.puts) & {c.sha256 for c in checkpoints(result.state, 1)}
     assert unlearned.components_changed == ["shard-0", "shard-2"]
 
 
+@pytest.mark.parametrize("stack", [2, 3])
+def test_a_stacked_model_unlearns_exactly_too(digits, tmp_path, stack):
+    # Given a model whose shards train as lanes of stacks (2: stacks {0, 1} and {2, idle})
+    config = TrainConfig(hidden=(32,), epochs=4, batch_size=32, lr=1e-2, seed=7, shards=3, slices=4,
+                         options={"stack": stack})
+    store = ArtifactStore(tmp_path / "a", "m")
+    trained = Sisa().train(digits, config, store)
+    assert trained.state["stack"] == stack
+    erased = rows_in(digits, 1, 2, 2) + rows_in(digits, 2, 0, 1)
+
+    # When rows of two shards are erased
+    unlearned = Sisa().apply(trained.state, Sisa().plan(trained.state, [DeletedSample(s) for s in erased]),
+                             digits.without(erased), store)
+
+    # Then the retrained lanes equal a from-scratch run of the same stacked model
+    scratch = Sisa().train(digits.without(erased), config, ArtifactStore(tmp_path / "b", "m"))
+    assert [c.sha256 for c in unlearned.components] == [c.sha256 for c in scratch.components]
+    assert unlearned.verification["stack"] == stack
+    # and the untouched shard kept its bytes
+    assert unlearned.components[0].sha256 == trained.components[0].sha256
+
+
+def test_shards_retrained_separately_merge_into_the_same_version(digits, trained, store):
+    # Given an erasure touching shards 0 and 2
+    _, result = trained
+    erased = rows_in(digits, 0, 1, 1) + rows_in(digits, 2, 3, 1)
+    remaining = digits.without(erased)
+    sisa = Sisa()
+    plan = sisa.plan(result.state, [DeletedSample(s) for s in erased])
+
+    # When each shard is retrained on its own (as one task per shard would) and the results merged
+    parts = [sisa.retrain_shards(result.state, {k: r}, remaining, store) for k, r in ((0, 1), (2, 3))]
+    merged = sisa.merge(result.state, [shard for part in parts for shard in part])
+
+    # Then the version is the one a single apply gives
+    together = sisa.apply(result.state, plan, remaining, store)
+    assert merged.state == together.state
+    assert merged.removed_artifacts == together.removed_artifacts
+    assert merged.placements == together.placements
+
+
 def test_cnn_unlearning_is_bit_identical_too(digits, tmp_path):
-    torch.set_num_threads(1)
     images = TrainingSet.build(list(digits.sample_ids[:400]), digits.features[:400].reshape(-1, 1, 8, 8),
                                digits.labels[:400], 10)
     config = TrainConfig(architecture="cnn", hidden=(16,), epochs=1, batch_size=32, seed=3, shards=2, slices=2)
@@ -171,7 +247,7 @@ def test_plan_uses_recorded_placement_and_rejects_out_of_range(trained):
     assert Sisa().plan(result.state, []).work == {}
 
 
-def test_a_row_gone_from_an_earlier_slice_moves_the_retrain_start_back(digits, trained, store, tmp_path):
+def test_a_row_gone_from_an_earlier_slice_moves_the_retrain_start_back(digits, public, trained, store, tmp_path):
     # Given a plan for a row in slice 2 of shard 0, and a row of slice 0 erased after the plan was made
     _, result = trained
     sisa = Sisa()
@@ -184,15 +260,19 @@ def test_a_row_gone_from_an_earlier_slice_moves_the_retrain_start_back(digits, t
 
     # Then shard 0 is retrained from slice 0, and still equals training from scratch
     assert unlearned.verification["retrained"] == {"0": 0}
-    scratch = sisa.train(remaining, CONFIG, ArtifactStore(tmp_path / "scratch", "m"))
+    scratch = sisa.train(remaining, CONFIG, ArtifactStore(tmp_path / "scratch", "m"), public=public)
     assert unlearned.components[0].sha256 == scratch.components[0].sha256
 
 
-def test_training_is_reproducible_whatever_the_model_name(digits, trained, tmp_path):
+def test_training_is_reproducible_whatever_the_model_name(digits, public, trained, tmp_path):
     _, result = trained
-    again = Sisa().train(digits, CONFIG, ArtifactStore(tmp_path, "a-different-name"))
+    again = Sisa().train(digits, CONFIG, ArtifactStore(tmp_path, "a-different-name"), public=public)
     assert again.state == result.state
     assert len(result.placements) == len(digits)
+    # the state records the resolved recipe, the stack width and where it was trained
+    assert result.state["config"]["batch_size"] == 32 and result.state["epochs_per_slice"] == 2
+    assert result.state["stack"] == 1 and result.state["trained_on"]["device"] == "cpu"
+    assert result.state["scaling"] is not None
 
 
 def test_predictor_aggregates_shards_and_beats_chance(digits, trained, store):
@@ -217,19 +297,63 @@ def test_aggregation_rules():
         aggregate.aggregate("weighted", probas, [1.0])
 
 
-def test_an_unknown_aggregation_option_is_refused_before_training(digits, tmp_path):
-    config = TrainConfig(shards=2, options={"aggregation": "median"})
-    with pytest.raises(ValueError, match="aggregation must be one of"):
-        Sisa().train(digits, config, ArtifactStore(tmp_path, "m"))
+def test_bad_options_are_refused_before_training(digits, tmp_path):
+    for options, message in (({"aggregation": "median"}, "aggregation must be one of"),
+                             ({"stack": 0}, "option stack"), ({"epochs_per_slice": 1.5}, "epochs_per_slice")):
+        with pytest.raises(ValueError, match=message):
+            Sisa().train(digits, TrainConfig(shards=2, options=options), ArtifactStore(tmp_path, "m"))
 
 
-def test_budget_of_a_monolith_is_one_deletion(digits, tmp_path):
-    small = digits.select(np.arange(len(digits)) < 200)
-    result = Sisa().train(small, TrainConfig(epochs=1, shards=1, slices=1), ArtifactStore(tmp_path, "m"))
-    assert Sisa().budget(result.state) == pytest.approx(1.0)
+def test_the_epoch_budget_makes_a_sisa_model_cost_about_a_monolith(digits, trained):
+    # stage r sees (r+1)/R of the shard's rows for ceil(2E/(R+1)) epochs: about E epochs of rows in all
+    _, result = trained
+    rows_seen = sum(c["n_seen"] * result.state["epochs_per_slice"]
+                    for entry in result.state["shards"] for c in entry["checkpoints"])
+    assert rows_seen / (CONFIG.epochs * len(digits)) == pytest.approx(1.0, abs=0.05)
 
 
-def test_budget_matches_the_coupon_collector_formulas(trained):
+def test_the_budget_counts_down_one_per_erased_row_until_the_floor(digits, trained, store):
+    # Given a model with a learning curve measured on the public rows
+    _, result = trained
+    curve = result.state["curve"]
+    assert curve["rows"] == sorted(curve["rows"]) and curve["rows"][-1] == len(digits)
+    assert curve["floor"] == pytest.approx(curve["accuracy"][-1] - DEFAULT_ACCURACY_DROP)
+    before = Sisa().budget(result.state)
+    assert 0 < before < len(digits)
+
+    # When five rows are erased
+    erased = rows_in(digits, 0, 3, 2) + rows_in(digits, 1, 2, 3)
+    unlearned = Sisa().apply(result.state, Sisa().plan(result.state, [DeletedSample(s) for s in erased]),
+                             digits.without(erased), store)
+
+    # Then the budget is five lower; the curve stays until a full retrain measures a new one
+    assert Sisa().budget(unlearned.state) == pytest.approx(before - 5)
+    assert unlearned.state["curve"] == curve
+
+
+def test_the_floor_is_met_where_the_learning_curve_crosses_it():
+    state = {"curve": {"rows": [100, 200, 300, 400], "accuracy": [0.70, 0.80, 0.86, 0.90],
+                       "validation_rows": 50, "floor": 0.83},
+             "shards": [{"checkpoints": [{"n_seen": 390}]}]}
+    # 0.83 lies halfway between 200 rows (0.80) and 300 rows (0.86): 250 rows; 390 held now
+    assert Sisa().budget(state) == pytest.approx(140)
+    # a floor above the model's accuracy leaves nothing; one below every point stops at the first
+    assert Sisa().budget({**state, "curve": {**state["curve"], "floor": 0.95}}) == 0
+    assert Sisa().budget({**state, "curve": {**state["curve"], "floor": 0.5}}) == pytest.approx(290)
+
+
+def test_without_a_learning_curve_the_budget_is_unknown(digits, public, tmp_path):
+    small = digits.select(np.arange(len(digits)) < 300)
+    no_public = Sisa().train(small, TrainConfig(epochs=1, slices=2), ArtifactStore(tmp_path, "a"))
+    one_slice = Sisa().train(small, TrainConfig(epochs=1, shards=2), ArtifactStore(tmp_path, "b"), public=public)
+    assert Sisa().budget(no_public.state) is None and Sisa().budget(one_slice.state) is None
+    floored = Sisa().train(small, TrainConfig(epochs=1, slices=2, options={"accuracy_floor": 0.0}),
+                           ArtifactStore(tmp_path, "c"), public=public)
+    assert floored.state["curve"]["floor"] == 0.0 and Sisa().budget(floored.state) == pytest.approx(
+        300 - floored.state["curve"]["rows"][0])
+
+
+def test_the_coupon_collector_formulas():
     # equal first slices: S shards each holding q/S of the rows -> (S/q) * H_S
     assert expected_deletions_until_full_retrain([0.05] * 4) == pytest.approx(4 / 0.2 * (1 + 1 / 2 + 1 / 3 + 1 / 4))
 
@@ -239,9 +363,25 @@ def test_budget_matches_the_coupon_collector_formulas(trained):
                 for size in range(1, 4) for j in itertools.combinations(shares, size))
     assert expected_deletions_until_full_retrain(shares) == pytest.approx(exact, rel=1e-8)
 
-    # the trained model's budget comes from its own slice sizes
-    _, result = trained
-    total = sum(entry["checkpoints"][-1]["n_seen"] for entry in result.state["shards"])
-    firsts = [entry["checkpoints"][0]["n_seen"] / total for entry in result.state["shards"]]
-    assert Sisa().budget(result.state) == pytest.approx(expected_deletions_until_full_retrain(firsts))
-    assert math.isfinite(Sisa().budget(result.state)) and Sisa().budget(result.state) > CONFIG.shards
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stack", [1, 3])
+def test_unlearning_on_cuda_is_bit_identical_and_loads_on_the_cpu(digits, public, tmp_path, stack):
+    from worker.core import runtime
+
+    config = TrainConfig(hidden=(32,), epochs=5, batch_size=32, lr=1e-2, seed=7, shards=3, slices=4,
+                         options={"stack": stack})
+    erased = rows_in(digits, 1, 2, 2) + rows_in(digits, 2, 0, 1)
+    try:
+        runtime.configure("cuda", threads=1)
+        store = ArtifactStore(tmp_path / "a", "m")
+        trained = Sisa().train(digits, config, store, public=public)
+        unlearned = Sisa().apply(trained.state, Sisa().plan(trained.state, [DeletedSample(s) for s in erased]),
+                                 digits.without(erased), store)
+        scratch = Sisa().train(digits.without(erased), config, ArtifactStore(tmp_path / "b", "m"), public=public)
+    finally:
+        runtime.configure("cpu", threads=1)
+    assert trained.state["trained_on"]["device"].startswith("cuda")
+    assert [c.sha256 for c in unlearned.components] == [c.sha256 for c in scratch.components]
+    proba = Sisa().predictor(unlearned.state, store).predict_proba(digits.features[:50])  # on the CPU
+    assert proba.shape == (50, 10)

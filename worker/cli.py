@@ -118,24 +118,32 @@ class MethodChoice(click.Choice):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shards", type=int, help="SISA/S3T shards S (default 1).")
 @click.option("--slices", type=int, help="SISA/S3T slices R per shard, ARCANE blocks per class (default 1).")
-@click.option("--epochs", type=int, help="Epochs per training stage (default 10).")
-@click.option("--batch-size", type=int, help="Mini-batch size (default 64).")
-@click.option("--lr", type=float, help="SGD learning rate (default 0.05).")
-@click.option("--hidden", callback=_hidden_sizes, help="Hidden layer widths, e.g. 128,64 (default 128).")
+@click.option("--epochs", type=int,
+              help="Epochs of a monolith; SISA/S3T spread them over the slices (default 30; Amnesiac 20).")
+@click.option("--batch-size", type=int,
+              help="Mini-batch size (default: 16..128, about 64 batches per epoch of one shard; Amnesiac 64).")
+@click.option("--lr", type=float, help="Learning rate (default 0.003 with AdamW; Amnesiac 0.2, plain SGD).")
+@click.option("--hidden", callback=_hidden_sizes,
+              help="Hidden layer widths, e.g. 128,64 (default 256,256; Amnesiac 128,128; the CNN's head: the first).")
 @click.option("--architecture", type=click.Choice(["mlp", "cnn"]),
               help="Network (default: cnn for image datasets, mlp for tabular).")
 @click.option("--aggregation", type=click.Choice(["vote", "mean", "weighted"]),
               help="How shard predictions combine (default mean).")
 @click.option("--option", "options", multiple=True, callback=_method_options,
-              help="A method option key=value, e.g. epochs_per_slice=2 (repeatable).")
+              help="A method option key=value, e.g. stack=5 or epochs_per_slice=2 (repeatable; see README).")
 def train_cmd(name: str, method: str, dataset: str, seed: int, options: dict, aggregation: str | None,
               architecture: str | None, **hyper) -> None:
-    """Train a model on the dataset's rows in PostgreSQL and publish its version 1."""
+    """Train a model on the dataset's rows in PostgreSQL and publish its version 1.
+
+    Runs on UNLEARN_DEVICE with UNLEARN_THREADS threads, as the worker does, so a later
+    retrain there repeats this training bit for bit.
+    """
     from rich.progress import track
 
     from worker import data as datasets
     from worker import db as database
     from worker import registry
+    from worker.core import runtime
     from worker.core.base import TrainConfig
 
     if aggregation is not None:
@@ -144,6 +152,7 @@ def train_cmd(name: str, method: str, dataset: str, seed: int, options: dict, ag
         architecture = "cnn" if len(datasets.spec(dataset).input_shape) == 3 else "mlp"
     settings = get_settings()
     try:
+        runtime.configure(settings.device, settings.threads)
         config = TrainConfig(architecture=architecture, seed=seed, options=options,
                              **{key: value for key, value in hyper.items() if value is not None})
         with database.connect(settings.database_url) as conn:
@@ -154,7 +163,8 @@ def train_cmd(name: str, method: str, dataset: str, seed: int, options: dict, ag
                f"{len(version.components_changed)} component(s)")
     for metric, value in sorted(version.metrics.items()):
         click.echo(f"  {metric}: {value:g}")
-    click.echo(f"  deletion_budget_remaining: {version.deletion_budget_remaining:g}")
+    budget = version.deletion_budget_remaining
+    click.echo(f"  deletion_budget_remaining: {'unknown' if budget is None else f'{budget:g}'}")
     click.echo(f"  manifest: {version.manifest_uri}")
     click.echo(f"  sha256: {version.manifest_sha256}")
 
@@ -449,7 +459,7 @@ def _benchmark_names(ctx, param, value: str | None) -> list[str] | None:
 @main.command("bench")
 @click.option("--quick", is_flag=True, help="Small datasets, few epochs and runs: the suite in well under a minute.")
 @click.option("--only", callback=_benchmark_names,
-              help="Comma-separated subset of sisa,amnesiac,s3t,arcane,puma,memorising,e2e,intake,reliability.")
+              help="Comma-separated subset of sisa,frontier,amnesiac,s3t,budget,arcane,puma,memorising,e2e,intake,reliability.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-report"),
               show_default=True, help="Directory for the JSON files, PNG figures and report.md.")
 def bench_cmd(quick: bool, only: list[str] | None, out: Path) -> None:

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     stuck_after_seconds: float = Field(60.0, gt=0)
     sweep_interval_seconds: float = Field(15.0, gt=0)
 
+    # where training runs: auto (CUDA when present), cpu, cuda or cuda:N (worker.core.runtime)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # PyTorch CPU threads per process; results repeat bit for bit only at the same count
+    threads: int = Field(1, ge=1)
+
     @field_validator("artifact_dir")
     @classmethod
     def _local_path_or_s3(cls, value: str) -> str:

@@ -1,8 +1,11 @@
 """Real datasets that load offline, written to PostgreSQL as training rows owned by subjects.
 
 Every row gets a stable sample id, a fixed split decided by a hash of that id (`public` rows are
-never owned and never erasable; S3T trains its frozen base on them) and a synthetic data-subject
-id: each subject owns several rows, so erasing one subject erases several rows.
+never owned and never erasable; S3T trains its frozen base on them, and every method takes its
+feature statistics from them) and a synthetic data-subject id: each subject owns several rows, so
+erasing one subject erases several rows. A training set carries, per row, an opaque group key
+derived from its subject (`group_key`) so that training can keep a subject's rows in one batch;
+the subject id itself never leaves this module.
 """
 
 from __future__ import annotations
@@ -67,6 +70,12 @@ def spec(name: str) -> DatasetSpec:
         return DATASETS[name]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}") from None
+
+
+def group_key(subject_id: str | None, sample_id: str) -> int:
+    """A 63-bit key shared by the rows of one subject (a row without a subject is its own group)."""
+    text = f"subject\x00{subject_id}" if subject_id is not None else f"sample\x00{sample_id}"
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") >> 1
 
 
 def split_of(sample_id: str) -> str:
@@ -146,13 +155,18 @@ def read_training_set(conn: psycopg.Connection, name: str, split: str = "train")
     if split not in {"train", "holdout", "public"}:
         raise ValueError(f"split must be train, holdout or public, not {split!r}")
     rows = conn.execute(
-        "SELECT sample_id, label, features FROM training_samples"
+        "SELECT sample_id, subject_id, label, features FROM training_samples"
         " WHERE dataset = %s AND split = %s ORDER BY sample_id",
         (name, split),
     ).fetchall()
-    sample_ids = [r[0] for r in rows]
-    labels = np.array([r[1] for r in rows], dtype=np.int64)
+    return shaped_rows(dataset, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+
+
+def shaped_rows(dataset: DatasetSpec, sample_ids: list[str], subject_ids: list[str | None], labels: list[int],
+                features: list[list[float]]) -> TrainingSet:
+    """Raw rows as the networks see them: scaled, shaped, grouped by subject."""
     width = int(np.prod(dataset.input_shape))
-    features = np.array([r[2] for r in rows], dtype=np.float32).reshape(len(rows), width)
-    features = (features / dataset.scale).reshape(len(rows), *dataset.input_shape)
-    return TrainingSet.build(sample_ids, features, labels, dataset.num_classes)
+    array = np.array(features, dtype=np.float32).reshape(len(sample_ids), width) / dataset.scale
+    groups = np.array([group_key(subject, sample) for subject, sample in zip(subject_ids, sample_ids)], dtype=np.int64)
+    return TrainingSet.build(sample_ids, array.reshape(len(sample_ids), *dataset.input_shape),
+                             np.array(labels, dtype=np.int64), dataset.num_classes, groups)

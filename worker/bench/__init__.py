@@ -6,8 +6,9 @@ Each benchmark is a module with the same small interface:
     tables(result: dict) -> list[str]                  markdown lines
     figures(result: dict, out_dir: Path) -> list[Figure]  PNGs written into out_dir
 `measure` raises `Skipped` when it cannot run here (e2e without the services). Everything runs
-single-threaded (torch.set_num_threads(1)) and seeded, so accuracies repeat run to run; times
-are wall (and CPU) seconds on this machine.
+on the CPU, single-threaded and seeded (`worker.core.runtime.configure("cpu", 1)`), so accuracies
+repeat run to run; times are wall (and CPU) seconds on this machine. The frontier also runs on
+CUDA when there is one.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from types import ModuleType
 
 import torch
 
-from worker.bench import amnesiac, arcane, e2e, intake, memorising, puma, reliability, s3t, sisa
+from worker.bench import amnesiac, arcane, budget, e2e, frontier, intake, memorising, puma, reliability, s3t, sisa
 from worker.bench.base import Skipped
+from worker.core import runtime
 
-BENCHMARKS: dict[str, ModuleType] = {"sisa": sisa, "amnesiac": amnesiac, "s3t": s3t, "arcane": arcane, "puma": puma,
-                                     "memorising": memorising, "e2e": e2e, "intake": intake,
-                                     "reliability": reliability}
+BENCHMARKS: dict[str, ModuleType] = {"sisa": sisa, "frontier": frontier, "amnesiac": amnesiac, "s3t": s3t,
+                                     "budget": budget, "arcane": arcane, "puma": puma, "memorising": memorising,
+                                     "e2e": e2e, "intake": intake, "reliability": reliability}
 
 # progress(benchmark, done, total, note)
 SuiteProgress = Callable[[str, float, float, str], None]
@@ -58,7 +60,7 @@ def run(out_dir: Path, quick: bool = False, only: Sequence[str] | None = None,
     names = selected(only)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
+    runtime.configure("cpu", threads=1)
     # the first optimizer imports torch._dynamo (~4 s): not a cost any benchmark should be timed with
     torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
     environment = {"quick": quick, "threads": torch.get_num_threads(), "torch": torch.__version__,

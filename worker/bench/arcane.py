@@ -30,7 +30,7 @@ from worker.core.amnesiac import NetPredictor
 from worker.core.arcane import Arcane
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet
 from worker.core.nets import build_net
-from worker.core.training import fit
+from worker.core.training import ADAMW, fit
 
 TITLE = "ARCANE: accuracy and single-row unlearning vs the monolith's retrain"
 
@@ -56,6 +56,8 @@ def with_public(train: TrainingSet, public: TrainingSet) -> TrainingSet:
 
 
 def train_monolith(rows: TrainingSet, config: TrainConfig) -> NetPredictor:
+    """The reference users would otherwise retrain: one network, the standard recipe (AdamW)."""
+    config = ADAMW.resolve(config, len(rows))
     net = build_net(config, rows.input_shape, rows.num_classes, "monolith")
     fit(net, rows, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
         seed_parts=(config.seed, "monolith"))

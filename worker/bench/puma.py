@@ -35,9 +35,9 @@ class Params:
     configs: dict[str, TrainConfig]  # dataset -> how its model is trained
 
 
-FULL = Params({"digits": TrainConfig(hidden=(128,), epochs=20, batch_size=32, lr=0.05, seed=0),
-               "letter": TrainConfig(hidden=(256,), epochs=10, batch_size=64, lr=0.1, seed=0)})
-QUICK = Params({"digits": TrainConfig(hidden=(64,), epochs=5, batch_size=32, lr=0.05, seed=0)})
+FULL = Params({"digits": TrainConfig(hidden=(128,), epochs=20, batch_size=32, seed=0),
+               "letter": TrainConfig(hidden=(256,), epochs=10, batch_size=64, seed=0)})
+QUICK = Params({"digits": TrainConfig(hidden=(64,), epochs=5, batch_size=32, seed=0)})
 
 
 def forced(state: PumaState) -> PumaState:

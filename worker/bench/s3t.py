@@ -136,7 +136,7 @@ def measure(quick: bool, progress: Progress) -> dict[str, Any]:
                                             start=1):
             progress(done, steps, f"training {name}")
             sisa_store = ArtifactStore(work / name, "bench")
-            sisa, seconds, _ = timed(Sisa().train, rows, sisa_config, sisa_store)
+            sisa, seconds, _ = timed(Sisa().train, rows, sisa_config, sisa_store, public=public)
             report["accuracy"][name] = accuracy(Sisa().predictor(sisa.state, sisa_store), test)
             report["train_seconds"][name] = seconds
 

@@ -62,7 +62,7 @@ from worker.core.nets import build_net, load_tensors, state_tensors
 from worker.core.placement import slice_of
 from worker.core.sisa import ShardRows, SliceCheckpoint, expected_deletions_until_full_retrain, first_changed_slice
 from worker.core.stored_rows import rows_from_tensors, rows_to_tensors
-from worker.core.training import fit, predict_proba
+from worker.core.training import Recipe, fit, predict_proba
 
 
 class ClassModel(TypedDict):
@@ -166,6 +166,10 @@ class OneVsRest:
         return np.divide(scores, total, out=uniform, where=total > 0)
 
 
+# a class head is a small binary classifier: AdamW, one hidden layer; open fields resolved at training
+RECIPE = Recipe("adamw", lr=3e-3, epochs=10, hidden=(128,), batch_size=64)
+
+
 class Arcane:
     """One one-vs-rest head per class, trained block by block; a deletion retrains one class."""
 
@@ -175,6 +179,7 @@ class Arcane:
               progress: Progress = no_progress, public: TrainingSet | None = None) -> TrainResult:
         """Train every class model from its first block. `public` rows are required: they are
         every head's counter-examples (and train the selection's reference network)."""
+        config = RECIPE.resolve(config, len(data) / max(data.num_classes, 1))
         check_config(config)
         if public is None or len(public) == 0:
             raise ValueError("public: ARCANE's class models need public rows (owned by no subject, never "

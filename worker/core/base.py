@@ -2,21 +2,43 @@
 
 A method is one module exposing a class that satisfies `UnlearningMethod`. The adapters
 (`worker.registry`, the Celery tasks) only speak this interface, so adding a fourth method
-touches none of the other three.
+touches none of the other three. Methods keep their files in a `TensorStore` (the adapters pass
+`worker.artifacts.ArtifactStore`, local or S3); nothing in the core knows where the bytes live.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 
-from worker.artifacts import ArtifactStore
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
+# a method's state: a JSON-serialisable TypedDict, stored in the version's manifest
+S = TypeVar("S")
+
+
+class TensorStore(Protocol):
+    """Content-addressed storage of named tensors (safetensors files), as the core needs it."""
+
+    def put(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
+        """Store the tensors; returns the sha256 of the stored bytes (same tensors, same digest)."""
+        ...
+
+    def get(self, digest: str) -> dict[str, torch.Tensor]:
+        """The tensors filed under `digest` (on the CPU), checked against it; raises if corrupt."""
+        ...
+
+    def exists(self, digest: str) -> bool: ...
+
+    def size(self, digest: str) -> int:
+        """Bytes stored under `digest`."""
+        ...
 
 
 class Progress(Protocol):
@@ -42,18 +64,23 @@ def lineage_sha256(sample_ids: Iterable[str]) -> str:
 class TrainingSet:
     """Rows to train on, sorted by sample id so every run sees them in the same order.
 
-    features: (n, *input_shape) float32; labels: (n,) int64.
+    features: (n, *input_shape) float32; labels: (n,) int64; groups: (n,) int64 or None — an
+    opaque key per row, equal for the rows of one data subject (never the subject id itself),
+    so batches can keep a subject's rows together; None: every row is its own group.
     """
 
     sample_ids: tuple[str, ...]
     features: np.ndarray
     labels: np.ndarray
     num_classes: int
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.sample_ids)
         if self.features.shape[0] != n or self.labels.shape[0] != n:
             raise ValueError("sample_ids, features and labels differ in length")
+        if self.groups is not None and self.groups.shape != (n,):
+            raise ValueError(f"groups must have one key per row, shape ({n},), not {self.groups.shape}")
         if list(self.sample_ids) != sorted(self.sample_ids):
             raise ValueError("TrainingSet rows must be sorted by sample id (use TrainingSet.build)")
         if len(set(self.sample_ids)) != n:
@@ -61,13 +88,14 @@ class TrainingSet:
 
     @classmethod
     def build(cls, sample_ids: Sequence[str], features: np.ndarray, labels: np.ndarray,
-              num_classes: int) -> TrainingSet:
+              num_classes: int, groups: np.ndarray | None = None) -> TrainingSet:
         order = np.argsort(np.asarray(sample_ids, dtype=object), kind="stable")
         return cls(
             tuple(sample_ids[i] for i in order),
             np.ascontiguousarray(np.asarray(features, dtype=np.float32)[order]),
             np.ascontiguousarray(np.asarray(labels, dtype=np.int64)[order]),
             int(num_classes),
+            None if groups is None else np.ascontiguousarray(np.asarray(groups, dtype=np.int64)[order]),
         )
 
     def __len__(self) -> int:
@@ -79,7 +107,8 @@ class TrainingSet:
 
     def select(self, mask: np.ndarray) -> TrainingSet:
         ids = tuple(s for s, keep in zip(self.sample_ids, mask) if keep)
-        return TrainingSet(ids, self.features[mask], self.labels[mask], self.num_classes)
+        groups = None if self.groups is None else self.groups[mask]
+        return TrainingSet(ids, self.features[mask], self.labels[mask], self.num_classes, groups)
 
     def without(self, sample_ids: Iterable[str]) -> TrainingSet:
         drop = set(sample_ids)
@@ -88,13 +117,19 @@ class TrainingSet:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters common to every method; `options` holds the method's own."""
+    """Hyper-parameters common to every method; `options` holds the method's own.
+
+    `hidden`, `epochs`, `batch_size` and `lr` left as None are the method's recipe defaults
+    (`worker.core.training.Recipe`): a method resolves them once, when it trains, and keeps the
+    resolved config in its state, so every later retrain uses exactly the same values.
+    `epochs` is the budget of a monolith: methods that train in stages spread it over them.
+    """
 
     architecture: str = "mlp"  # "mlp" for tabular rows, "cnn" for images
-    hidden: tuple[int, ...] = (128,)
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.05
+    hidden: tuple[int, ...] | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
     seed: int = 0
     shards: int = 1
     slices: int = 1
@@ -104,21 +139,36 @@ class TrainConfig:
         if self.architecture not in {"mlp", "cnn"}:
             raise ValueError(f"architecture must be 'mlp' or 'cnn', not {self.architecture!r}")
         for name in ("epochs", "batch_size", "shards", "slices"):
-            if getattr(self, name) < 1:
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.lr <= 0:
+        if self.lr is not None and not self.lr > 0:
             raise ValueError("lr must be positive")
+        if self.hidden is not None and any(width < 1 for width in self.hidden):
+            raise ValueError("hidden layer widths must be positive")
+
+    def with_defaults(self, hidden: tuple[int, ...], epochs: int, batch_size: int, lr: float) -> TrainConfig:
+        """This config with every field left open set to the given default."""
+        return replace(
+            self,
+            hidden=self.hidden if self.hidden is not None else tuple(hidden),
+            epochs=self.epochs if self.epochs is not None else epochs,
+            batch_size=self.batch_size if self.batch_size is not None else batch_size,
+            lr=self.lr if self.lr is not None else lr,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "architecture": self.architecture, "hidden": list(self.hidden), "epochs": self.epochs,
-            "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed, "shards": self.shards,
-            "slices": self.slices, "options": dict(self.options),
+            "architecture": self.architecture, "hidden": None if self.hidden is None else list(self.hidden),
+            "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed,
+            "shards": self.shards, "slices": self.slices, "options": dict(self.options),
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
-        return cls(**{**data, "hidden": tuple(data.get("hidden", (128,))), "options": dict(data.get("options", {}))})
+    def from_json(cls, data: Mapping[str, Any]) -> TrainConfig:
+        hidden = data.get("hidden")
+        return cls(**{**data, "hidden": None if hidden is None else tuple(hidden),
+                      "options": dict(data.get("options", {}))})
 
 
 @dataclass(frozen=True)
@@ -164,8 +214,8 @@ class DeletedSample:
 
 
 @dataclass(frozen=True)
-class TrainResult:
-    state: dict[str, Any]  # JSON-serialisable, stored in the manifest
+class TrainResult(Generic[S]):
+    state: S  # JSON-serialisable, stored in the manifest
     components: list[Component]
     placements: list[Placement] = field(default_factory=list)
     batches: list[BatchRecord] = field(default_factory=list)
@@ -182,8 +232,8 @@ class DeletionPlan:
 
 
 @dataclass(frozen=True)
-class UnlearnResult:
-    state: dict[str, Any]
+class UnlearnResult(Generic[S]):
+    state: S
     components: list[Component]
     components_changed: list[str]
     verification: dict[str, Any]  # {"kind": "exact"|"approximate", ...evidence}
@@ -202,22 +252,24 @@ class Predictor(Protocol):
         ...
 
 
-class UnlearningMethod(Protocol):
+class UnlearningMethod(Protocol[S]):
     name: ClassVar[str]
 
-    def train(self, data: TrainingSet, config: TrainConfig, store: ArtifactStore,
-              progress: Progress = no_progress, public: TrainingSet | None = None) -> TrainResult: ...
+    def train(self, data: TrainingSet, config: TrainConfig, store: TensorStore,
+              progress: Progress = no_progress, public: TrainingSet | None = None) -> TrainResult[S]: ...
 
-    def plan(self, state: dict[str, Any], deleted: Sequence[DeletedSample]) -> DeletionPlan: ...
+    def plan(self, state: S, deleted: Sequence[DeletedSample]) -> DeletionPlan: ...
 
-    def apply(self, state: dict[str, Any], plan: DeletionPlan, remaining: TrainingSet,
-              store: ArtifactStore, progress: Progress = no_progress,
-              public: TrainingSet | None = None) -> UnlearnResult: ...
+    def apply(self, state: S, plan: DeletionPlan, remaining: TrainingSet,
+              store: TensorStore, progress: Progress = no_progress,
+              public: TrainingSet | None = None) -> UnlearnResult[S]: ...
 
-    def budget(self, state: dict[str, Any]) -> float:
-        """Expected deletions left before a full retrain is needed."""
+    def budget(self, state: S) -> float | None:
+        """Expected further deletions before the model needs a full retrain (or falls below its
+        accuracy floor); counts down with each deletion and resets only at a full retrain.
+        None when the method cannot tell for this model."""
         ...
 
-    def predictor(self, state: dict[str, Any], store: ArtifactStore) -> Predictor: ...
+    def predictor(self, state: S, store: TensorStore) -> Predictor: ...
 
 

@@ -2,17 +2,75 @@
 
 Initialisation is seeded from explicit parts (never the model's name), so the same rows,
 options and seed give bit-identical weights in any process with the same thread count.
+
+Every network starts with a fixed standardisation (`FeatureScaling`): its statistics come from
+rows no erasure can touch (the `public` split), so they carry no erased row, never change when
+rows are erased, and travel with the model in its state rather than in its weight files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from worker.core.base import TrainConfig
+from worker.core.base import TrainConfig, TrainingSet
+
+# a feature (or channel) with less spread than this in the reference rows is only centred
+MIN_STD = 1e-3
+
+
+@dataclass(frozen=True)
+class FeatureScaling:
+    """x -> (x - mean) / std, per feature of tabular rows or per channel of images.
+
+    mean, std: tuples shaped like `axes` of the input: (d,) for rows (d,), (channels,) for
+    images (channels, h, w).
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, rows: TrainingSet) -> FeatureScaling:
+        """Statistics of `rows` (use rows that are never erased, e.g. the public split)."""
+        if len(rows) == 0:
+            raise ValueError("feature statistics need at least one row")
+        features = rows.features.astype(np.float64)
+        axes = (0,) if features.ndim == 2 else (0, *range(2, features.ndim))
+        mean, std = features.mean(axis=axes), features.std(axis=axes)
+        std = np.where(std < MIN_STD, 1.0, std)
+        # stored as float32 values, so the JSON round trip is exact
+        return cls(tuple(float(v) for v in mean.astype(np.float32)), tuple(float(v) for v in std.astype(np.float32)))
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Sequence[float]] | None) -> FeatureScaling | None:
+        return None if data is None else cls(tuple(data["mean"]), tuple(data["std"]))
+
+
+class Standardize(nn.Module):
+    """(n, d) or (n, c, h, w) -> the same shape, standardised. Its statistics are not weights:
+    they are left out of `state_dict` (non-persistent buffers) and never trained."""
+
+    def __init__(self, scaling: FeatureScaling, input_shape: tuple[int, ...]):
+        super().__init__()
+        if len(scaling.mean) != input_shape[0]:
+            raise ValueError(f"feature scaling has {len(scaling.mean)} entries; input {input_shape} needs {input_shape[0]}")
+        shape = (1, -1) + (1,) * (len(input_shape) - 1)
+        self.register_buffer("mean", torch.tensor(scaling.mean, dtype=torch.float32).view(shape), persistent=False)
+        self.register_buffer("std", torch.tensor(scaling.std, dtype=torch.float32).view(shape), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
 
 
 def derive_seed(*parts: object) -> int:
@@ -24,9 +82,11 @@ def derive_seed(*parts: object) -> int:
 class MLP(nn.Module):
     """(n, *input_shape) -> (n, num_classes) logits, ReLU hidden layers, no dropout (exactness)."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...],
+                 scaling: FeatureScaling | None = None):
         super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
+        layers: list[nn.Module] = [] if scaling is None else [Standardize(scaling, input_shape)]
+        layers.append(nn.Flatten())
         width = math.prod(input_shape)
         for size in hidden:
             layers += [nn.Linear(width, size), nn.ReLU()]
@@ -41,12 +101,15 @@ class MLP(nn.Module):
 class SmallCNN(nn.Module):
     """(n, channels, h, w) -> (n, num_classes) logits; two conv blocks, no batch norm."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...],
+                 scaling: FeatureScaling | None = None):
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(f"the CNN needs image rows shaped (channels, h, w), got {input_shape}")
         channels, height, width = input_shape
+        standardize: list[nn.Module] = [] if scaling is None else [Standardize(scaling, input_shape)]
         self.features = nn.Sequential(
+            *standardize,
             nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(),
@@ -60,13 +123,23 @@ class SmallCNN(nn.Module):
 
 
 def build_net(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int,
-              *seed_parts: object) -> nn.Module:
-    """A freshly initialised network, seeded from (config.seed, *seed_parts)."""
+              *seed_parts: object, scaling: FeatureScaling | None = None) -> nn.Module:
+    """A freshly initialised network (on the CPU), seeded from (config.seed, *seed_parts).
+
+    `config.hidden` must be resolved (see `TrainConfig`); `scaling` standardises the input.
+    """
+    if config.hidden is None:
+        raise ValueError("config.hidden is not resolved: a method sets it from its recipe before building nets")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed, "init", *seed_parts))
         if config.architecture == "cnn":
-            return SmallCNN(input_shape, num_classes, config.hidden)
-        return MLP(input_shape, num_classes, config.hidden)
+            return SmallCNN(input_shape, num_classes, config.hidden, scaling)
+        return MLP(input_shape, num_classes, config.hidden, scaling)
+
+
+def scaling_of(state: Mapping[str, Any]) -> FeatureScaling | None:
+    """The feature scaling a method state records (None for models trained without one)."""
+    return FeatureScaling.from_json(state.get("scaling"))
 
 
 def state_tensors(net: nn.Module) -> dict[str, torch.Tensor]:

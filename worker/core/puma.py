@@ -60,7 +60,7 @@ from worker.core.base import (
 from worker.core.amnesiac import NetPredictor
 from worker.core.nets import build_net, derive_seed, load_tensors, state_tensors
 from worker.core.stored_rows import ids_from_tensor, ids_to_tensor
-from worker.core.training import fit, predict_proba
+from worker.core.training import Recipe, fit, predict_proba
 
 # A first-order patch is a small step around the trained optimum; past a few percent of the rows
 # the expansion no longer describes the retrained model and retraining is the honest answer.
@@ -268,6 +268,10 @@ def erased_losses(factors: dict[str, LayerFactors]) -> torch.Tensor:
     return -torch.log(torch.clamp(1 + last.min(dim=1).values, min=1e-12))
 
 
+# one network trained to near its optimum, where the first-order removal step is meant to work
+RECIPE = Recipe("adamw", lr=3e-3, epochs=20, hidden=(128,), batch_size=64)
+
+
 class Puma:
     """One network, patched by influence-based re-weighting; exact retrain past a threshold."""
 
@@ -278,6 +282,7 @@ class Puma:
         """Train the network, then record every row's linear-layer factors. `public` is not used."""
         if len(data) == 0:
             raise ValueError("data: PUMA needs at least one training row")
+        config = RECIPE.resolve(config, len(data))
         PumaOptions.from_config(config)
         net = build_net(config, data.input_shape, data.num_classes, self.name)
         if not linear_layers(net):

@@ -14,17 +14,14 @@ Orders: cyclic rotation (each slice once in each position) for a uniform deletio
 bipartite-matching sequence selection (BMS) for a per-slice deletion prior, which puts the slices
 most likely to be deleted last.
 
+The recipe is SISA's (standardised inputs from the public rows, AdamW, ceil(2E / (L + 1)) epochs
+per adapter layer). With option `stack` > 1 (the default on CUDA: all B) the orders of a shard
+train their layer i together as lanes of one stack (`worker.core.training.fit_lanes`); a shard
+retrain runs at the same width, so it equals a from-scratch run of the same model.
+
 Options (`config.options`): `orders` (B, 1..L, default min(3, L)), `deletion_prior` (L per-slice
 probabilities: BMS), `rank` (adapter rank, default 16), `base_epochs` (see `base_epochs`),
-`aggregation` (`mean`, `vote` or `weighted` by rows, default `mean`).
-
-State (JSON, kept in the manifest):
-    {"config": TrainConfig.to_json(), "aggregation": "mean"|"vote"|"weighted",
-     "input_shape": [...], "num_classes": c, "rank": r, "orders": [[π_0..π_{L-1}], ...B],
-     "base": {"sha256", "lineage_sha256", "rows", "epochs"},
-     "shards": [{"shard": k, "status": "serving"|"needs_retrain", "served": b|None,
-                 "slice_rows": [rows left in slice 0..L-1],
-                 "orders": [{"layers": [{"sha256", "lineage_sha256", "rows"}, ...active prefix]}]}]}
+`aggregation` (`mean`, `vote` or `weighted` by rows, default `mean`), `stack`, `epochs_per_slice`.
 """
 
 from __future__ import annotations
@@ -32,18 +29,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from worker.artifacts import ArtifactStore
+from worker.core import runtime
 from worker.core.aggregate import Ensemble, check_rule
 from worker.core.base import (
     Component,
     DeletedSample,
     DeletionPlan,
     Progress,
+    TensorStore,
     TrainConfig,
     TrainingSet,
     TrainResult,
@@ -53,6 +51,7 @@ from worker.core.base import (
 )
 from worker.core.lora import (
     AdaptedNet,
+    AdapterLayer,
     AdapterStack,
     adapter_from_tensors,
     freeze,
@@ -60,14 +59,54 @@ from worker.core.lora import (
     new_adapter,
     split_base,
 )
-from worker.core.nets import build_net, load_tensors, state_tensors
+from worker.core.nets import FeatureScaling, build_net, load_tensors, scaling_of, state_tensors
 from worker.core.placement import place, shard_of, slice_of
-from worker.core.sisa import expected_deletions_until_full_retrain
-from worker.core.training import fit
+from worker.core.sisa import epochs_per_slice, expected_deletions_until_full_retrain, resolve, stack_width
+from worker.core.training import ADAMW, Lane, fit, fit_lanes
 
 DEFAULT_RANK = 16
 BASE_STEPS = 2000
 SERVING, NEEDS_RETRAIN = "serving", "needs_retrain"
+
+
+class LayerState(TypedDict):
+    sha256: str
+    lineage_sha256: str
+    rows: int
+
+
+class OrderState(TypedDict):
+    layers: list[LayerState]  # the active prefix
+
+
+class ShardState(TypedDict):
+    shard: int
+    status: str  # SERVING | NEEDS_RETRAIN
+    served: int | None  # the order served
+    slice_rows: list[int]  # rows left in slice 0..L-1
+    orders: list[OrderState]
+
+
+class BaseState(TypedDict):
+    sha256: str
+    lineage_sha256: str
+    rows: int
+    epochs: int
+
+
+class S3TState(TypedDict):
+    config: dict[str, Any]  # TrainConfig.to_json(), resolved
+    aggregation: str
+    input_shape: list[int]
+    num_classes: int
+    scaling: dict[str, list[float]]
+    rank: int
+    orders: list[list[int]]  # B orders of the L slices
+    epochs_per_slice: int
+    stack: int  # orders of a shard trained at once
+    trained_on: dict[str, Any]  # runtime.provenance() of the full training
+    base: BaseState
+    shards: list[ShardState]
 
 
 def cyclic_orders(slices: int, budget: int) -> list[list[int]]:
@@ -134,11 +173,12 @@ def rank_of(config: TrainConfig) -> int:
 
 def base_epochs(config: TrainConfig, public_rows: int) -> int:
     """Option `base_epochs`; by default enough epochs for BASE_STEPS optimizer steps (at least
-    `config.epochs`). The public split is small, so `config.epochs` alone leaves the base, and
-    with it every adapter, undertrained; the base is trained once and never retrained, so the
-    extra steps are paid once."""
-    default = max(config.epochs, math.ceil(BASE_STEPS / max(1, math.ceil(public_rows / config.batch_size))))
-    epochs = config.options.get("base_epochs", default)
+    `config.epochs`, which must be resolved). The public split is small, so `config.epochs` alone
+    leaves the base, and with it every adapter, undertrained; the base is trained once and never
+    retrained, so the extra steps are paid once."""
+    if "base_epochs" not in config.options:
+        return max(config.epochs, math.ceil(BASE_STEPS / max(1, math.ceil(public_rows / config.batch_size))))
+    epochs = config.options["base_epochs"]
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"option base_epochs must be a positive integer, not {epochs!r}")
     return epochs
@@ -148,7 +188,7 @@ def component_name(shard: int, order: int, layer: int) -> str:
     return f"shard-{shard}/order-{order}/layer-{layer}"
 
 
-def served_order(orders: list[dict[str, Any]], current: int | None) -> int | None:
+def served_order(orders: list[OrderState], current: int | None) -> int | None:
     """Index of the order with the longest intact prefix (the current one on a tie, else the
     lowest index); None when every order has lost its first adapter."""
     longest = max(len(o["layers"]) for o in orders)
@@ -164,27 +204,27 @@ class S3T:
 
     name: ClassVar[str] = "s3t"
 
-    def train(self, data: TrainingSet, config: TrainConfig, store: ArtifactStore,
-              progress: Progress = no_progress, public: TrainingSet | None = None) -> TrainResult:
+    def train(self, data: TrainingSet, config: TrainConfig, store: TensorStore,
+              progress: Progress = no_progress, public: TrainingSet | None = None) -> TrainResult[S3TState]:
         """Train the base on `public`, then every shard's B orders of L adapters on `data`."""
         aggregation = check_rule(config.options.get("aggregation", "mean"))
         orders, rank = orders_for(config), rank_of(config)
         public = self._check_public(public, data)
-        base = build_net(config, data.input_shape, data.num_classes, "s3t", "base")
+        config = resolve(config, len(data))
+        scaling = FeatureScaling.of(public)
+        base = build_net(config, data.input_shape, data.num_classes, "s3t", "base", scaling=scaling)
         epochs = base_epochs(config, len(public))
         steps = fit(base, public, epochs=epochs, batch_size=config.batch_size, lr=config.lr,
-                    seed_parts=(config.seed, "s3t", "base"))
-        state = {
-            "config": config.to_json(),
-            "aggregation": aggregation,
-            "input_shape": list(data.input_shape),
-            "num_classes": data.num_classes,
-            "rank": rank,
-            "orders": orders,
-            "base": {"sha256": store.put(state_tensors(base)),
-                     "lineage_sha256": lineage_sha256(public.sample_ids), "rows": len(public), "epochs": epochs},
-            "shards": [],
-        }
+                    seed_parts=(config.seed, "s3t", "base"), progress=progress, description="S3T: training the base")
+        state = S3TState(
+            config=config.to_json(), aggregation=aggregation, input_shape=list(data.input_shape),
+            num_classes=data.num_classes, scaling=scaling.to_json(), rank=rank, orders=orders,
+            epochs_per_slice=epochs_per_slice(config), stack=stack_width(config, len(orders)),
+            trained_on=runtime.provenance(),
+            base=BaseState(sha256=store.put(state_tensors(base)), lineage_sha256=lineage_sha256(public.sample_ids),
+                           rows=len(public), epochs=epochs),
+            shards=[],
+        )
         for k in range(config.shards):
             shard_state, shard_steps = self._train_shard(state, base, data, k, store, progress)
             state["shards"].append(shard_state)
@@ -196,7 +236,7 @@ class S3T:
             metrics={"optimizer_steps": float(steps)},
         )
 
-    def plan(self, state: dict[str, Any], deleted: Sequence[DeletedSample]) -> DeletionPlan:
+    def plan(self, state: S3TState, deleted: Sequence[DeletedSample]) -> DeletionPlan:
         """For each order of each hit shard, the new active prefix: the position of the first
         erased slice in that order (or the current prefix, if shorter).
 
@@ -235,9 +275,9 @@ class S3T:
                       "the erased rows (left out of aggregation meanwhile)") if retrain else None,
         )
 
-    def apply(self, state: dict[str, Any], plan: DeletionPlan, remaining: TrainingSet,
-              store: ArtifactStore, progress: Progress = no_progress,
-              public: TrainingSet | None = None) -> UnlearnResult:
+    def apply(self, state: S3TState, plan: DeletionPlan, remaining: TrainingSet,
+              store: TensorStore, progress: Progress = no_progress,
+              public: TrainingSet | None = None) -> UnlearnResult[S3TState]:
         """Deactivate the planned adapters (a state change, no gradient step) and list their files,
         which encode erased rows, in `removed_artifacts` for the caller to purge. `remaining` and
         `public` are not needed: S3T never trains here."""
@@ -261,9 +301,9 @@ class S3T:
             optimizer_steps=0,
         )
 
-    def retrain_shard(self, state: dict[str, Any], shard: int, remaining: TrainingSet,
-                      public: TrainingSet | None, store: ArtifactStore,
-                      progress: Progress = no_progress) -> UnlearnResult:
+    def retrain_shard(self, state: S3TState, shard: int, remaining: TrainingSet,
+                      public: TrainingSet | None, store: TensorStore,
+                      progress: Progress = no_progress) -> UnlearnResult[S3TState]:
         """Retrain every order of one shard on its rows in `remaining` (all the model's training
         rows minus the erased ones; other shards' rows are ignored). Bit-identical to what
         `train` would give that shard on those rows. `public`, when given, must be the rows the
@@ -296,7 +336,7 @@ class S3T:
             optimizer_steps=steps,
         )
 
-    def budget(self, state: dict[str, Any]) -> float:
+    def budget(self, state: S3TState) -> float:
         """Expected number of further deletions, each of a uniformly random training row, until
         every shard has lost all its orders — the point where the whole model needs retraining
         (the paper's deletion rate, counted from the current state).
@@ -321,7 +361,7 @@ class S3T:
             return 0.0
         return expected_deletions_until_full_retrain([rows / total for rows in first_slice_rows])
 
-    def predictor(self, state: dict[str, Any], store: ArtifactStore) -> Ensemble:
+    def predictor(self, state: S3TState, store: TensorStore) -> Ensemble:
         """Per serving shard, the base with its served order's active adapters; shards that need
         retraining are left out. With no serving shard, the public base alone answers."""
         base = self._base(state, store)
@@ -339,7 +379,7 @@ class S3T:
         return Ensemble(nets, weights, state["aggregation"])
 
     @staticmethod
-    def components(state: dict[str, Any]) -> list[Component]:
+    def components(state: S3TState) -> list[Component]:
         """`base`, then per serving shard one component per active adapter of its served order."""
         components = [Component("base", state["base"]["sha256"], state["base"]["lineage_sha256"],
                                 {"kind": "base", "rows": state["base"]["rows"]})]
@@ -360,7 +400,7 @@ class S3T:
         return components
 
     @staticmethod
-    def lineage(state: dict[str, Any]) -> dict[str, Any]:
+    def lineage(state: S3TState) -> dict[str, Any]:
         """Evidence per shard: the served order and, for each active adapter, the slices it saw."""
         evidence = {}
         for entry in state["shards"]:
@@ -370,7 +410,7 @@ class S3T:
         return evidence
 
     @staticmethod
-    def _after(state: dict[str, Any], work: dict[str, Any]) -> dict[str, Any]:
+    def _after(state: S3TState, work: dict[str, Any]) -> S3TState:
         """The state once the planned adapters are deactivated (pure)."""
         shards = []
         for entry in state["shards"]:
@@ -390,7 +430,7 @@ class S3T:
             })
         return {**state, "shards": shards}
 
-    def _changed(self, before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    def _changed(self, before: S3TState, after: S3TState) -> list[str]:
         """Names of the served components that appear or disappear (or change their bytes)."""
         old = {(c.name, c.sha256) for c in self.components(before)}
         new = {(c.name, c.sha256) for c in self.components(after)}
@@ -409,50 +449,56 @@ class S3T:
         return public
 
     @staticmethod
-    def _check_rows(state: dict[str, Any], rows: TrainingSet) -> None:
+    def _check_rows(state: S3TState, rows: TrainingSet) -> None:
         if rows.input_shape != tuple(state["input_shape"]) or rows.num_classes != state["num_classes"]:
             raise ValueError(f"remaining rows are {rows.input_shape} with {rows.num_classes} classes; the model "
                              f"was trained on {tuple(state['input_shape'])} with {state['num_classes']}")
 
     @staticmethod
-    def _base(state: dict[str, Any], store: ArtifactStore):
+    def _base(state: S3TState, store: TensorStore):
         config = TrainConfig.from_json(state["config"])
-        base = build_net(config, tuple(state["input_shape"]), int(state["num_classes"]), "s3t", "base")
+        base = build_net(config, tuple(state["input_shape"]), int(state["num_classes"]), "s3t", "base",
+                         scaling=scaling_of(state))
         return freeze(load_tensors(base, store.get(state["base"]["sha256"])))
 
     @staticmethod
-    def _train_shard(state: dict[str, Any], base, data: TrainingSet, shard: int, store: ArtifactStore,
-                     progress: Progress) -> tuple[dict[str, Any], int]:
+    def _train_shard(state: S3TState, base, data: TrainingSet, shard: int, store: TensorStore,
+                     progress: Progress) -> tuple[ShardState, int]:
         """Train B orders x L adapters for one shard on its rows of `data`; returns its state
-        entry and the optimizer steps taken. Adapter i of order b sees slices π_0..π_i."""
+        entry and the optimizer steps taken. Adapter i of order b sees slices π_0..π_i; layer i
+        of the orders of one stack trains at once."""
         config = TrainConfig.from_json(state["config"])
-        rank = int(state["rank"])
-        trunk, head, width = split_base(base)
+        rank, width, orders = int(state["rank"]), state["stack"], state["orders"]
+        trunk, head, features = split_base(base)
         freeze(base)
         rows = data.select(np.array([shard_of(s, config.shards) == shard for s in data.sample_ids], dtype=bool))
         slice_index = np.array([slice_of(s, config.slices) for s in rows.sample_ids], dtype=np.int64)
         # the trunk is frozen: compute its (n, d) features once and train adapters on them
         hidden = replace(rows, features=hidden_features(trunk, rows.features))
+        rule = ADAMW.update(config.lr)
+        adapters: list[list[AdapterLayer]] = [[] for _ in orders]
+        layers: list[list[LayerState]] = [[] for _ in orders]
+        stages = [(i, g) for i in range(config.slices) for g in range(0, len(orders), width)]
         steps = 0
-        orders = []
-        for b, order in progress(list(enumerate(state["orders"])), description=f"S3T: shard {shard} orders",
-                                 total=len(state["orders"])):
-            adapters, layers = [], []
-            for i in range(config.slices):
-                seen = hidden.select(np.isin(slice_index, order[:i + 1]))
+        for i, g in progress(stages, description=f"S3T: shard {shard} adapters", total=len(stages)):
+            lanes, seen = [], []
+            for b in range(g, g + width):
+                if b >= len(orders):
+                    lanes.append(None)
+                    continue
                 parts = (config.seed, "s3t", "shard", shard, "order", b, "layer", i)
-                adapter = new_adapter(width, rank, rows.num_classes, *parts)
-                steps += fit(AdapterStack([*adapters, adapter], head), seen, epochs=config.epochs,
-                             batch_size=config.batch_size, lr=config.lr, seed_parts=parts)
-                adapters.append(freeze(adapter))
-                layers.append({"sha256": store.put(state_tensors(adapter)),
-                               "lineage_sha256": lineage_sha256(seen.sample_ids), "rows": len(seen)})
-            orders.append({"layers": layers})
-        entry = {
-            "shard": shard,
-            "status": SERVING,
-            "served": 0,
-            "slice_rows": np.bincount(slice_index, minlength=config.slices).tolist(),
-            "orders": orders,
-        }
+                adapter = new_adapter(features, rank, rows.num_classes, *parts)
+                adapters[b].append(adapter)
+                seen.append(hidden.select(np.isin(slice_index, orders[b][:i + 1])))
+                lanes.append(Lane(AdapterStack(adapters[b], head), seen[-1], parts))
+            steps += sum(fit_lanes(lanes, epochs=state["epochs_per_slice"], batch_size=config.batch_size, rule=rule))
+            for b, rows_seen in zip(range(g, g + width), seen):
+                freeze(adapters[b][i])
+                layers[b].append(LayerState(sha256=store.put(state_tensors(adapters[b][i])),
+                                            lineage_sha256=lineage_sha256(rows_seen.sample_ids), rows=len(rows_seen)))
+        entry = ShardState(
+            shard=shard, status=SERVING, served=0,
+            slice_rows=np.bincount(slice_index, minlength=config.slices).tolist(),
+            orders=[OrderState(layers=order_layers) for order_layers in layers],
+        )
         return entry, steps

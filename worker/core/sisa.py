@@ -8,11 +8,16 @@ the remaining rows, starting from checkpoint r-1, which never saw the row. Every
 are seeded by (seed, shard, slice, epoch) alone and its optimizer is fresh, so this retrain is
 bit-identical to training the whole model from scratch on the remaining rows: exact unlearning.
 
-State (JSON, kept in the manifest):
-    {"config": TrainConfig.to_json(), "aggregation": "vote"|"mean"|"weighted",
-     "input_shape": [...], "num_classes": c,
-     "shards": [{"shard": k, "checkpoints": [SliceCheckpoint.to_json(), ...one per slice]}]}
-The component of shard k (`shard-k`) is its last checkpoint.
+Epoch budget (the paper's): each stage runs ceil(2E / (R + 1)) epochs, E being the monolith's,
+so a whole SISA model processes about as many rows as the monolith it replaces.
+
+Stacks: shards train in stacks of `stack` lanes (`worker.core.training.fit_lanes`): shard k is
+lane k mod G of stack k // G. G = 1 (the CPU default) trains one shard at a time; on CUDA the
+default is one stack of all S shards. A retrain runs the stacks of the tainted shards at the
+same width, so it still equals a from-scratch run of the same model.
+
+Budget: rows that can be erased before the model's accuracy is expected to fall below its floor
+(`learning_curve`), counting down by one per erased row and reset by a full retrain.
 """
 
 from __future__ import annotations
@@ -20,18 +25,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 from scipy import integrate
 
-from worker.artifacts import ArtifactStore
+from worker.core import runtime
 from worker.core.aggregate import Ensemble, check_rule
 from worker.core.base import (
     Component,
     DeletedSample,
     DeletionPlan,
     Progress,
+    TensorStore,
     TrainConfig,
     TrainingSet,
     TrainResult,
@@ -39,9 +45,48 @@ from worker.core.base import (
     lineage_sha256,
     no_progress,
 )
-from worker.core.nets import build_net, load_tensors, state_tensors
+from worker.core.nets import FeatureScaling, build_net, load_tensors, scaling_of, state_tensors
 from worker.core.placement import place, shard_of, slice_of
-from worker.core.training import fit
+from worker.core.training import ADAMW, Lane, fit_lanes
+
+# the accuracy floor, unless option accuracy_floor sets one: this far below the trained model
+DEFAULT_ACCURACY_DROP = 0.02
+
+
+class CheckpointState(TypedDict):
+    slice: int
+    sha256: str
+    lineage_sha256: str
+    n_seen: int
+    steps: int
+
+
+class ShardState(TypedDict):
+    shard: int
+    checkpoints: list[CheckpointState]
+
+
+class LearningCurve(TypedDict):
+    """Validation accuracy of the model made of every shard's checkpoint r, for r = 0..R-1:
+    the model trained on `rows[r]` rows. `floor`: the accuracy the budget protects."""
+
+    rows: list[int]
+    accuracy: list[float]
+    validation_rows: int
+    floor: float
+
+
+class SisaState(TypedDict):
+    config: dict[str, Any]  # TrainConfig.to_json(), resolved
+    aggregation: str
+    input_shape: list[int]
+    num_classes: int
+    scaling: dict[str, list[float]] | None
+    epochs_per_slice: int
+    stack: int  # lanes per stack: 1 = one shard at a time
+    trained_on: dict[str, Any]  # runtime.provenance() of the full training
+    shards: list[ShardState]
+    curve: LearningCurve | None
 
 
 @dataclass(frozen=True)
@@ -54,11 +99,11 @@ class SliceCheckpoint:
     n_seen: int  # rows in slices 0..slice
     steps: int  # optimizer steps of this stage alone
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_json(self) -> CheckpointState:
+        return CheckpointState(**asdict(self))
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SliceCheckpoint:
+    def from_json(cls, data: CheckpointState) -> SliceCheckpoint:
         return cls(**data)
 
 
@@ -73,16 +118,43 @@ class ShardRows:
         return self.rows.select(self.slices <= last_slice)
 
 
+@dataclass(frozen=True)
+class RetrainedShard:
+    """One shard retrained from slice `start` on: its new checkpoints for slices start..R-1."""
+
+    shard: int
+    start: int
+    checkpoints: list[SliceCheckpoint]
+    sample_ids: tuple[str, ...]  # every row the shard holds now
+
+
 def component_name(shard: int) -> str:
     return f"shard-{shard}"
 
 
+def resolve(config: TrainConfig, rows: int) -> TrainConfig:
+    """The config with the recipe's defaults (batch size from the rows of one shard)."""
+    return ADAMW.resolve(config, rows / config.shards)
+
+
 def epochs_per_slice(config: TrainConfig) -> int:
-    """Epochs of each stage: option `epochs_per_slice`, else `config.epochs`."""
-    epochs = config.options.get("epochs_per_slice", config.epochs)
+    """Epochs of each stage: option `epochs_per_slice`, else ceil(2E / (R + 1)) (Bourtoule et al.:
+    stage r sees (r+1)/R of the rows, so R stages of that many epochs cost about E epochs)."""
+    default = math.ceil(2 * config.epochs / (config.slices + 1))
+    epochs = config.options.get("epochs_per_slice", default)
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"option epochs_per_slice must be a positive integer, not {epochs!r}")
     return epochs
+
+
+def stack_width(config: TrainConfig, lanes: int) -> int:
+    """Option `stack` (lanes trained at once, 1..lanes); default all of them on CUDA, 1 on a CPU,
+    where a stack saves no time (one thread does the lanes' arithmetic one after another)."""
+    default = lanes if runtime.current().device.type == "cuda" else 1
+    width = config.options.get("stack", default)
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        raise ValueError(f"option stack must be a positive integer, not {width!r}")
+    return min(width, lanes)
 
 
 def shard_rows(data: TrainingSet, shards: int, slices: int, wanted: Sequence[int]) -> dict[int, ShardRows]:
@@ -133,32 +205,47 @@ def expected_deletions_until_full_retrain(first_slice_shares: Sequence[float]) -
     return head + tail
 
 
+def rows_at_floor(curve: LearningCurve) -> float:
+    """The number of training rows at which the learning curve meets its floor, interpolated
+    linearly between checkpoints, walking down from the full model; the smallest measured
+    point when the curve stays above the floor (no extrapolation beyond what was measured)."""
+    rows, accuracy, floor = curve["rows"], curve["accuracy"], curve["floor"]
+    if accuracy[-1] < floor:
+        return float(rows[-1])
+    for i in range(len(rows) - 1, 0, -1):
+        if accuracy[i - 1] < floor:
+            share = (floor - accuracy[i - 1]) / (accuracy[i] - accuracy[i - 1])
+            return rows[i - 1] + share * (rows[i] - rows[i - 1])
+    return float(rows[0])
+
+
 class Sisa:
     """Exact unlearning by retraining only the tainted suffix of the tainted shards."""
 
     name: ClassVar[str] = "sisa"
 
-    def train(self, data: TrainingSet, config: TrainConfig, store: ArtifactStore,
-              progress: Progress = no_progress, public: TrainingSet | None = None) -> TrainResult:
-        """Train every shard from its first slice. `public` rows are not used by SISA."""
+    def train(self, data: TrainingSet, config: TrainConfig, store: TensorStore,
+              progress: Progress = no_progress, public: TrainingSet | None = None) -> TrainResult[SisaState]:
+        """Train every shard from its first slice. `public` rows (never erasable) give the
+        feature statistics and the validation rows of the learning curve; SISA never trains on them."""
         aggregation = check_rule(config.options.get("aggregation", "mean"))
-        epochs_per_slice(config)
-        shards = range(config.shards)
-        checkpoints = self._train_stages(
-            config, data.input_shape, data.num_classes,
-            shard_rows(data, config.shards, config.slices, shards),
-            start={k: 0 for k in shards}, resume={k: None for k in shards},
-            store=store, progress=progress,
-            description=f"SISA: training {config.shards} shard(s) x {config.slices} slice(s)",
+        config = resolve(config, len(data))
+        scaling = FeatureScaling.of(public) if public is not None and len(public) else None
+        state = SisaState(
+            config=config.to_json(), aggregation=aggregation, input_shape=list(data.input_shape),
+            num_classes=data.num_classes, scaling=None if scaling is None else scaling.to_json(),
+            epochs_per_slice=epochs_per_slice(config), stack=stack_width(config, config.shards),
+            trained_on=runtime.provenance(), shards=[], curve=None,
         )
-        state = {
-            "config": config.to_json(),
-            "aggregation": aggregation,
-            "input_shape": list(data.input_shape),
-            "num_classes": data.num_classes,
-            "shards": [{"shard": k, "checkpoints": [c.to_json() for c in checkpoints[k]]} for k in shards],
-        }
-        steps = sum(c.steps for cps in checkpoints.values() for c in cps)
+        shards = range(config.shards)
+        retrained = self._train_stages(
+            state, shard_rows(data, config.shards, config.slices, shards), {k: 0 for k in shards}, {}, store,
+            progress, description=f"SISA: training {config.shards} shard(s) x {config.slices} slice(s)",
+        )
+        state["shards"] = [ShardState(shard=r.shard, checkpoints=[c.to_json() for c in r.checkpoints])
+                           for r in retrained]
+        state["curve"] = self.learning_curve(state, store, public)
+        steps = sum(c.steps for r in retrained for c in r.checkpoints)
         return TrainResult(
             state=state,
             components=self.components(state),
@@ -166,7 +253,7 @@ class Sisa:
             metrics={"optimizer_steps": float(steps)},
         )
 
-    def plan(self, state: dict[str, Any], deleted: Sequence[DeletedSample]) -> DeletionPlan:
+    def plan(self, state: SisaState, deleted: Sequence[DeletedSample]) -> DeletionPlan:
         """Each tainted shard is retrained once, from the earliest slice any deleted row was in."""
         config = TrainConfig.from_json(state["config"])
         first_tainted: dict[int, int] = {}
@@ -183,14 +270,25 @@ class Sisa:
             work={str(k): first_tainted[k] for k in sorted(first_tainted)},
         )
 
-    def apply(self, state: dict[str, Any], plan: DeletionPlan, remaining: TrainingSet,
-              store: ArtifactStore, progress: Progress = no_progress,
-              public: TrainingSet | None = None) -> UnlearnResult:
+    def apply(self, state: SisaState, plan: DeletionPlan, remaining: TrainingSet,
+              store: TensorStore, progress: Progress = no_progress,
+              public: TrainingSet | None = None) -> UnlearnResult[SisaState]:
         """Retrain each tainted shard from its last clean checkpoint on `remaining` (the rows the
         model was trained on, minus the erased ones), then list the tainted checkpoints for purging.
 
         The retrained shards end up exactly as `train(remaining)` would make them: a shard
         whose earlier slices also lost rows is retrained from the first slice that did.
+        """
+        starts = {int(k): int(r) for k, r in plan.work.items()}
+        return self.merge(state, self.retrain_shards(state, starts, remaining, store, progress))
+
+    def retrain_shards(self, state: SisaState, starts: dict[int, int], remaining: TrainingSet,
+                       store: TensorStore, progress: Progress = no_progress) -> list[RetrainedShard]:
+        """Retrain the shards named in `starts` (shard -> first tainted slice) on their rows in
+        `remaining`; writes their new checkpoints to `store`, changes nothing else.
+
+        Any subset of a model's shards can be retrained on its own (e.g. one task per shard) and
+        the results merged with `merge`: each shard's lane depends only on its own rows.
         """
         config = TrainConfig.from_json(state["config"])
         input_shape, num_classes = tuple(state["input_shape"]), int(state["num_classes"])
@@ -199,91 +297,93 @@ class Sisa:
                 f"remaining rows are {remaining.input_shape} with {remaining.num_classes} classes; "
                 f"the model was trained on {input_shape} with {num_classes}"
             )
-        start = {int(k): int(r) for k, r in plan.work.items()}
-        old = {entry["shard"]: [SliceCheckpoint.from_json(c) for c in entry["checkpoints"]]
-               for entry in state["shards"]}
-        for k, r in start.items():
+        old = self._checkpoints(state)
+        for k, r in starts.items():
             if k not in old or not 0 <= r < config.slices:
                 raise ValueError(f"plan work names shard {k} slice {r}, which this model does not have")
-        rows = shard_rows(remaining, config.shards, config.slices, sorted(start))
-        start = {k: first_changed_slice(old[k][:r], rows[k], r) for k, r in start.items()}
-        resume = {k: old[k][r - 1].sha256 if r > 0 else None for k, r in start.items()}
-        retrained = self._train_stages(
-            config, input_shape, num_classes, rows, start, resume, store, progress,
-            description=f"SISA: retraining {len(start)} shard(s)",
-        )
+        rows = shard_rows(remaining, config.shards, config.slices, sorted(starts))
+        starts = {k: first_changed_slice(old[k][:r], rows[k], r) for k, r in starts.items()}
+        resume = {k: old[k][r - 1].sha256 for k, r in starts.items() if r > 0}
+        return self._train_stages(state, rows, starts, resume, store, progress,
+                                  description=f"SISA: retraining {len(starts)} shard(s)")
 
-        new_shards = {k: cps[:start[k]] + retrained[k] if k in start else cps for k, cps in old.items()}
-        new_state = {
+    def merge(self, state: SisaState, retrained: Sequence[RetrainedShard]) -> UnlearnResult[SisaState]:
+        """The new version: the retrained shards' checkpoints in place of their tainted ones."""
+        config = TrainConfig.from_json(state["config"])
+        old = self._checkpoints(state)
+        by_shard = {r.shard: r for r in retrained}
+        new_shards = {k: cps[:by_shard[k].start] + by_shard[k].checkpoints if k in by_shard else cps
+                      for k, cps in old.items()}
+        new_state = SisaState(**{
             **state,
-            "shards": [{"shard": k, "checkpoints": [c.to_json() for c in new_shards[k]]} for k in sorted(new_shards)],
-        }
+            "shards": [ShardState(shard=k, checkpoints=[c.to_json() for c in new_shards[k]]) for k in sorted(new_shards)],
+        })
         # the tainted checkpoints hold what the erased rows taught: the caller purges them once the
         # new version is durable; a checkpoint a retrain reproduced byte for byte (possible when a
         # "deleted" row was never trained on) stays
         live = {c.sha256 for cps in new_shards.values() for c in cps}
-        tainted = {c.sha256 for k, r in start.items() for c in old[k][r:]}
+        tainted = {c.sha256 for r in retrained for c in old[r.shard][r.start:]}
         removed = sorted(tainted - live)
-
-        retrained_ids = [s for k in sorted(start) for s in rows[k].rows.sample_ids]
+        shards = sorted(by_shard)
         return UnlearnResult(
             state=new_state,
             components=self.components(new_state),
-            components_changed=[component_name(k) for k in sorted(start)],
+            components_changed=[component_name(k) for k in shards],
             verification={
                 "kind": "exact",
                 "method": self.name,
-                "retrained": {str(k): start[k] for k in sorted(start)},
-                "retrain_shards": sorted(start),
+                "retrained": {str(k): by_shard[k].start for k in shards},
+                "retrain_shards": shards,
                 "lineage": {
                     component_name(k): {"before": old[k][-1].lineage_sha256,
                                         "after": new_shards[k][-1].lineage_sha256}
-                    for k in sorted(start)
+                    for k in shards
                 },
                 "checkpoints_purged": len(removed),
+                "stack": state["stack"],
             },
             removed_artifacts=removed,
-            placements=place(retrained_ids, config.shards, config.slices),
-            optimizer_steps=sum(c.steps for cps in retrained.values() for c in cps),
+            placements=place([s for k in shards for s in by_shard[k].sample_ids], config.shards, config.slices),
+            optimizer_steps=sum(c.steps for r in retrained for c in r.checkpoints),
         )
 
-    def budget(self, state: dict[str, Any]) -> float:
-        """Expected number of uniformly random single-row deletions, pending together, after
-        which every shard would need retraining from its first (non-empty) slice — the point
-        where unlearning costs as much as retraining the whole model.
+    def budget(self, state: SisaState) -> float | None:
+        """Rows that can still be erased before the model is expected to fall below its accuracy
+        floor: the rows it holds now minus the rows at which its learning curve meets the floor.
 
-        Computed from the per-slice row counts of the current version (each exact retrain
-        leaves a clean model, so the budget is a property of the version, not of its history);
-        see `expected_deletions_until_full_retrain`. 0.0 for a model with no rows.
+        Every erased row lowers it by one; a full retrain measures a new curve. SISA itself never
+        needs a full retrain (each erasure retrains exactly), but shards shrink and accuracy with
+        them. None without a learning curve (trained with one slice, or without public rows).
         """
-        first_slice_sizes, total = [], 0
-        for entry in state["shards"]:
-            seen = [c["n_seen"] for c in entry["checkpoints"]]
-            sizes = np.diff([0, *seen])
-            nonempty = sizes[sizes > 0]
-            if nonempty.size:
-                first_slice_sizes.append(int(nonempty[0]))
-            total += seen[-1]
-        if total == 0:
-            return 0.0
-        return expected_deletions_until_full_retrain([n / total for n in first_slice_sizes])
+        curve = state["curve"]
+        if curve is None:
+            return None
+        rows_now = sum(entry["checkpoints"][-1]["n_seen"] for entry in state["shards"])
+        return max(rows_now - rows_at_floor(curve), 0.0)
 
-    def predictor(self, state: dict[str, Any], store: ArtifactStore) -> Ensemble:
-        """Shards with no rows have an untrained network and take no part in predictions."""
+    def learning_curve(self, state: SisaState, store: TensorStore, validation: TrainingSet | None) -> LearningCurve | None:
+        """Accuracy on `validation` rows of the ensemble of every shard's checkpoint r, against the
+        rows those checkpoints saw. None with fewer than two slices or no validation rows."""
         config = TrainConfig.from_json(state["config"])
-        input_shape, num_classes = tuple(state["input_shape"]), int(state["num_classes"])
-        nets, weights = [], []
-        for component in self.components(state):
-            n_samples = component.meta["n_samples"]
-            if n_samples == 0:
-                continue
-            net = build_net(config, input_shape, num_classes, "shard", component.meta["shard"])
-            nets.append(load_tensors(net, store.get(component.sha256)))
-            weights.append(float(n_samples))
-        return Ensemble(nets, weights, state["aggregation"])
+        if validation is None or len(validation) == 0 or config.slices < 2:
+            return None
+        rows, accuracy = [], []
+        for r in range(config.slices):
+            checkpoints = [(entry["shard"], entry["checkpoints"][r]) for entry in state["shards"]]
+            proba = self._ensemble(state, checkpoints, store).predict_proba(validation.features)
+            rows.append(sum(c["n_seen"] for _, c in checkpoints))
+            accuracy.append(float(np.mean(proba.argmax(axis=1) == validation.labels)))
+        floor = config.options.get("accuracy_floor", accuracy[-1] - DEFAULT_ACCURACY_DROP)
+        if not isinstance(floor, (int, float)) or isinstance(floor, bool) or not 0 <= floor <= 1:
+            raise ValueError(f"option accuracy_floor must be a number between 0 and 1, not {floor!r}")
+        return LearningCurve(rows=rows, accuracy=accuracy, validation_rows=len(validation), floor=float(floor))
+
+    def predictor(self, state: SisaState, store: TensorStore) -> Ensemble:
+        """Shards with no rows have an untrained network and take no part in predictions."""
+        return self._ensemble(state, [(entry["shard"], entry["checkpoints"][-1]) for entry in state["shards"]], store)
 
     @staticmethod
-    def components(state: dict[str, Any]) -> list[Component]:
+    def components(state: SisaState) -> list[Component]:
         """One component per shard: its last slice checkpoint."""
         components = []
         for entry in state["shards"]:
@@ -297,22 +397,50 @@ class Sisa:
         return components
 
     @staticmethod
-    def _train_stages(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int,
-                      rows: dict[int, ShardRows], start: dict[int, int], resume: dict[int, str | None],
-                      store: ArtifactStore, progress: Progress, description: str) -> dict[int, list[SliceCheckpoint]]:
-        """Train stages start[k]..R-1 of each shard k, from checkpoint `resume[k]` or a fresh net."""
-        epochs = epochs_per_slice(config)
-        stages = [(k, r) for k in sorted(start) for r in range(start[k], config.slices)]
+    def _checkpoints(state: SisaState) -> dict[int, list[SliceCheckpoint]]:
+        return {entry["shard"]: [SliceCheckpoint.from_json(c) for c in entry["checkpoints"]] for entry in state["shards"]}
+
+    @staticmethod
+    def _ensemble(state: SisaState, checkpoints: list[tuple[int, CheckpointState]], store: TensorStore) -> Ensemble:
+        config = TrainConfig.from_json(state["config"])
+        input_shape, num_classes = tuple(state["input_shape"]), int(state["num_classes"])
+        nets, weights = [], []
+        for shard, checkpoint in checkpoints:
+            if checkpoint["n_seen"] == 0:
+                continue
+            net = build_net(config, input_shape, num_classes, "shard", shard, scaling=scaling_of(state))
+            nets.append(load_tensors(net, store.get(checkpoint["sha256"])))
+            weights.append(float(checkpoint["n_seen"]))
+        return Ensemble(nets, weights, state["aggregation"])
+
+    @staticmethod
+    def _train_stages(state: SisaState, rows: dict[int, ShardRows], start: dict[int, int], resume: dict[int, str],
+                      store: TensorStore, progress: Progress, description: str) -> list[RetrainedShard]:
+        """Train stages start[k]..R-1 of each shard k, from checkpoint `resume[k]` (or a fresh
+        net), stack by stack: shard k is lane k mod G of stack k // G, the other lanes idle."""
+        config = TrainConfig.from_json(state["config"])
+        input_shape, num_classes = tuple(state["input_shape"]), int(state["num_classes"])
+        width, epochs = state["stack"], state["epochs_per_slice"]
+        rule = ADAMW.update(config.lr)
+        stacks = sorted({k // width for k in start})
+        stages = [(g, r) for g in stacks for r in range(min(start[k] for k in start if k // width == g), config.slices)]
         checkpoints: dict[int, list[SliceCheckpoint]] = {k: [] for k in start}
-        net = None
-        for k, r in progress(stages, description=description, total=len(stages)):
-            if r == start[k]:
-                net = build_net(config, input_shape, num_classes, "shard", k)
-                if resume[k] is not None:
-                    load_tensors(net, store.get(resume[k]))
-            seen = rows[k].up_to(r)
-            steps = fit(net, seen, epochs=epochs, batch_size=config.batch_size, lr=config.lr,
-                        seed_parts=(config.seed, "sisa", "shard", k, "slice", r))
-            digest = store.put(state_tensors(net))
-            checkpoints[k].append(SliceCheckpoint(r, digest, lineage_sha256(seen.sample_ids), len(seen), steps))
-        return checkpoints
+        nets = {}
+        for g, r in progress(stages, description=description, total=len(stages)):
+            lanes: list[Lane | None] = []
+            for k in range(g * width, (g + 1) * width):
+                if k not in start or r < start[k]:
+                    lanes.append(None)
+                    continue
+                if r == start[k]:
+                    nets[k] = build_net(config, input_shape, num_classes, "shard", k, scaling=scaling_of(state))
+                    if k in resume:
+                        load_tensors(nets[k], store.get(resume[k]))
+                lanes.append(Lane(nets[k], rows[k].up_to(r), (config.seed, "sisa", "shard", k, "slice", r)))
+            steps = fit_lanes(lanes, epochs=epochs, batch_size=config.batch_size, rule=rule)
+            for k, lane, lane_steps in zip(range(g * width, (g + 1) * width), lanes, steps):
+                if lane is not None:
+                    checkpoints[k].append(SliceCheckpoint(r, store.put(state_tensors(lane.net)),
+                                                          lineage_sha256(lane.rows.sample_ids), len(lane.rows),
+                                                          lane_steps))
+        return [RetrainedShard(k, start[k], checkpoints[k], rows[k].rows.sample_ids) for k in sorted(start)]

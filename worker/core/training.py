@@ -1,66 +1,365 @@
-"""Deterministic mini-batch training shared by the methods.
+"""Deterministic mini-batch training shared by the methods: one network, or several stacked.
 
-Batches are a seeded permutation of the rows' indices; the rows are always sorted by sample id,
-so two runs over the same rows with the same seed parts see the same batches in the same order.
+Batches are a seeded permutation of the rows' indices (or of their groups: `grouped=True` keeps
+each data subject's rows in one batch per epoch); the rows are always sorted by sample id, so two
+runs over the same rows with the same seed parts see the same batches in the same order.
+
+Stacked training. `fit_lanes` trains G networks of one structure at once ("lanes" of a stack),
+each on its own rows with its own batch order: their trainable parameters are one (G, P) tensor
+and one forward call (`torch.func.vmap` over `functional_call`) serves all lanes, so S shards of
+a SISA model (or the B slice orders of an S3T shard) use the hardware together instead of one
+after another. Each lane's trajectory depends only on its own rows, seeds and the stack width G:
+the update rule is applied per lane with that lane's own learning-rate schedule, and a lane that
+has finished (or is idle) gets a learning rate of exactly 0, which leaves it untouched. Results do
+depend on G (other shapes, other kernels), so a model records its width and every retrain uses
+it again: a retrain in a stack of G equals a from-scratch run in a stack of G. G = 1 trains one
+network alone, without vmap, with `torch.optim` (fused AdamW, or plain SGD).
+
+In a stack the update rule is written out (torch.optim's AdamW and SGD formulas) because it needs a
+learning rate per lane inside one tensor, which `torch.optim` does not offer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import copy
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+from torch.func import functional_call, vmap
 
-from worker.core.base import TrainingSet
+from worker.core import runtime
+from worker.core.base import Progress, TrainConfig, TrainingSet, no_progress
 from worker.core.nets import derive_seed
 
+OPTIMIZERS = ("adamw", "sgd")
+# a network should see about this many batches per epoch: small shards get small batches
+TARGET_BATCHES_PER_EPOCH = 64
+MIN_BATCH, MAX_BATCH = 16, 128
 
-def epoch_batches(n: int, batch_size: int, *seed_parts: object) -> list[np.ndarray]:
-    """Index arrays of one epoch's batches (the last may be short)."""
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a method trains its networks where the config leaves the choice open.
+
+    batch_size None: chosen from the rows one network sees (`batch_size_for`).
+    """
+
+    optimizer: str  # "adamw" | "sgd" (plain SGD, no momentum)
+    lr: float
+    epochs: int
+    hidden: tuple[int, ...]
+    batch_size: int | None = None
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # per training run: cosine decay to 0 | "constant"
+
+    def resolve(self, config: TrainConfig, rows_per_network: float) -> TrainConfig:
+        """`config` with every open field set from this recipe."""
+        batch = self.batch_size if self.batch_size is not None else batch_size_for(rows_per_network)
+        return config.with_defaults(hidden=self.hidden, epochs=self.epochs, batch_size=batch, lr=self.lr)
+
+    def update(self, lr: float) -> UpdateRule:
+        return UpdateRule(self.optimizer, lr, self.weight_decay, self.schedule)
+
+
+# SISA, S3T: standardised inputs, AdamW with a cosine schedule, two hidden layers of 256
+ADAMW = Recipe("adamw", lr=3e-3, epochs=30, hidden=(256, 256))
+
+
+def batch_size_for(rows: float) -> int:
+    """A power of two giving about TARGET_BATCHES_PER_EPOCH batches an epoch, within 16..128."""
+    target = max(rows, 1) / TARGET_BATCHES_PER_EPOCH
+    return int(min(MAX_BATCH, max(MIN_BATCH, 2 ** math.floor(math.log2(max(target, 1))))))
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """The optimizer step, per lane. AdamW (decoupled weight decay) or momentum-free SGD, whose
+    step is -lr * gradient of that batch alone (what Amnesiac needs to roll a batch back)."""
+
+    optimizer: str
+    lr: float
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be cosine or constant, not {self.schedule!r}")
+
+    def optimizer_for(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """The torch optimizer of a lone network (its learning rate is set every step)."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=0.0)
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps,
+                                 weight_decay=self.weight_decay, fused=True)
+
+    def step_lanes(self, flat: torch.Tensor, grad: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor],
+                   step: int, rates: torch.Tensor) -> None:
+        """One update of every lane of a (G, P) stack (torch.optim's AdamW and SGD formulas);
+        `rates` (G, 1) is each lane's learning rate at this step, `step` counts from 1."""
+        if self.optimizer == "sgd":
+            flat.sub_(rates * grad)
+            return
+        beta1, beta2 = self.betas
+        exp_avg, exp_avg_sq = moments
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if self.weight_decay:
+            flat.mul_(1 - rates * self.weight_decay)
+        denominator = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(self.eps)
+        flat.sub_((rates / (1 - beta1 ** step)) * exp_avg / denominator)
+
+    def rate(self, step: int, total: int) -> float:
+        """Learning rate of step `step` (0-based) of a run of `total` steps; 0 once it is over."""
+        if step >= total:
+            return 0.0
+        if self.schedule == "constant":
+            return self.lr
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+def epoch_batches(n: int, batch_size: int, *seed_parts: object, groups: np.ndarray | None = None) -> list[np.ndarray]:
+    """Index arrays of one epoch's batches.
+
+    Without groups: a seeded permutation cut into batches of `batch_size` (the last may be short).
+    With groups ((n,) keys): the groups are permuted and packed whole, in that order, into
+    batches of at most `batch_size` rows, so a group's rows share one batch (a group larger than
+    a batch is cut into whole batches of its own: no batch ever exceeds `batch_size`).
+    """
     generator = torch.Generator().manual_seed(derive_seed(*seed_parts))
-    order = torch.randperm(n, generator=generator).numpy()
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if groups is None:
+        order = torch.randperm(n, generator=generator).numpy()
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    keys, members = np.unique(groups, return_inverse=True)
+    rows_of = np.split(np.argsort(members, kind="stable"), np.cumsum(np.bincount(members, minlength=len(keys)))[:-1])
+    batches: list[np.ndarray] = []
+    current: list[np.ndarray] = []
+    filled = 0
+    for g in torch.randperm(len(keys), generator=generator).tolist():
+        rows = rows_of[g]
+        if len(rows) > batch_size:
+            batches += [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+            continue
+        if current and filled + len(rows) > batch_size:
+            batches.append(np.concatenate(current))
+            current, filled = [], 0
+        current.append(rows)
+        filled += len(rows)
+    if current:
+        batches.append(np.concatenate(current))
+    return batches
 
 
-def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
-    """Plain SGD with momentum; a fresh one per training stage keeps resumes exact."""
-    return torch.optim.SGD(params, lr=lr, momentum=0.9)
-
-
-def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
-    net.train()
-    optimizer.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(net(x), y)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
-
-
-def iterate_steps(data: TrainingSet, epochs: int, batch_size: int,
-                  *seed_parts: object) -> Iterator[tuple[int, int, np.ndarray]]:
+def iterate_steps(data: TrainingSet, epochs: int, batch_size: int, *seed_parts: object,
+                  grouped: bool = False) -> Iterator[tuple[int, int, np.ndarray]]:
     """(epoch, step, row indices) for every step of `epochs` passes over `data`."""
+    groups = data.groups if grouped else None
     for epoch in range(epochs):
-        for step, index in enumerate(epoch_batches(len(data), batch_size, *seed_parts, "epoch", epoch)):
+        for step, index in enumerate(epoch_batches(len(data), batch_size, *seed_parts, "epoch", epoch, groups=groups)):
             yield epoch, step, index
 
 
+@dataclass(frozen=True)
+class ParameterLayout:
+    """Where each trainable parameter of a network sits in one flat vector of P values."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    size: int
+
+    @classmethod
+    def of(cls, net: nn.Module) -> ParameterLayout:
+        named = [(name, tuple(p.shape)) for name, p in net.named_parameters() if p.requires_grad]
+        sizes = [math.prod(shape) for _, shape in named]
+        offsets = tuple(int(o) for o in np.cumsum([0, *sizes])[:-1])
+        return cls(tuple(n for n, _ in named), tuple(s for _, s in named), offsets, int(sum(sizes)))
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(..., P) -> {name: (..., *shape)} views into `flat`."""
+        lead = flat.shape[:-1]
+        return {name: flat[..., o:o + math.prod(shape)].view(*lead, *shape)
+                for name, shape, o in zip(self.names, self.shapes, self.offsets)}
+
+    def flatten(self, net: nn.Module) -> torch.Tensor:
+        """The network's trainable parameters as one (P,) vector."""
+        params = dict(net.named_parameters())
+        return torch.cat([params[name].detach().reshape(-1) for name in self.names])
+
+    def load(self, net: nn.Module, flat: torch.Tensor) -> None:
+        """Copy a (P,) vector into the network's trainable parameters."""
+        params = dict(net.named_parameters())
+        with torch.no_grad():
+            for name, view in self.views(flat).items():
+                params[name].copy_(view)
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One network of a stack, trained in place on `rows` with batches seeded by `seed_parts`."""
+
+    net: nn.Module
+    rows: TrainingSet
+    seed_parts: tuple[object, ...]
+
+
+# (step number, ((G, B) row index into the lanes' rows, (G, B) mask of real rows))
+PlannedStep = tuple[int, tuple[torch.Tensor, torch.Tensor]]
+# on_step(epoch, step, row indices, parameters before the step (P,), parameters after it (P,),
+# which the callback may change in place); single-lane training only
+StepHook = Callable[[int, int, np.ndarray, torch.Tensor, torch.Tensor], None]
+
+
+def fit_lanes(lanes: Sequence[Lane | None], *, epochs: int, batch_size: int, rule: UpdateRule,
+              grouped: bool = False, max_steps: int | None = None, on_step: StepHook | None = None,
+              progress: Progress = no_progress, description: str = "training") -> list[int]:
+    """Train every lane's network in place; None marks an idle position of the stack (its
+    width stays len(lanes)). Returns each lane's optimizer steps (0 for idle lanes).
+
+    All networks must share one structure and trainable-parameter set; parameters that do not
+    require grad (e.g. S3T's frozen adapters) are passed per lane and stay fixed. `max_steps`
+    cuts each lane's run after that many steps (its schedule is planned for the steps it takes).
+    """
+    active = [i for i, lane in enumerate(lanes) if lane is not None and len(lane.rows) > 0]
+    if not active:
+        return [0] * len(lanes)
+    if on_step is not None and len(lanes) != 1:
+        raise ValueError("on_step is only available when a single network trains")
+    schedules = [_schedule(lanes[i], epochs, batch_size, grouped)[:max_steps] if i in active else []
+                 for i in range(len(lanes))]
+    totals = [len(s) for s in schedules]
+    # a stack pads every batch to `batch_size`, so no lane's shapes depend on another lane's rows
+    features, labels, plan = _gather_plan(lanes, schedules, active, None if len(lanes) == 1 else batch_size)
+    steps = progress(list(enumerate(plan)), description=description, total=len(plan))
+    if len(lanes) == 1:
+        _fit_alone(lanes[0].net, features, labels, steps, schedules[0], rule, on_step)
+    else:
+        _fit_stacked(lanes, active, features, labels, steps, totals, rule)
+    return totals
+
+
+def _fit_alone(net: nn.Module, features: torch.Tensor, labels: torch.Tensor, steps: Iterable[PlannedStep],
+               schedule: list[tuple[int, int, np.ndarray]], rule: UpdateRule, on_step: StepHook | None) -> None:
+    """One network, a torch optimizer: a stack of width 1 needs no per-lane learning rate."""
+    device = runtime.current().device
+    net.to(device).train()
+    features, labels = features.to(device), labels.to(device)
+    optimizer = rule.optimizer_for([p for p in net.parameters() if p.requires_grad])
+    layout = ParameterLayout.of(net) if on_step is not None else None
+    for t, (index, _) in steps:
+        rows = index[0].to(device)  # a lone lane's batches are never padded
+        for group in optimizer.param_groups:
+            group["lr"] = rule.rate(t, len(schedule))
+        before = layout.flatten(net) if layout is not None else None
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(net(features[rows]), labels[rows]).backward()
+        optimizer.step()
+        if layout is not None:
+            after = layout.flatten(net)
+            epoch, step, batch = schedule[t]
+            on_step(epoch, step, batch, before, after)
+            layout.load(net, after)
+    net.cpu()
+
+
+def _fit_stacked(lanes: Sequence[Lane | None], active: list[int], features: torch.Tensor, labels: torch.Tensor,
+                 steps: Iterable[PlannedStep], totals: list[int], rule: UpdateRule) -> None:
+    """G networks as one (G, P) tensor, one vmapped forward per step, the update rule per lane."""
+    device = runtime.current().device
+    width = len(lanes)
+    template = lanes[active[0]].net
+    layout = ParameterLayout.of(template)
+    flat = torch.zeros(width, layout.size, dtype=torch.float32)
+    for i in active:
+        flat[i] = layout.flatten(lanes[i].net)
+    frozen = {name: t.to(device) for name, t in _frozen_parameters(lanes, template, set(layout.names), active).items()}
+    model = copy.deepcopy(template).to(device).train()
+    flat = flat.to(device)
+    features, labels = features.to(device), labels.to(device)
+    moments = (torch.zeros_like(flat), torch.zeros_like(flat))
+    # (T, G, 1): each lane's learning rate at each step, 0 once it has finished
+    rates = torch.tensor([[[rule.rate(t, total)] for total in totals] for t in range(max(totals))],
+                         dtype=torch.float32, device=device)
+
+    def forward(params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, {**params, **fixed}, (x,))
+
+    batched = vmap(forward)
+    for t, (index, mask) in steps:
+        index, mask = index.to(device), mask.to(device)
+        # leaves sharing memory with `flat`: gradients per parameter, no (G, P) zeros per slice
+        leaves = {name: view.detach().requires_grad_(True) for name, view in layout.views(flat).items()}
+        logits = batched(leaves, frozen, features[index])  # (G, B, classes)
+        losses = nn.functional.cross_entropy(logits.flatten(0, 1), labels[index].flatten(), reduction="none")
+        lane_loss = (losses.view(mask.shape) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        grads = torch.autograd.grad(lane_loss.sum(), list(leaves.values()))
+        with torch.no_grad():
+            rule.step_lanes(flat, torch.cat([g.reshape(width, -1) for g in grads], dim=1), moments, t + 1, rates[t])
+    result = flat.cpu()
+    for i in active:
+        layout.load(lanes[i].net, result[i])
+
+
 def fit(net: nn.Module, data: TrainingSet, *, epochs: int, batch_size: int, lr: float,
-        seed_parts: tuple[object, ...], on_step: Callable[[int, int, np.ndarray], None] | None = None) -> int:
-    """Train `net` in place on `data`; returns the number of optimizer steps taken."""
-    if len(data) == 0:
-        return 0
-    features = torch.from_numpy(data.features)
-    labels = torch.from_numpy(data.labels)
-    optimizer = make_optimizer(net.parameters(), lr)
-    steps = 0
-    for epoch, step, index in iterate_steps(data, epochs, batch_size, *seed_parts):
-        rows = torch.from_numpy(index)
-        train_step(net, optimizer, features[rows], labels[rows])
-        steps += 1
-        if on_step is not None:
-            on_step(epoch, step, index)
+        seed_parts: tuple[object, ...], optimizer: str = "adamw", schedule: str = "cosine", grouped: bool = False,
+        max_steps: int | None = None, on_step: StepHook | None = None, progress: Progress = no_progress,
+        description: str = "training") -> int:
+    """Train one network in place on `data` (AdamW with a cosine schedule by default); returns
+    the number of optimizer steps taken."""
+    (steps,) = fit_lanes([Lane(net, data, seed_parts)], epochs=epochs, batch_size=batch_size,
+                         rule=UpdateRule(optimizer, lr, schedule=schedule), grouped=grouped, max_steps=max_steps,
+                         on_step=on_step, progress=progress, description=description)
     return steps
+
+
+def _schedule(lane: Lane, epochs: int, batch_size: int, grouped: bool) -> list[tuple[int, int, np.ndarray]]:
+    return list(iterate_steps(lane.rows, epochs, batch_size, *lane.seed_parts, grouped=grouped))
+
+
+def _gather_plan(lanes: Sequence[Lane | None], schedules: list[list[tuple[int, int, np.ndarray]]], active: list[int],
+                 padded: int | None) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """All lanes' rows in one tensor (plus a zero row for padding) and, per step, a (G, B) index
+    into it with a (G, B) mask of the real rows: B is `padded`, or else that step's batch size."""
+    offsets, start = {}, 0
+    for i in active:
+        offsets[i] = start
+        start += len(lanes[i].rows)
+    sample = lanes[active[0]].rows
+    pad = start
+    features = torch.from_numpy(np.concatenate([lanes[i].rows.features for i in active]
+                                               + [np.zeros((1, *sample.input_shape), dtype=np.float32)]))
+    labels = torch.from_numpy(np.concatenate([lanes[i].rows.labels for i in active] + [np.zeros(1, dtype=np.int64)]))
+    gathers = []
+    for t in range(max(len(s) for s in schedules)):
+        batches = [s[t][2] if t < len(s) else None for s in schedules]
+        longest = padded or max(len(b) for b in batches if b is not None)
+        index = np.full((len(lanes), longest), pad, dtype=np.int64)
+        mask = np.zeros((len(lanes), longest), dtype=np.float32)
+        for i, rows in enumerate(batches):
+            if rows is not None:
+                index[i, :len(rows)] = offsets[i] + rows
+                mask[i, :len(rows)] = 1.0
+        gathers.append((torch.from_numpy(index), torch.from_numpy(mask)))
+    return features, labels, gathers
+
+
+def _frozen_parameters(lanes: Sequence[Lane | None], template: nn.Module, trainable: set[str],
+                       active: list[int]) -> dict[str, torch.Tensor]:
+    """(G, *shape) stacks of every parameter that is not trained (idle lanes borrow the template's)."""
+    names = [name for name, _ in template.named_parameters() if name not in trainable]
+    stacks = {}
+    for name in names:
+        per_lane = [dict(lanes[i].net.named_parameters())[name] if i in active else template.get_parameter(name)
+                    for i in range(len(lanes))]
+        stacks[name] = torch.stack([p.detach() for p in per_lane])
+    return stacks
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from functools import cache
 
 from celery import Celery
-from celery.signals import worker_process_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from worker import logs, registry
 from worker.config import get_settings
@@ -141,6 +141,17 @@ def unlearn_model(self, model: str) -> None:
 @app.task(name=RETRAIN_SHARD, bind=True, **RETRY_POLICY)
 def retrain_shard(self, model: str, shard: int) -> None:
     unlearning.retrain_shard(_context(), model, shard)
+
+
+@worker_process_init.connect
+def _configure_runtime(**_):
+    """Each pool process pins its device (one GPU per process), threads and deterministic maths."""
+    from billiard.process import current_process
+
+    from worker.core import runtime
+
+    settings = get_settings()
+    runtime.configure(settings.device, settings.threads, process_index=getattr(current_process(), "index", None))
 
 
 @worker_process_shutdown.connect

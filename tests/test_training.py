@@ -1,0 +1,214 @@
+"""The training engine, pure core: batches (grouped by subject), the recipe, stacked training and its
+lane independence, feature standardisation, the runtime (device, threads, determinism). CUDA tests
+are marked `cuda` and skip without a GPU."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from worker.core import runtime
+from worker.core.base import TrainConfig, TrainingSet
+from worker.core.nets import FeatureScaling, build_net, state_tensors
+from worker.core.training import (
+    ADAMW,
+    Lane,
+    UpdateRule,
+    batch_size_for,
+    epoch_batches,
+    fit,
+    fit_lanes,
+    iterate_steps,
+    predict_proba,
+)
+
+CONFIG = TrainConfig(hidden=(32,), epochs=3, batch_size=32, lr=1e-2, seed=11)
+
+
+@pytest.fixture(scope="module")
+def digits() -> TrainingSet:
+    bunch = load_digits()
+    ids = [f"digits-{i:05d}" for i in range(len(bunch.target))]
+    groups = np.arange(len(ids)) // 5  # five rows per "subject", as `unlearn data load` assigns them
+    return TrainingSet.build(ids, bunch.data / 16.0, bunch.target, 10, groups)
+
+
+def digest(net: torch.nn.Module) -> str:
+    return hashlib.sha256(b"".join(t.numpy().tobytes() for t in state_tensors(net).values())).hexdigest()
+
+
+def shards_of(data: TrainingSet, count: int) -> list[TrainingSet]:
+    index = np.arange(len(data)) % count
+    return [data.select(index == k) for k in range(count)]
+
+
+def test_grouped_batches_keep_a_groups_rows_together_and_never_exceed_the_batch_size(digits):
+    # Given rows in groups of five, one group of 40 rows, batches of 32
+    groups = digits.groups.copy()
+    groups[:40] = -1
+
+    # When an epoch is cut into grouped batches
+    batches = epoch_batches(len(digits), 32, "seed", groups=groups)
+
+    # Then every row appears once, no batch is larger than 32, and every ordinary group sits in one batch
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(digits)))
+    assert max(len(b) for b in batches) == 32
+    batch_of = {row: i for i, b in enumerate(batches) for row in b.tolist()}
+    for key in set(groups.tolist()) - {-1}:
+        assert len({batch_of[row] for row in np.flatnonzero(groups == key)}) == 1
+    # the oversized group is cut into whole batches of its own
+    assert len({batch_of[row] for row in range(40)}) == 2
+    assert all(set(b.tolist()) <= set(range(40)) for b in batches if set(b.tolist()) & set(range(40)))
+
+
+def test_a_subject_touches_one_step_per_epoch(digits):
+    steps = list(iterate_steps(digits, 4, 32, "seed", grouped=True))
+    subject_rows = np.flatnonzero(digits.groups == digits.groups[17])
+    touched = {(epoch, step) for epoch, step, rows in steps if set(rows.tolist()) & set(subject_rows.tolist())}
+    assert sorted(epoch for epoch, _ in touched) == [0, 1, 2, 3]
+
+
+def test_the_default_batch_size_gives_small_shards_small_batches():
+    assert batch_size_for(14_000) == 128
+    assert batch_size_for(2_800) == 32
+    assert batch_size_for(700) == 16 == batch_size_for(3)
+    resolved = ADAMW.resolve(TrainConfig(shards=5), 14_000 / 5)
+    assert (resolved.hidden, resolved.epochs, resolved.batch_size, resolved.lr) == ((256, 256), 30, 32, 3e-3)
+    # what the config sets is kept
+    assert ADAMW.resolve(TrainConfig(batch_size=7, lr=0.1), 10).batch_size == 7
+
+
+def test_fit_is_bit_reproducible_and_learns(digits):
+    first, second = (build_net(CONFIG, (64,), 10, "m") for _ in range(2))
+    steps = fit(first, digits, epochs=3, batch_size=32, lr=1e-2, seed_parts=(1,))
+    fit(second, digits, epochs=3, batch_size=32, lr=1e-2, seed_parts=(1,))
+    assert steps == 3 * -(-len(digits) // 32)
+    assert digest(first) == digest(second)
+    assert (predict_proba(first, digits.features).argmax(1) == digits.labels).mean() > 0.9
+
+
+def test_a_stacked_lane_depends_only_on_its_own_rows(digits):
+    # Given four shards trained as one stack of four lanes
+    rows = shards_of(digits, 4)
+    rule = ADAMW.update(3e-3)
+
+    def stack(lane_rows: list[TrainingSet | None]) -> list[torch.nn.Module]:
+        nets = [build_net(CONFIG, (64,), 10, "shard", k) for k in range(4)]
+        lanes = [None if r is None else Lane(nets[k], r, ("shard", k)) for k, r in enumerate(lane_rows)]
+        fit_lanes(lanes, epochs=2, batch_size=32, rule=rule)
+        return nets
+
+    together = stack(rows)
+    # When lane 2 trains alone in the stack (the others idle), or with different rows elsewhere
+    alone = stack([None, None, rows[2], None])
+    changed = stack([rows[0].select(np.arange(len(rows[0])) > 30), rows[1], rows[2], rows[3].select(
+        np.arange(len(rows[3])) < 100)])
+
+    # Then lane 2 ends bit-identical every time; the lanes whose rows changed do not
+    assert digest(alone[2]) == digest(together[2]) == digest(changed[2])
+    assert digest(changed[1]) == digest(together[1])
+    assert digest(changed[0]) != digest(together[0])
+    # and an idle lane is untouched
+    assert digest(alone[0]) == digest(build_net(CONFIG, (64,), 10, "shard", 0))
+
+
+def test_a_stack_learns_as_well_as_one_network_at_a_time(digits):
+    rows = shards_of(digits, 3)
+    stacked = [build_net(CONFIG, (64,), 10, "shard", k) for k in range(3)]
+    fit_lanes([Lane(net, r, ("shard", k)) for k, (net, r) in enumerate(zip(stacked, rows))], epochs=6,
+              batch_size=16, rule=ADAMW.update(1e-2))
+    alone = [build_net(CONFIG, (64,), 10, "shard", k) for k in range(3)]
+    for k, (net, r) in enumerate(zip(alone, rows)):
+        fit(net, r, epochs=6, batch_size=16, lr=1e-2, seed_parts=("shard", k))
+
+    def accuracy(nets):
+        proba = np.mean([predict_proba(n, digits.features) for n in nets], axis=0)
+        return (proba.argmax(1) == digits.labels).mean()
+
+    assert accuracy(stacked) > 0.9
+    assert accuracy(stacked) == pytest.approx(accuracy(alone), abs=0.03)
+
+
+def test_momentum_free_sgd_steps_by_the_batch_gradient_alone(digits):
+    # Given a linear model and plain SGD, with a hook that sees every step
+    net = build_net(TrainConfig(hidden=()), (64,), 10, "linear")
+    records = []
+    fit(net, digits, epochs=1, batch_size=64, lr=0.5, seed_parts=(2,), optimizer="sgd", schedule="constant",
+        on_step=lambda epoch, step, rows, before, after: records.append((rows, before.clone(), after.clone())))
+
+    # Then each step moved the parameters by exactly -lr * the gradient of its own batch at `before`
+    for rows, before, after in records[:5]:
+        weight, bias = before[:640].view(10, 64).requires_grad_(), before[640:].requires_grad_()
+        x, y = torch.from_numpy(digits.features[rows]), torch.from_numpy(digits.labels[rows])
+        torch.nn.functional.cross_entropy(x @ weight.T + bias, y).backward()
+        expected = before - 0.5 * torch.cat([weight.grad.reshape(-1), bias.grad])
+        torch.testing.assert_close(after, expected, rtol=0, atol=1e-6)
+
+
+def test_update_rules_are_checked():
+    with pytest.raises(ValueError, match="optimizer must be one of adamw, sgd"):
+        UpdateRule("adam-ish", 0.1)
+    with pytest.raises(ValueError, match="schedule"):
+        UpdateRule("sgd", 0.1, schedule="linear")
+    rule = UpdateRule("adamw", 1.0)
+    assert rule.rate(0, 10) == 1.0 and rule.rate(5, 10) == pytest.approx(0.5) and rule.rate(10, 10) == 0.0
+
+
+def test_standardisation_comes_from_the_given_rows_and_is_not_a_weight(digits):
+    # Given statistics of some reference rows
+    scaling = FeatureScaling.of(digits.select(np.arange(len(digits)) < 300))
+    net = build_net(CONFIG, (64,), 10, "m", scaling=scaling)
+
+    # Then they standardise the input, survive a JSON round trip exactly, and are no weights
+    assert FeatureScaling.from_json(scaling.to_json()) == scaling
+    assert set(state_tensors(net)) == {n for n, _ in net.named_parameters()}
+    standardised = net.layers[0](torch.from_numpy(digits.features[:300]))
+    kept = np.array(scaling.std) != 1.0  # constant pixels are only centred
+    np.testing.assert_allclose(standardised.mean(0).numpy(), 0, atol=1e-4)
+    np.testing.assert_allclose(standardised.std(0, unbiased=False).numpy()[kept], 1, atol=1e-3)
+    # images are standardised per channel
+    images = TrainingSet.build(list(digits.sample_ids), digits.features.reshape(-1, 1, 8, 8), digits.labels, 10)
+    assert len(FeatureScaling.of(images).mean) == 1
+
+
+def test_the_runtime_resolves_devices_and_pins_threads_and_determinism():
+    assert runtime.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
+        runtime.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        assert runtime.resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no CUDA device"):
+            runtime.resolve_device("cuda:1")
+    try:
+        configured = runtime.configure("cpu", threads=2)
+        assert (configured.device, torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (
+            torch.device("cpu"), 2, True)
+        assert runtime.provenance() == {"device": "cpu", "device_name": "cpu", "threads": 2, "torch": torch.__version__}
+        with pytest.raises(ValueError, match="threads"):
+            runtime.configure("cpu", threads=0)
+    finally:
+        runtime.configure("cpu", threads=1)
+
+
+@pytest.mark.cuda
+def test_cuda_training_is_reproducible_alone_and_stacked(digits):
+    try:
+        runtime.configure("cuda", threads=1)
+        rows = shards_of(digits, 4)
+        runs = []
+        for _ in range(2):
+            nets = [build_net(CONFIG, (64,), 10, "shard", k) for k in range(4)]
+            fit_lanes([Lane(n, r, ("shard", k)) for k, (n, r) in enumerate(zip(nets, rows))], epochs=2,
+                      batch_size=32, rule=ADAMW.update(3e-3))
+            alone = build_net(CONFIG, (64,), 10, "alone")
+            fit(alone, rows[0], epochs=2, batch_size=32, lr=3e-3, seed_parts=("alone",))
+            runs.append([digest(n) for n in nets] + [digest(alone)])
+        assert runs[0] == runs[1]
+        # trained on the GPU, stored and predicted on the CPU
+        assert all(p.device.type == "cpu" for p in nets[0].parameters())
+    finally:
+        runtime.configure("cpu", threads=1)
