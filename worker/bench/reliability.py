@@ -5,10 +5,15 @@ flood of hypothesis-generated hostile events with valid ones behind them, kill -
 intake` at each step of a batch and from outside, a replay of the whole requests topic by a new
 consumer group, and PostgreSQL then the broker taken down under a running intake. The figures are
 what was read back from the broker and the database: cases, kills, replays, lost, duplicated and
-time to recover. Worker-side drills (Redis, crash points of the tasks) join this section later.
+time to recover. Then the worker: Redis, PostgreSQL and the broker each taken down under a running
+`unlearn worker` (and intake) while erasures are being unlearned; every request must get exactly
+one receipt with nobody restarting anything. (Kills of the worker at each crash point of a task are
+judged by `tests/test_faults_worker.py`: 20 SIGKILLs, every request completed exactly once.)
 
-Full: 1,000 hostile events, 2 × 500-event batches and 4 kills, 300 replayed, PostgreSQL down 20 s.
-Quick: 200 hostile events, 2 × 100 events and 2 kills, 50 replayed, PostgreSQL down 5 s.
+Full: 1,000 hostile events, 2 × 500-event batches and 4 kills, 300 replayed, PostgreSQL down 20 s;
+each service down 10 s under the worker.
+Quick: 200 hostile events, 2 × 100 events and 2 kills, 50 replayed, PostgreSQL down 5 s; each
+service down 3 s under the worker.
 Both also start an intake while PostgreSQL and the broker are down.
 Needs nothing running: the drills start their own tansu, PostgreSQL and Redis on free ports.
 """
@@ -37,29 +42,32 @@ class Params:
     replayed: int
     postgres_down_s: float
     broker_down_s: float
+    worker_down_s: float
 
 
-FULL = Params(1000, 500, failpoints.INTAKE_POINTS, True, 300, 20.0, 5.0)
-QUICK = Params(200, 100, failpoints.INTAKE_POINTS[:1], True, 50, 5.0, 2.0)
+FULL = Params(1000, 500, failpoints.INTAKE_POINTS, True, 300, 20.0, 5.0, 10.0)
+QUICK = Params(200, 100, failpoints.INTAKE_POINTS[:1], True, 50, 5.0, 2.0, 3.0)
 
 
 def measure(quick: bool, progress: Progress) -> dict[str, Any]:
     params = QUICK if quick else FULL
     reports: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-reliability-") as root, PrivateStack(Path(root)) as stack:
-        progress(0, 5, f"{params.fuzz_cases} hostile events")
+        progress(0, 6, f"{params.fuzz_cases} hostile events")
         reports["fuzz"] = drills.fuzz_drill(stack, cases=params.fuzz_cases)
-        progress(1, 5, f"kill -9 at {len(params.crash_points) + params.kill_from_outside} points")
+        progress(1, 6, f"kill -9 at {len(params.crash_points) + params.kill_from_outside} points")
         reports["kill"] = drills.kill_drill(stack, batch=params.batch, crash_points=params.crash_points,
                                             kill_from_outside=params.kill_from_outside)
-        progress(2, 5, f"replay of {params.replayed} events")
+        progress(2, 6, f"replay of {params.replayed} events")
         reports["replay"] = drills.replay_drill(stack, events_count=params.replayed)
-        progress(3, 5, f"PostgreSQL down {params.postgres_down_s:g} s, then the broker")
+        progress(3, 6, f"PostgreSQL down {params.postgres_down_s:g} s, then the broker")
         reports["outage"] = drills.outage_drill(stack, postgres_down_s=params.postgres_down_s,
                                                 broker_down_s=params.broker_down_s)
-        progress(4, 5, "started while PostgreSQL and the broker are down")
+        progress(4, 6, "started while PostgreSQL and the broker are down")
         reports["cold_start"] = drills.cold_start_drill(stack, down_s=params.broker_down_s)
-        progress(5, 5, "done")
+        progress(5, 6, f"Redis, PostgreSQL, the broker each down {params.worker_down_s:g} s under a worker")
+        reports["worker_outage"] = drills.worker_outage_drill(stack, down_s=params.worker_down_s)
+        progress(6, 6, "done")
     return as_result(reports)
 
 
@@ -70,6 +78,9 @@ def as_result(reports: dict[str, Any]) -> dict[str, Any]:
                       + reports["cold_start"].lost
                       + reports["replay"].ledger_rows_before - reports["replay"].ledger_rows_after)
     result["duplicated"] = reports["kill"].duplicated + reports["replay"].duplicated + reports["outage"].duplicated
+    if "worker_outage" in reports:
+        result["lost"] += reports["worker_outage"].lost
+        result["duplicated"] += reports["worker_outage"].duplicated
     return result
 
 
@@ -109,6 +120,26 @@ def tables(result: dict[str, Any]) -> list[str]:
     lines += ["", f"Recovered in: from the service answering again to every event sent meanwhile ledgered. "
               f"{outage['events']} events, lost {outage['lost']}, duplicated {outage['duplicated']}; the intake "
               f"{'kept running throughout' if outage['intake_alive'] else '**exited**'}."]
+    if "worker_outage" in result:
+        lines += ["", *_worker_outages(result["worker_outage"])]
+    return lines
+
+
+def _worker_outages(report: dict[str, Any]) -> list[str]:
+    names = {"redis": "Redis (kill -9)", "postgres": "PostgreSQL (kill -9)",
+             "kafka": "broker (stopped, topics re-created)"}
+    lines = ["### the worker under outages", "",
+             "One `unlearn worker` (concurrency 1) and one intake, a SISA model on digits; erasures sent just "
+             "before each outage and right after it. Recovered in: from the service answering again to every "
+             "request sent so far having its receipt.", ""]
+    lines += table(["service", "down for", "requests", "recovered in", "worker kept running"],
+                   [[names.get(o["service"], o["service"]), f"{o['down_s']:g} s", o["requests"],
+                     f"{o['recovery_s']:.1f} s", "yes" if o["worker_alive"] else "**no**"] for o in report["outages"]])
+    versions = report["versions"]
+    lines += ["", f"{report['requests']} requests: {report['completed']} with exactly one `completed` receipt, "
+              f"lost {report['lost']}, receipts repeated {report['duplicated']}; model versions "
+              f"{versions[0]}…{versions[-1]} with no gap; events never acknowledged by the broker: "
+              f"{report['unsent_events']}; processes restarted by hand: {report['worker_restarts']}."]
     return lines
 
 
