@@ -174,3 +174,28 @@ def test_an_unknown_benchmark_is_refused_by_name(tmp_path):
     assert result.exit_code == 2
     assert "nope" in result.output and "sisa, frontier, amnesiac, s3t, budget, arcane, puma, memorising, e2e, intake, reliability" in result.output
     assert not (tmp_path / "report.md").exists()
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_e2e_quick_measures_sequential_and_burst_erasures_through_real_processes(tmp_path):
+    # Given the local stack, a quick e2e run: 3 sequential erasures and a burst of 10 at 20/s on SISA
+    from worker.bench import e2e
+
+    result = e2e.measure(quick=True, progress=lambda done, total, note: None)
+
+    # Then every erasure was answered, with a version before or with its receipt
+    sequential, burst = result["methods"]
+    assert sequential["erasures"] == 3 and burst["erasures"] == 10 and burst["rate"] == 20.0
+    for run in (sequential, burst):
+        assert len(run["receipt_seconds"]) == len(run["version_seconds"]) == run["erasures"]
+        assert all(0 < s < 300 for s in run["receipt_seconds"])
+    assert sequential["last_slice_retrain_s"] > 0
+    # and the burst's requests were each in one pass, with no shard retrained twice in a pass
+    assert sum(burst["requests_per_pass"]) == 10 and 1 <= burst["passes"] <= 10
+    assert all(0 <= n <= 3 for n in burst["shards_retrained_per_pass"])
+    # and the report states the targets and draws the histogram
+    text = "\n".join(e2e.tables(result))
+    assert "Targets:" in text and "10 erasures at 20/s" in text
+    figures = e2e.figures(result, tmp_path)
+    assert (tmp_path / figures[0].file).read_bytes().startswith(PNG_MAGIC)
