@@ -47,17 +47,32 @@ def data() -> None:
 
 
 @data.command("load")
-@click.argument("dataset", type=click.Choice(["digits", "letter", "mnist5k"]))
-def data_load(dataset: str) -> None:
-    """Load DATASET into Postgres as training rows, each owned by a data subject (once)."""
+@click.argument("dataset", type=click.Choice(["digits", "letter", "mnist5k", "synthetic"]))
+@click.option("--rows", type=int, help="Rows to generate: synthetic only, and required for it (1 to 10,000,000).")
+def data_load(dataset: str, rows: int | None) -> None:
+    """Load DATASET into Postgres as training rows, each owned by a data subject (once).
+
+    digits, letter and mnist5k are real and offline; synthetic is a seeded Gaussian mixture of
+    --rows rows for scale tests (row i is the same in every load). A database holds one load of
+    each: loading synthetic again with another --rows is refused.
+    """
+    from rich.progress import track
+
     from worker import data as datasets
     from worker import db as database
 
+    try:
+        datasets.check_rows(dataset, rows)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     url = get_settings().database_url
     database.ensure_database(url)
     database.migrate(url)
     with database.connect(url) as conn:
-        loaded = datasets.load_into_postgres(conn, dataset)
+        try:
+            loaded = datasets.load_into_postgres(conn, dataset, rows, progress=track)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
     splits = ", ".join(f"{split} {count}" for split, count in sorted(loaded.by_split.items()))
     if loaded.already_loaded:
         click.echo(f"{dataset} was loaded before; left as it is ({loaded.rows} rows now: {splits})")
@@ -114,7 +129,8 @@ class MethodChoice(click.Choice):
 @main.command("train")
 @click.option("--model", "name", required=True, help="Name of the new model (never reused).")
 @click.option("--method", required=True, type=MethodChoice(), help="How the model unlearns (a module of worker/core).")
-@click.option("--dataset", default="letter", show_default=True, type=click.Choice(["digits", "letter", "mnist5k"]))
+@click.option("--dataset", default="letter", show_default=True,
+              type=click.Choice(["digits", "letter", "mnist5k", "synthetic"]))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shards", type=int, help="SISA/S3T shards S (default 1).")
 @click.option("--slices", type=int, help="SISA/S3T slices R per shard, ARCANE blocks per class (default 1).")
