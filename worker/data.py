@@ -155,8 +155,10 @@ def synthetic_blocks(rows: int) -> Iterator[list[Row]]:
 
     A seeded Gaussian mixture: class means drawn once (N(0, 0.5²) per feature), each row its class
     mean plus unit noise, stored in hundredths (nearest class mean: about 70% holdout accuracy,
-    chance 12.5%). Row i's label and features come from a generator seeded by its block alone, and its subject is the (k // ROWS_PER_SUBJECT)-th for the k-th non-public row, so row i
-    is the same in every load of any size. Splits are by hash of the id, as for real datasets.
+    chance 12.5%). Row i's label and features come from a generator seeded by its block alone,
+    and its subject is the (k // ROWS_PER_SUBJECT)-th for the k-th non-public row, so row i is the
+    same in every load of any size (a subject owns five consecutive non-public rows). Splits are
+    by hash of the id, as for real datasets.
     """
     check_rows(SYNTHETIC, rows)
     means = np.random.default_rng([_SYNTHETIC_SEED, 0]).normal(0.0, 0.5, (_SYNTHETIC_CLASSES, _SYNTHETIC_FEATURES))
