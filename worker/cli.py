@@ -475,12 +475,12 @@ def _benchmark_names(ctx, param, value: str | None) -> list[str] | None:
 @main.command("bench")
 @click.option("--quick", is_flag=True, help="Small datasets, few epochs and runs: the suite in well under a minute.")
 @click.option("--only", callback=_benchmark_names,
-              help="Comma-separated subset of sisa,frontier,amnesiac,s3t,budget,arcane,puma,memorising,e2e,intake,reliability.")
+              help="Comma-separated subset of sisa,frontier,amnesiac,s3t,budget,arcane,puma,memorising,e2e,intake,reliability,scale.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-report"),
               show_default=True, help="Directory for the JSON files, PNG figures and report.md.")
 def bench_cmd(quick: bool, only: list[str] | None, out: Path) -> None:
     """The benchmark suite: SISA, Amnesiac, S3T, ARCANE, PUMA, membership inference where models memorise,
-    end-to-end latency, intake throughput and reliability under faults; writes a report with figures."""
+    end-to-end latency, intake throughput, reliability under faults and cost at scale; writes a report with figures."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

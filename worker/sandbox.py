@@ -35,6 +35,20 @@ def _with_path(url: str, path: str) -> str:
 
 
 @contextmanager
+def fresh_database(base_url: str, label: str) -> Iterator[str]:
+    """The URL of a new, migrated database on `base_url`'s server, dropped afterwards."""
+    name = f"unlearn_{label}_{uuid.uuid4().hex[:10]}"
+    url = _with_path(base_url, f"/{name}")
+    try:
+        db.ensure_database(url)
+        db.migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(_with_path(base_url, "/postgres"), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
 def isolated(base: Settings, root: Path, redis_db: int, label: str,
              stack_dir: Path | None = None, artifact_dir: str | None = None) -> Iterator[Settings]:
     """Settings for a private run with its artifacts under `root` (or at `artifact_dir`, e.g. an
