@@ -113,7 +113,7 @@ def measure(quick: bool, progress: Progress) -> dict[str, Any]:
 
 def one_size(base: Settings, rows: int, subjects: int, note) -> dict[str, Any]:
     with (tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp,
-          fresh_database(base.database_url, "bench_scale") as url):
+          fresh_database(base.database_url, f"unlearn_bench_scale_{uuid.uuid4().hex[:10]}") as url):
         settings = base.model_copy(update={"database_url": url, "artifact_dir": str(Path(tmp) / "artifacts")})
         with psycopg.connect(url, autocommit=True) as conn:
             note("loading synthetic")
