@@ -207,7 +207,7 @@ def tables(result: dict[str, Any]) -> list[str]:
     points = result["points"]
     growth = _growth(points, "delete_rows_ms")
     batch_log = [p["storage"]["batch_log_bytes_per_row_epoch"] for p in points]
-    targets = result["targets"]
+    targets, params = result["targets"], result["params"]
     rows = [[f"{p['rows']:,}", f"{p['train_rows']:,}", f"{p['load_s']:.1f}",
              f"{p['train_sisa_s']:.1f} / {p['train_amnesiac_s']:.1f}",
              *(f"{p['median_ms'][key]:.2f}" for key in OPERATIONS),
@@ -215,8 +215,8 @@ def tables(result: dict[str, Any]) -> list[str]:
              f"{p['memory']['peak_growth'] / 2**20:.0f} / {p['memory']['rss_growth'] / 2**20:.0f}",
              f"{1000 * p['memory']['cached_read_s']:.0f}"] for p in points]
     return [
-        f"`synthetic` rows in a fresh database, real SISA (S=10, R=5) and Amnesiac ({result['params']['amnesiac']['epochs']} "
-        f"epochs) models trained on them; median milliseconds over {result['params']['subjects']} subjects per "
+        f"`synthetic` rows in a fresh database, real SISA (S=10, R=5) and Amnesiac ({params['amnesiac']['epochs']} "
+        f"epochs) models trained on them; median milliseconds over {params['subjects']} subjects per "
         "erasure (lookups timed alone and rolled back; `delete_rows` on other subjects). Memory: a fresh process "
         "reading the three splits as the worker does (peak / resident growth), and a later read that finds them "
         "cached (ids only).", "",
@@ -228,7 +228,8 @@ def tables(result: dict[str, Any]) -> list[str]:
         f"{', '.join(f'{g:.2f}x' for g in growth)} (target < {targets['growth_per_10x']:g}x): "
         f"{_met(all(g < targets['growth_per_10x'] for g in growth))}",
         f"- batch log: at most {max(batch_log):.0f} B per training row per epoch (target < "
-        f"{targets['batch_log_bytes_per_row_epoch']} B): {_met(max(batch_log) < targets['batch_log_bytes_per_row_epoch'])}",
+        f"{targets['batch_log_bytes_per_row_epoch']} B): "
+        f"{_met(max(batch_log) < targets['batch_log_bytes_per_row_epoch'])}",
     ]
 
 
@@ -241,7 +242,9 @@ def figures(result: dict[str, Any], out_dir: Path) -> list[Figure]:
         ax.plot(rows, [p["median_ms"][key] for p in points], "o-", label=label)
     first = points[0]["median_ms"]["delete_rows_ms"]
     ax.plot(rows, [first * (n / rows[0]) for n in rows], ":", color="grey", label="linear in rows")
-    ax.plot(rows, [first * result["targets"]["growth_per_10x"] ** math.log10(n / rows[0]) for n in rows], "--", color="grey", label=f"{result['targets']['growth_per_10x']:g}x per 10x")
+    growth = result["targets"]["growth_per_10x"]
+    ax.plot(rows, [first * growth ** math.log10(n / rows[0]) for n in rows], "--", color="grey",
+            label=f"{growth:g}x per 10x")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("rows in the store")
