@@ -33,6 +33,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
@@ -95,8 +96,8 @@ def measure(quick: bool, progress: Progress) -> dict[str, Any]:
     sizes = (1_000, 10_000) if quick else (10_000, 100_000, 1_000_000)
     subjects = 10 if quick else 50
     base = get_settings()
-    try:
-        psycopg.connect(base.database_url, connect_timeout=5).close()
+    try:  # the server's own database: the configured one need not exist yet
+        psycopg.connect(urlunsplit(urlsplit(base.database_url)._replace(path="/postgres")), connect_timeout=5).close()
     except psycopg.OperationalError as exc:
         raise Skipped(f"PostgreSQL does not answer ({exc.__class__.__name__}); run `unlearn stack up` "
                       "and `unlearn bench --only scale`") from None
