@@ -172,7 +172,7 @@ def test_memorising_figures_are_sane(quick_report):
 def test_an_unknown_benchmark_is_refused_by_name(tmp_path):
     result = CliRunner().invoke(main, ["bench", "--only", "sisa,nope", "--out", str(tmp_path)])
     assert result.exit_code == 2
-    assert "nope" in result.output and "sisa, frontier, amnesiac, s3t, budget, arcane, puma, memorising, e2e, intake, reliability" in result.output
+    assert "nope" in result.output and "sisa, frontier, amnesiac, s3t, budget, arcane, puma, memorising, e2e, intake, reliability, scale" in result.output
     assert not (tmp_path / "report.md").exists()
 
 
@@ -199,3 +199,26 @@ def test_e2e_quick_measures_sequential_and_burst_erasures_through_real_processes
     assert "Targets:" in text and "10 erasures at 20/s" in text
     figures = e2e.figures(result, tmp_path)
     assert (tmp_path / figures[0].file).read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.services
+def test_scale_quick_run_measures_each_size(tmp_path):
+    # Given a quick scale run (10^3 and 10^4 synthetic rows, real SISA and Amnesiac models)
+    result = CliRunner().invoke(main, ["bench", "--quick", "--only", "scale", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    scale = json.loads((tmp_path / "scale.json").read_text())
+
+    # Then every size has a median for every operation over its subjects, storage and memory figures
+    assert [p["rows"] for p in scale["points"]] == [1_000, 10_000]
+    for point in scale["points"]:
+        assert 0 < point["train_rows"] < point["rows"]
+        assert set(point["median_ms"]) == set(point["timings_ms"]) == {
+            "subject_rows_ms", "placement_ms", "batch_log_holders_ms", "batch_log_steps_ms", "delete_rows_ms"}
+        assert all(len(values) == scale["params"]["subjects"] for values in point["timings_ms"].values())
+        assert all(ms > 0 for ms in point["median_ms"].values())
+        assert point["storage"]["batch_log_steps"] > 0 and point["storage"]["batch_log_bytes_per_row_epoch"] > 0
+        assert point["memory"]["rows"] == point["rows"] and point["memory"]["peak_growth"] > 0
+    # And the report has its table, its verdicts on issue 11's targets and its figure
+    report = (tmp_path / "report.md").read_text()
+    assert "## Scale:" in report and "per 10x rows" in report and "B per training row per epoch" in report
+    assert (tmp_path / "scale.png").read_bytes().startswith(PNG_MAGIC)

@@ -47,17 +47,32 @@ def data() -> None:
 
 
 @data.command("load")
-@click.argument("dataset", type=click.Choice(["digits", "letter", "mnist5k"]))
-def data_load(dataset: str) -> None:
-    """Load DATASET into Postgres as training rows, each owned by a data subject (once)."""
+@click.argument("dataset", type=click.Choice(["digits", "letter", "mnist5k", "synthetic"]))
+@click.option("--rows", type=int, help="Rows to generate: synthetic only, and required for it (1 to 10,000,000).")
+def data_load(dataset: str, rows: int | None) -> None:
+    """Load DATASET into Postgres as training rows, each owned by a data subject (once).
+
+    digits, letter and mnist5k are real and offline; synthetic is a seeded Gaussian mixture of
+    --rows rows for scale tests (row i is the same in every load). A database holds one load of
+    each: loading synthetic again with another --rows is refused.
+    """
+    from rich.progress import track
+
     from worker import data as datasets
     from worker import db as database
 
+    try:
+        datasets.check_rows(dataset, rows)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     url = get_settings().database_url
     database.ensure_database(url)
     database.migrate(url)
     with database.connect(url) as conn:
-        loaded = datasets.load_into_postgres(conn, dataset)
+        try:
+            loaded = datasets.load_into_postgres(conn, dataset, rows, progress=track)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
     splits = ", ".join(f"{split} {count}" for split, count in sorted(loaded.by_split.items()))
     if loaded.already_loaded:
         click.echo(f"{dataset} was loaded before; left as it is ({loaded.rows} rows now: {splits})")
@@ -114,7 +129,8 @@ class MethodChoice(click.Choice):
 @main.command("train")
 @click.option("--model", "name", required=True, help="Name of the new model (never reused).")
 @click.option("--method", required=True, type=MethodChoice(), help="How the model unlearns (a module of worker/core).")
-@click.option("--dataset", default="letter", show_default=True, type=click.Choice(["digits", "letter", "mnist5k"]))
+@click.option("--dataset", default="letter", show_default=True,
+              type=click.Choice(["digits", "letter", "mnist5k", "synthetic"]))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shards", type=int, help="SISA/S3T shards S (default 1).")
 @click.option("--slices", type=int, help="SISA/S3T slices R per shard, ARCANE blocks per class (default 1).")
@@ -459,12 +475,12 @@ def _benchmark_names(ctx, param, value: str | None) -> list[str] | None:
 @main.command("bench")
 @click.option("--quick", is_flag=True, help="Small datasets, few epochs and runs: the suite in well under a minute.")
 @click.option("--only", callback=_benchmark_names,
-              help="Comma-separated subset of sisa,frontier,amnesiac,s3t,budget,arcane,puma,memorising,e2e,intake,reliability.")
+              help="Comma-separated subset of sisa,frontier,amnesiac,s3t,budget,arcane,puma,memorising,e2e,intake,reliability,scale.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-report"),
               show_default=True, help="Directory for the JSON files, PNG figures and report.md.")
 def bench_cmd(quick: bool, only: list[str] | None, out: Path) -> None:
     """The benchmark suite: SISA, Amnesiac, S3T, ARCANE, PUMA, membership inference where models memorise,
-    end-to-end latency, intake throughput and reliability under faults; writes a report with figures."""
+    end-to-end latency, intake throughput, reliability under faults and cost at scale; writes a report with figures."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -1,4 +1,5 @@
-"""A private corner of the local stack for the end-to-end tests and the e2e benchmark.
+"""A private corner of the local stack for the end-to-end tests and the e2e benchmark, and a
+fresh database alone (`fresh_database`) for the scale benchmark.
 
 `isolated` gives its own database (created and migrated, dropped afterwards), topics, consumer
 group, Redis database, metrics ports and artifact directory, and sets the `UNLEARN_*` variables
@@ -35,6 +36,19 @@ def _with_path(url: str, path: str) -> str:
 
 
 @contextmanager
+def fresh_database(base_url: str, name: str) -> Iterator[str]:
+    """The URL of database `name`, created and migrated on `base_url`'s server, dropped afterwards."""
+    url = _with_path(base_url, f"/{name}")
+    try:
+        db.ensure_database(url)
+        db.migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(_with_path(base_url, "/postgres"), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
 def isolated(base: Settings, root: Path, redis_db: int, label: str,
              stack_dir: Path | None = None, artifact_dir: str | None = None) -> Iterator[Settings]:
     """Settings for a private run with its artifacts under `root` (or at `artifact_dir`, e.g. an
@@ -60,11 +74,10 @@ def isolated(base: Settings, root: Path, redis_db: int, label: str,
     get_settings.cache_clear()
     settings = get_settings()
     try:
-        redis.Redis.from_url(settings.celery_broker).flushdb()  # tasks left by an interrupted run
-        local_stack.create_topics(settings)
-        db.ensure_database(settings.database_url)
-        db.migrate(settings.database_url)
-        yield settings
+        with fresh_database(base.database_url, f"unlearn_{suffix}"):
+            redis.Redis.from_url(settings.celery_broker).flushdb()  # tasks left by an interrupted run
+            local_stack.create_topics(settings)
+            yield settings
     finally:
         for name, value in saved.items():
             if value is None:
@@ -72,5 +85,3 @@ def isolated(base: Settings, root: Path, redis_db: int, label: str,
             else:
                 os.environ[name] = value
         get_settings.cache_clear()
-        with psycopg.connect(_with_path(base.database_url, "/postgres"), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "unlearn_{suffix}" WITH (FORCE)')

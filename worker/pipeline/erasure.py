@@ -17,6 +17,15 @@ from worker.config import Settings
 from worker.pipeline import ledger, receipts
 
 
+# The lookups of one erasure, by itself (`unlearn bench --only scale` times each of them)
+SUBJECT_ROWS = ("SELECT sample_id, label, features FROM training_samples"
+                " WHERE (subject_id = %s OR sample_id = ANY(%s)) AND split <> 'public' FOR UPDATE")
+PLACEMENTS_OF = "SELECT model, sample_id, shard, slice FROM sample_placement WHERE sample_id = ANY(%s)"
+# models that log batches (Amnesiac): which of the rows any of their steps held
+BATCH_LOG_HOLDERS = ("SELECT DISTINCT b.model, s.id FROM batch_log b, unnest(b.sample_ids) AS s(id)"
+                     " WHERE b.sample_ids && %s::text[] AND s.id = ANY(%s)")
+
+
 @dataclass(frozen=True)
 class RowsDeleted:
     request_id: uuid.UUID
@@ -41,25 +50,14 @@ def delete_rows(conn: psycopg.Connection, settings: Settings, request_id: uuid.U
             return RowsDeleted(request_id, request.rows_deleted or 0, models)
         if request.status != "received":
             return None
-        rows = conn.execute(
-            "SELECT sample_id, label, features FROM training_samples"
-            " WHERE (subject_id = %s OR sample_id = ANY(%s)) AND split <> 'public' FOR UPDATE",
-            (request.subject_id, request.sample_ids),
-        ).fetchall()
+        rows = conn.execute(SUBJECT_ROWS, (request.subject_id, request.sample_ids)).fetchall()
         sample_ids = [r[0] for r in rows]
         row_of = {r[0]: r for r in rows}
         pending: dict[tuple[str, str], tuple[int | None, int | None]] = {}
-        for model, sample_id, shard, slice_ in conn.execute(
-            "SELECT model, sample_id, shard, slice FROM sample_placement WHERE sample_id = ANY(%s)", (sample_ids,)
-        ):
+        for model, sample_id, shard, slice_ in conn.execute(PLACEMENTS_OF, (sample_ids,)):
             pending[(model, sample_id)] = (shard, slice_)
-        # models that log batches (Amnesiac): which of the rows any of their steps held; the steps
-        # themselves are looked up when the model's pass plans, as a retrain may replace them
-        for model, sample_id in conn.execute(
-            "SELECT DISTINCT b.model, s.id FROM batch_log b, unnest(b.sample_ids) AS s(id)"
-            " WHERE b.sample_ids && %s::text[] AND s.id = ANY(%s)",
-            (sample_ids, sample_ids),
-        ):
+        # the steps themselves are looked up when the model's pass plans, as a retrain may replace them
+        for model, sample_id in conn.execute(BATCH_LOG_HOLDERS, (sample_ids, sample_ids)):
             pending.setdefault((model, sample_id), (None, None))
         with conn.cursor() as cur:
             cur.executemany(

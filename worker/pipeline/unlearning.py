@@ -47,6 +47,10 @@ from worker.pipeline.metrics import ERASURE_DURATION, ERASURE_REQUESTS, RETRAIN_
 
 log = logging.getLogger(__name__)
 
+# the Amnesiac steps whose batches held any of the pending rows (`unlearn bench --only scale` times it)
+STEPS_HOLDING = ("SELECT shard, epoch, step, sample_ids FROM batch_log WHERE model = %s AND sample_ids && %s::text[]"
+                 " ORDER BY shard, epoch, step")
+
 
 @dataclass(frozen=True)
 class PendingRow:
@@ -201,11 +205,7 @@ def _snapshot(conn: psycopg.Connection, model: str, max_requests: int) -> Snapsh
                 return None
             steps: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
             wanted = {p.sample_id for p in pending}
-            for shard, epoch, step, members in conn.execute(
-                "SELECT shard, epoch, step, sample_ids FROM batch_log WHERE model = %s AND sample_ids && %s::text[]"
-                " ORDER BY shard, epoch, step",
-                (model, sorted(wanted)),
-            ):
+            for shard, epoch, step, members in conn.execute(STEPS_HOLDING, (model, sorted(wanted))):
                 for sample_id in wanted.intersection(members):
                     steps[sample_id].append((shard, epoch, step))
             current = registry.current_version(conn, model)
