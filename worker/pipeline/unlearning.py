@@ -4,8 +4,9 @@ A pass holds the model's lock (a session-level advisory lock: released if the pr
 runs in four phases, so no database transaction waits on training or storage:
 1. snapshot (one read-only REPEATABLE READ transaction): the pending deletions, the current
    version and the rows left, all as of one moment;
-2. compute (no transaction): the method plans and applies the deletion, writing new files; the
-   new version's manifest is staged;
+2. compute (no transaction): the method plans and applies the deletion, writing new files (a
+   plan over several SISA shards is fanned out to other workers: `fanout`); the new version's
+   manifest is staged;
 3. publish (one short transaction): the model must still serve the version the pass started from
    (compare-and-swap), then the version, its event, the finished requests' receipts and the purge
    queue are written together;
