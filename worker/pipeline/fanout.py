@@ -73,6 +73,7 @@ def retrain(ctx: Context, conn: psycopg.Connection, base: registry.ModelVersion,
             progress: Progress) -> UnlearnResult:
     """The coordinator: the merged result of retraining every shard of `plan`, each a part that
     any worker may run. The caller holds the model's lock and has no transaction open."""
+    conn.commit()  # the parts must be committed before any task looks for them
     starts = method.shard_starts(plan)
     parts = write_parts(conn, base, starts, method.shard_sample_ids(state, remaining, sorted(starts)))
     for part_id in parts:
@@ -140,7 +141,8 @@ def run_part(ctx: Context, conn: psycopg.Connection, part_id: uuid.UUID, method:
         conn.commit()
         # read after the lock is held: a part finished by its last holder is seen as done
         found = conn.execute(
-            "SELECT p.model, p.base_version, p.shard, p.start_slice, p.sample_ids, v.manifest_sha256, m.dataset"
+            "SELECT p.model, p.base_version, p.shard, p.start_slice, p.sample_ids, v.manifest_sha256, m.dataset,"
+            " m.method"
             " FROM pass_parts p JOIN models m ON m.name = p.model"
             " JOIN model_versions v ON v.model = p.model AND v.version = p.base_version"
             " WHERE p.part_id = %s AND p.status = 'pending'", (part_id,),
@@ -148,12 +150,11 @@ def run_part(ctx: Context, conn: psycopg.Connection, part_id: uuid.UUID, method:
         if found is None:
             conn.commit()
             return False
-        model, version, shard, start, sample_ids, manifest_sha256, dataset = found
+        model, version, shard, start, sample_ids, manifest_sha256, dataset, method_name = found
         conn.execute("UPDATE pass_parts SET attempts = attempts + 1 WHERE part_id = %s", (part_id,))
-        conn.commit()
+        conn.commit()  # no transaction stays open: the blocks below must commit, not be savepoints
         if method is None:
-            method = registry.method_for(conn.execute(
-                "SELECT method FROM models WHERE name = %s", (model,)).fetchone()[0])()
+            method = registry.method_for(method_name)()
             state = registry.load_state(ctx.settings, model, version, manifest_sha256)
         rows = _rows(conn, dataset, sample_ids)
         started = time.perf_counter()
@@ -188,6 +189,7 @@ def run_part_task(ctx: Context, part_id: uuid.UUID) -> None:
             run_part(ctx, conn, part_id)
         except Exception as exc:
             if is_transient(exc):
+                log.warning("shard task %s: %s; retried (or run by its pass)", part_id, exc.__class__.__name__)
                 raise
             log.error("shard task %s failed (%s)", part_id, exc.__class__.__name__)
             conn.rollback()
