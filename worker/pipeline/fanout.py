@@ -3,7 +3,7 @@
 A pass (the coordinator, holding the model's lock) whose plan retrains two or more shards of a
 method that can split the work (`ShardedRetrain`: SISA) writes one `pass_parts` row per shard,
 committed, sends one `retrain_part` task per part to the `gpu` queue, then runs every part no one
-has taken itself and waits for those others run. Once every part is done it merges them and
+has taken itself and waits for those others run (on their locks). Once every part is done it merges them and
 publishes once, as a pass without fan-out does; with W workers a pass over W shards takes about
 one shard's retrain. With one worker process nothing waits: the coordinator runs every part, and
 the tasks, delivered after the pass, find nothing left to do.
@@ -42,8 +42,6 @@ from worker.pipeline.context import Context
 from worker.pipeline.failures import FailureCode, is_transient
 
 log = logging.getLogger(__name__)
-
-POLL_SECONDS = 0.2  # how often a waiting coordinator looks at parts others run
 
 
 class PartFailed(RuntimeError):
@@ -85,15 +83,18 @@ def retrain(ctx: Context, conn: psycopg.Connection, base: registry.ModelVersion,
     # the parts in reverse, while other workers take the tasks in order: the two meet in the middle
     waiting = list(reversed(parts))
     while waiting:
-        ran = [part_id for part_id in waiting if run_part(ctx, conn, part_id, method, state, progress)]
+        for part_id in waiting:
+            run_part(ctx, conn, part_id, method, state, progress)
         statuses = dict(conn.execute("SELECT part_id, status FROM pass_parts WHERE part_id = ANY(%s)",
                                      (waiting,)).fetchall())
         conn.commit()
         if any(status == "failed" for status in statuses.values()) or len(statuses) < len(waiting):
             raise PartFailed(f"model {base.model}: a shard task failed")
         waiting = [part_id for part_id in waiting if statuses[part_id] == "pending"]
-        if waiting and not ran:
-            time.sleep(POLL_SECONDS)
+        if waiting:
+            # another worker runs it: wait for its lock (no polling), then run it here if its
+            # runner died before finishing
+            run_part(ctx, conn, waiting[0], method, state, progress, wait=True)
     results = conn.execute("SELECT result FROM pass_parts WHERE part_id = ANY(%s) ORDER BY shard",
                            (list(parts),)).fetchall()
     conn.commit()
@@ -127,14 +128,17 @@ def write_parts(conn: psycopg.Connection, base: registry.ModelVersion, starts: d
 
 
 def run_part(ctx: Context, conn: psycopg.Connection, part_id: uuid.UUID, method: ShardedRetrain | None = None,
-             state: Any = None, progress: Progress | None = None) -> bool:
-    """Run a part unless someone else runs it or it is finished; True if this call ran it.
+             state: Any = None, progress: Progress | None = None, wait: bool = False) -> bool:
+    """Run a part unless someone else runs it (`wait`: until they stop) or it is finished; True
+    if this call ran it.
 
     `method` and `state` are the coordinator's (a task loads them from the part's base version).
     Leaves no transaction open; a failure propagates (the caller records it or retries).
     """
     key = part_lock_key(part_id)
-    if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+    if wait:
+        conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+    elif not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
         conn.rollback()
         return False
     try:

@@ -168,6 +168,11 @@ def _configure_runtime(**_):
 
     settings = get_settings()
     runtime.configure(settings.device, settings.threads, process_index=getattr(current_process(), "index", None))
+    # the first optimizer imports torch._dynamo (seconds): paid here, not by the first shard task a
+    # fanned-out pass waits for
+    import torch
+
+    torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
 
 
 @worker_process_shutdown.connect
