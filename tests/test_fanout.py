@@ -20,6 +20,7 @@ from worker import registry
 from worker.core.base import TrainConfig, lineage_sha256
 from worker.core.placement import shard_of
 from worker.pipeline import fanout, unlearning
+from worker.pipeline.failures import FailureCode
 
 pytestmark = pytest.mark.services
 
@@ -154,3 +155,25 @@ def test_a_crashed_pass_leaves_parts_the_next_pass_of_the_same_work_reuses(conn,
     assert set(other).isdisjoint(first)
     assert conn.execute("SELECT shard, status FROM pass_parts ORDER BY shard").fetchall() == [(0, "pending"),
                                                                                            (3, "pending")]
+
+
+def test_a_shard_task_that_fails_for_good_withdraws_the_model_like_a_failed_pass(conn, digits, ctx):
+    # Given a pass fanning out, and another worker whose run of the first part fails for good
+    _train_twins(conn, digits, ["m"])
+    [request_id] = steps.request_all(conn, digits, _subjects_over_shards(conn, 1))
+    failed = []
+
+    def fail_the_first(part_id: uuid.UUID) -> None:
+        if not failed:
+            failed.append(part_id)
+            fanout.fail_part(ctx, part_id, FailureCode.UNLEARNING_FAILED)
+
+    # When the pass sees it
+    [outcome] = unlearning.unlearn_until_idle(dataclasses.replace(ctx, dispatch_part=fail_the_first), "m")
+    # Then nothing half-joined is published: the model is withdrawn, the request answered failed,
+    # its deletion kept for `unlearn retry`, and the parts spent
+    assert outcome.withdrawn and failed
+    assert conn.execute("SELECT status FROM models WHERE name = 'm'").fetchone() == ("needs_full_retrain",)
+    assert conn.execute("SELECT status FROM receipts WHERE request_id = %s", (request_id,)).fetchone() == ("failed",)
+    assert conn.execute("SELECT count(*) FROM pending_unlearning WHERE model = 'm'").fetchone()[0] > 0
+    assert conn.execute("SELECT count(*) FROM pass_parts").fetchone() == (0,)
