@@ -172,7 +172,7 @@ def test_memorising_figures_are_sane(quick_report):
 def test_an_unknown_benchmark_is_refused_by_name(tmp_path):
     result = CliRunner().invoke(main, ["bench", "--only", "sisa,nope", "--out", str(tmp_path)])
     assert result.exit_code == 2
-    assert "nope" in result.output and "sisa, frontier, amnesiac, s3t, budget, arcane, puma, memorising, e2e, intake, reliability, scale" in result.output
+    assert "nope" in result.output and "sisa, frontier, amnesiac, s3t, budget, arcane, puma, memorising, e2e, fanout, intake, reliability, scale" in result.output
     assert not (tmp_path / "report.md").exists()
 
 

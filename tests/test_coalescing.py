@@ -58,11 +58,11 @@ def test_deletions_arriving_during_a_pass_are_all_taken_by_the_next_one(conn, di
     compute = unlearning._compute
     late, left_at_once = [], []
 
-    def compute_while_erasures_arrive(settings, worker_conn, snapshot):
+    def compute_while_erasures_arrive(pass_ctx, worker_conn, snapshot):
         if not late:
             late.extend(steps.request_all(conn, digits, steps.subjects(conn, 3, offset=1)))
             left_at_once.append(unlearning.unlearn_until_idle(ctx, "m"))
-        return compute(settings, worker_conn, snapshot)
+        return compute(pass_ctx, worker_conn, snapshot)
 
     monkeypatch.setattr(unlearning, "_compute", compute_while_erasures_arrive)
     # When the pass finishes

@@ -156,7 +156,7 @@ def test_a_stale_publication_counts_nothing(conn, digits, ctx):
     completed_before = _outcomes("completed")
     with ctx.connect() as other:
         snapshot = unlearning._snapshot(other, "m", 100)
-        staged, result, evidence = unlearning._compute(digits, other, snapshot)
+        staged, result, evidence = unlearning._compute(ctx, other, snapshot)
         racing = registry.stage_version(other, digits, snapshot.current, result, [])
         with other.transaction():
             registry.commit_version(other, racing)

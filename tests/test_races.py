@@ -49,7 +49,7 @@ def _erase_between_snapshot_and_publish(conn, settings, ctx, model: str, first: 
     with ctx.connect() as worker_conn, unlearning.model_lock(worker_conn, model):
         snapshot = unlearning._snapshot(worker_conn, model, 100)
         late = steps.request(conn, settings, second)
-        staged, result, evidence = unlearning._compute(settings, worker_conn, snapshot)
+        staged, result, evidence = unlearning._compute(ctx, worker_conn, snapshot)
         unlearning._publish(settings, worker_conn, snapshot, staged, result, evidence, 0.0)
     return late
 

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # minimum wait before a pass starts, and cap how many requests one pass takes.
     coalesce_seconds: float = Field(0.0, ge=0)
     max_batch_requests: int = Field(1000, ge=1)
+    # a pass retraining two or more shards of a method that can (SISA) sends one task per shard to
+    # the `gpu` queue, runs the ones no other worker has taken and publishes once all are done
+    fanout: bool = True
     # the intake's sweeper re-drives requests untouched this long (a lost Celery message, a crash)
     stuck_after_seconds: float = Field(60.0, gt=0)
     sweep_interval_seconds: float = Field(15.0, gt=0)

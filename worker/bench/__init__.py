@@ -24,14 +24,15 @@ from types import ModuleType
 import torch
 
 from worker.bench import (
-    amnesiac, arcane, budget, e2e, frontier, intake, memorising, puma, reliability, s3t, scale, sisa,
+    amnesiac, arcane, budget, e2e, fanout, frontier, intake, memorising, puma, reliability, s3t, scale, sisa,
 )
 from worker.bench.base import Skipped
 from worker.core import runtime
 
 BENCHMARKS: dict[str, ModuleType] = {"sisa": sisa, "frontier": frontier, "amnesiac": amnesiac, "s3t": s3t,
                                      "budget": budget, "arcane": arcane, "puma": puma, "memorising": memorising,
-                                     "e2e": e2e, "intake": intake, "reliability": reliability, "scale": scale}
+                                     "e2e": e2e, "fanout": fanout, "intake": intake, "reliability": reliability,
+                                     "scale": scale}
 
 # progress(benchmark, done, total, note)
 SuiteProgress = Callable[[str, float, float, str], None]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -273,3 +273,27 @@ class UnlearningMethod(Protocol[S]):
     def predictor(self, state: S, store: TensorStore) -> Predictor: ...
 
 
+
+
+@runtime_checkable
+class ShardedRetrain(Protocol[S]):
+    """A method whose deletion is independent work per shard: any subset of the planned shards can
+    be retrained anywhere (one task per shard) and the results merged into the same version
+    `apply` would make. Each part's result is plain JSON, so it can wait in a database."""
+
+    def shard_starts(self, plan: DeletionPlan) -> dict[int, int]:
+        """Shard -> the first slice to retrain, for each shard the plan touches."""
+        ...
+
+    def shard_sample_ids(self, state: S, rows: TrainingSet, shards: Sequence[int]) -> dict[int, tuple[str, ...]]:
+        """The sample ids of `rows` that each of `shards` trains on."""
+        ...
+
+    def retrain_shards(self, state: S, starts: dict[int, int], remaining: TrainingSet, store: TensorStore,
+                       progress: Progress = no_progress) -> list[Any]: ...
+
+    def part_to_json(self, part: Any) -> dict[str, Any]: ...
+
+    def part_from_json(self, data: dict[str, Any]) -> Any: ...
+
+    def merge(self, state: S, retrained: Sequence[Any]) -> UnlearnResult[S]: ...

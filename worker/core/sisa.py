@@ -127,6 +127,15 @@ class RetrainedShard:
     checkpoints: list[SliceCheckpoint]
     sample_ids: tuple[str, ...]  # every row the shard holds now
 
+    def to_json(self) -> dict[str, Any]:
+        return {"shard": self.shard, "start": self.start, "checkpoints": [c.to_json() for c in self.checkpoints],
+                "sample_ids": list(self.sample_ids)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RetrainedShard:
+        return cls(int(data["shard"]), int(data["start"]),
+                   [SliceCheckpoint.from_json(c) for c in data["checkpoints"]], tuple(data["sample_ids"]))
+
 
 def component_name(shard: int) -> str:
     return f"shard-{shard}"
@@ -279,8 +288,26 @@ class Sisa:
         The retrained shards end up exactly as `train(remaining)` would make them: a shard
         whose earlier slices also lost rows is retrained from the first slice that did.
         """
-        starts = {int(k): int(r) for k, r in plan.work.items()}
-        return self.merge(state, self.retrain_shards(state, starts, remaining, store, progress))
+        return self.merge(state, self.retrain_shards(state, self.shard_starts(plan), remaining, store, progress))
+
+    @staticmethod
+    def shard_starts(plan: DeletionPlan) -> dict[int, int]:
+        """Shard -> first tainted slice, for each shard the plan retrains."""
+        return {int(k): int(r) for k, r in plan.work.items()}
+
+    @staticmethod
+    def shard_sample_ids(state: SisaState, rows: TrainingSet, shards: Sequence[int]) -> dict[int, tuple[str, ...]]:
+        """The sample ids of `rows` placed in each of `shards`."""
+        config = TrainConfig.from_json(state["config"])
+        return {k: found.rows.sample_ids for k, found in shard_rows(rows, config.shards, config.slices, shards).items()}
+
+    @staticmethod
+    def part_to_json(part: RetrainedShard) -> dict[str, Any]:
+        return part.to_json()
+
+    @staticmethod
+    def part_from_json(data: dict[str, Any]) -> RetrainedShard:
+        return RetrainedShard.from_json(data)
 
     def retrain_shards(self, state: SisaState, starts: dict[int, int], remaining: TrainingSet,
                        store: TensorStore, progress: Progress = no_progress) -> list[RetrainedShard]:

@@ -1,13 +1,14 @@
 """What the pipeline steps need from the outside world, passed in rather than opened inline.
 
-A step takes a `Context`: the settings, a factory of PostgreSQL connections and a `Publisher` for
-the outbox. The Celery tasks build one from the configuration; tests build one over a real
+A step takes a `Context`: the settings, a factory of PostgreSQL connections, a `Publisher` for
+the outbox and (in a worker) a way to hand shard tasks to other workers. The Celery tasks build one from the configuration; tests build one over a real
 database with an in-memory publisher, so retries, failure states and crash points are tested
 without a worker process.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,9 @@ class Context:
     settings: Settings
     connect: Connect
     publisher: Publisher
+    # sends one shard task of a fanned-out pass (`worker.pipeline.fanout`) to other workers; None:
+    # no one else runs parts, so a pass retrains its shards itself, in one go
+    dispatch_part: Callable[[uuid.UUID], None] | None = None
 
 
 def from_settings(settings: Settings) -> Context:

@@ -11,16 +11,21 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 POINTS = ("after_rows_deleted", "mid_retrain", "after_staging", "after_publish_commit", "mid_purge")
 # the intake's, apart: a drill of the worker's points must not kill the intake beside it
 INTAKE_POINTS = ("intake_before_ledger_commit", "intake_after_ledger_commit", "intake_after_dead_letters")
+# a shard task of a fanned-out pass (`worker.pipeline.fanout`), after its first stage: apart from
+# POINTS, as an erasure whose rows lie in one shard never fans out, so a drill arming it would wait
+PART_POINTS = ("mid_part",)
+ALL_POINTS = POINTS + INTAKE_POINTS + PART_POINTS
 
 
 def arm(directory: Path, name: str, times: int = 1) -> None:
-    if name not in POINTS + INTAKE_POINTS:
-        raise ValueError(f"unknown failpoint {name!r}; one of {', '.join(POINTS + INTAKE_POINTS)}")
+    if name not in ALL_POINTS:
+        raise ValueError(f"unknown failpoint {name!r}; one of {', '.join(ALL_POINTS)}")
     (directory / name).write_text(str(times))
 
 
@@ -43,3 +48,15 @@ def hit(name: str) -> None:
     except FileNotFoundError:
         return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def progress_hitting(name: str):
+    """A methods' progress hook that hits `name` once the first unit of work is done."""
+
+    def progress(sequence: Iterable, description: str = "", total: float | None = None) -> Iterator:
+        for i, item in enumerate(sequence):
+            yield item
+            if i == 0:
+                hit(name)
+
+    return progress

@@ -1,7 +1,8 @@
 """Celery app and the tasks of an erasure; each is a thin shell around a pipeline step.
 
-`erase_rows` (queue `erasure`) deletes the rows; `unlearn_model` and `retrain_shard` (queue `gpu`,
-one worker per accelerator) make a model forget. Policy is declared, not hand-rolled: transient
+`erase_rows` (queue `erasure`) deletes the rows; `unlearn_model`, `retrain_part` (one shard of a
+fanned-out pass, `fanout`) and `retrain_shard` (queue `gpu`, one worker per accelerator) make a
+model forget. Policy is declared, not hand-rolled: transient
 errors (`failures.TRANSIENT`) retry with exponential backoff and jitter, capped; permanent ones
 fail fast inside the step. Acks are late and a lost worker's task is re-queued, so every step is
 idempotent; a task whose worker keeps dying under it is parked after `failures.MAX_UNFINISHED`
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from functools import cache
 
 from celery import Celery
@@ -21,7 +23,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from worker import logs, registry
 from worker.config import get_settings
-from worker.pipeline import context, erasure, failpoints, failures, ledger, unlearning
+from worker.pipeline import context, erasure, failpoints, failures, fanout, ledger, unlearning
 from worker.pipeline.failures import FailureCode
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ logging.getLogger("kafka").setLevel(logging.WARNING)
 ERASE_ROWS = "unlearning.erase_rows"
 UNLEARN_MODEL = "unlearning.unlearn_model"
 RETRAIN_SHARD = "unlearning.retrain_shard"
+RETRAIN_PART = "unlearning.retrain_part"
 
 app = Celery("unlearning-worker")
 app.conf.update(
@@ -50,7 +53,7 @@ app.conf.update(
     task_ignore_result=True,
     task_default_queue="erasure",
     task_routes={ERASE_ROWS: {"queue": "erasure"}, UNLEARN_MODEL: {"queue": "gpu"},
-                 RETRAIN_SHARD: {"queue": "gpu"}},
+                 RETRAIN_SHARD: {"queue": "gpu"}, RETRAIN_PART: {"queue": "gpu"}},
     worker_hijack_root_logger=False,
 )
 RETRY_POLICY = dict(autoretry_for=failures.TRANSIENT, retry_backoff=1, retry_backoff_max=60, retry_jitter=True,
@@ -60,7 +63,8 @@ RETRY_POLICY = dict(autoretry_for=failures.TRANSIENT, retry_backoff=1, retry_bac
 @cache
 def _context() -> context.Context:
     """One per worker process: its publisher keeps a Kafka producer open between tasks."""
-    return context.from_settings(get_settings())
+    return replace(context.from_settings(get_settings()),
+                   dispatch_part=lambda part_id: retrain_part.delay(str(part_id)))
 
 
 def _delivery(task: str, key: str, park: Callable[[], None]) -> bool:
@@ -138,6 +142,18 @@ def unlearn_model(self, model: str) -> None:
         _finished(UNLEARN_MODEL, model)
 
 
+@app.task(name=RETRAIN_PART, bind=True, **RETRY_POLICY)
+def retrain_part(self, part_id: str) -> None:
+    ctx = _context()
+    part = uuid.UUID(part_id)
+    if not _delivery(RETRAIN_PART, part_id, lambda: fanout.fail_part(ctx, part, FailureCode.WORKER_CRASHED)):
+        return
+    try:
+        fanout.run_part_task(ctx, part)
+    finally:
+        _finished(RETRAIN_PART, part_id)
+
+
 @app.task(name=RETRAIN_SHARD, bind=True, **RETRY_POLICY)
 def retrain_shard(self, model: str, shard: int) -> None:
     unlearning.retrain_shard(_context(), model, shard)
@@ -152,6 +168,11 @@ def _configure_runtime(**_):
 
     settings = get_settings()
     runtime.configure(settings.device, settings.threads, process_index=getattr(current_process(), "index", None))
+    # the first optimizer imports torch._dynamo (seconds): paid here, not by the first shard task a
+    # fanned-out pass waits for
+    import torch
+
+    torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
 
 
 @worker_process_shutdown.connect

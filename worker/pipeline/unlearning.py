@@ -4,8 +4,9 @@ A pass holds the model's lock (a session-level advisory lock: released if the pr
 runs in four phases, so no database transaction waits on training or storage:
 1. snapshot (one read-only REPEATABLE READ transaction): the pending deletions, the current
    version and the rows left, all as of one moment;
-2. compute (no transaction): the method plans and applies the deletion, writing new files; the
-   new version's manifest is staged;
+2. compute (no transaction): the method plans and applies the deletion, writing new files (a
+   plan over several SISA shards is fanned out to other workers: `fanout`); the new version's
+   manifest is staged;
 3. publish (one short transaction): the model must still serve the version the pass started from
    (compare-and-swap), then the version, its event, the finished requests' receipts and the purge
    queue are written together;
@@ -40,7 +41,7 @@ from worker import data, events, registry
 from worker.artifacts import ArtifactStore
 from worker.config import Settings
 from worker.core.base import DeletedSample, TrainingSet, UnlearnResult
-from worker.pipeline import failpoints, ledger, outbox, receipts, rowcache
+from worker.pipeline import failpoints, fanout, ledger, outbox, receipts, rowcache
 from worker.pipeline.context import Context
 from worker.pipeline.failures import FailureCode, ModelBusy, is_transient
 from worker.pipeline.metrics import ERASURE_DURATION, ERASURE_REQUESTS, RETRAIN_DURATION
@@ -146,7 +147,7 @@ def unlearn_model(ctx: Context, conn: psycopg.Connection, model: str) -> Unlearn
         return withdraw(ctx, conn, model, FailureCode.MODEL_NEEDS_FULL_RETRAIN, "withdrawn earlier")
     try:
         started = time.perf_counter()
-        staged, result, evidence = _compute(ctx.settings, conn, snapshot)
+        staged, result, evidence = _compute(ctx, conn, snapshot)
         seconds = time.perf_counter() - started
         failpoints.hit("after_staging")
         outcome = _publish(ctx.settings, conn, snapshot, staged, result, evidence, seconds)
@@ -218,9 +219,10 @@ def _snapshot(conn: psycopg.Connection, model: str, max_requests: int) -> Snapsh
                     public if len(public) else None, holdout)
 
 
-def _compute(settings: Settings, conn: psycopg.Connection, snapshot: Snapshot):
-    """Plan and apply the deletion (or retrain from scratch) and stage the new version."""
-    model, current = snapshot.model, snapshot.current
+def _compute(ctx: Context, conn: psycopg.Connection, snapshot: Snapshot):
+    """Plan and apply the deletion (or retrain from scratch) and stage the new version; a plan
+    over several shards is fanned out to other workers (`fanout`) when the method allows it."""
+    settings, model, current = ctx.settings, snapshot.model, snapshot.current
     method = registry.method_for(current.method)()
     store = ArtifactStore(settings.artifact_dir, model)
     full = snapshot.status == "full_retrain_requested"
@@ -233,8 +235,12 @@ def _compute(settings: Settings, conn: psycopg.Connection, snapshot: Snapshot):
                    for p in snapshot.pending]
         plan = method.plan(state, deleted)
         plan_fallback = plan.fallback
-        result = method.apply(state, plan, snapshot.remaining, store, _progress_with_failpoint,
-                              public=snapshot.public)
+        if fanout.applies(ctx, method, plan):
+            result = fanout.retrain(ctx, conn, current, method, state, plan, snapshot.remaining, store,
+                                    _progress_with_failpoint)
+        else:
+            result = method.apply(state, plan, snapshot.remaining, store, _progress_with_failpoint,
+                                  public=snapshot.public)
     base = dict(result.verification)
     if plan_fallback:
         base["fallback"] = plan_fallback
@@ -283,12 +289,8 @@ def _full_retrain(conn: psycopg.Connection, method, store: ArtifactStore, snapsh
     )
 
 
-def _progress_with_failpoint(sequence: Iterable, description: str = "", total: float | None = None) -> Iterator:
-    """The methods' progress hook: crash point `mid_retrain` fires once the first unit of work is done."""
-    for i, item in enumerate(sequence):
-        yield item
-        if i == 0:
-            failpoints.hit("mid_retrain")
+# the methods' progress hook in a pass: crash point `mid_retrain` fires once the first unit of work is done
+_progress_with_failpoint = failpoints.progress_hitting("mid_retrain")
 
 
 def _publish(settings: Settings, conn: psycopg.Connection, snapshot: Snapshot, staged: registry.StagedVersion,
@@ -304,6 +306,7 @@ def _publish(settings: Settings, conn: psycopg.Connection, snapshot: Snapshot, s
         )
         if snapshot.status == "full_retrain_requested":
             conn.execute("UPDATE models SET status = 'serving', failure_code = NULL WHERE name = %s", (model,))
+        fanout.forget_parts(conn, model)
         for request_id in snapshot.request_ids:
             ledger.add_model_version(conn, request_id, model, version.version, evidence[request_id])
         issued = []
@@ -331,6 +334,7 @@ def withdraw(ctx: Context, conn: psycopg.Connection, model: str, code: FailureCo
             outbox.enqueue(conn, settings.topic_versions, version_event(settings, staged.version), key=model)
         conn.execute("UPDATE models SET status = 'needs_full_retrain', failure_code = %s WHERE name = %s",
                      (code.value, model))
+        fanout.forget_parts(conn, model)
         waiting = ledger.open_requests_pending_on(conn, model)
         issued = []
         for request_id in waiting:
