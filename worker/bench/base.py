@@ -27,6 +27,16 @@ class Skipped(Exception):
     """A benchmark cannot run here (e.g. a service does not answer); the message says why."""
 
 
+def require_services(settings: Any, benchmark: str) -> None:
+    """`Skipped`, naming each, when Kafka, PostgreSQL or Redis of `settings` does not answer."""
+    from worker import stack as local_stack
+
+    silent = [s for s in local_stack.status(settings) if not s.answering]
+    if silent:
+        raise Skipped(", ".join(f"{s.name} at {s.url}" for s in silent)
+                      + f" does not answer; run `unlearn stack up` and `unlearn bench --only {benchmark}`")
+
+
 @dataclass(frozen=True)
 class Figure:
     file: str  # a PNG name inside the report directory

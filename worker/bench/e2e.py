@@ -34,9 +34,8 @@ import psycopg
 from rich.console import Console
 
 from worker import data, events, registry
-from worker import stack as local_stack
 from worker.artifacts import ArtifactStore
-from worker.bench.base import Figure, Progress, Skipped, new_figure, save, table
+from worker.bench.base import Figure, Progress, new_figure, require_services, save, table
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
 from worker.pipeline.watch import TopicWatcher
@@ -237,10 +236,7 @@ def _arrivals(watcher: TopicWatcher, request_id: str, timeout: float = 900) -> t
 def measure(quick: bool, progress: Progress) -> dict[str, Any]:
     params = QUICK if quick else FULL
     base = get_settings()
-    silent = [s for s in local_stack.status(base) if not s.answering]
-    if silent:
-        raise Skipped(", ".join(f"{s.name} at {s.url}" for s in silent)
-                      + " does not answer; run `unlearn stack up` and `unlearn bench --only e2e`")
+    require_services(base, "e2e")
     steps = sum(1 + run.erasures for run in params.runs)
     runs, done = [], 0
     for run in params.runs:

@@ -28,8 +28,7 @@ import psycopg
 from rich.console import Console
 
 from worker import data, events, registry
-from worker import stack as local_stack
-from worker.bench.base import Figure, Progress, Skipped, table
+from worker.bench.base import Figure, Progress, require_services, table
 from worker.bench.e2e import _arrivals
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
@@ -99,10 +98,7 @@ def _passes(settings: Settings, concurrency: int, erasures: list[list[str]]) -> 
 def measure(quick: bool, progress: Progress) -> dict[str, Any]:
     params = QUICK if quick else FULL
     base = get_settings()
-    silent = [s for s in local_stack.status(base) if not s.answering]
-    if silent:
-        raise Skipped(", ".join(f"{s.name} at {s.url}" for s in silent)
-                      + " does not answer; run `unlearn stack up` and `unlearn bench --only fanout`")
+    require_services(base, "fanout")
     config = params.config
     steps = 1 + params.rounds * len(CONCURRENCY)
     with (tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp,

@@ -44,13 +44,13 @@ from typing import Any, ClassVar, TypedDict
 import numpy as np
 from torch import nn
 
-from worker.artifacts import ArtifactStore
 from worker.core.base import (
     Component,
     DeletedSample,
     DeletionPlan,
     Placement,
     Progress,
+    TensorStore,
     TrainConfig,
     TrainingSet,
     TrainResult,
@@ -175,7 +175,7 @@ class Arcane:
 
     name: ClassVar[str] = "arcane"
 
-    def train(self, data: TrainingSet, config: TrainConfig, store: ArtifactStore,
+    def train(self, data: TrainingSet, config: TrainConfig, store: TensorStore,
               progress: Progress = no_progress, public: TrainingSet | None = None) -> TrainResult:
         """Train every class model from its first block. `public` rows are required: they are
         every head's counter-examples (and train the selection's reference network)."""
@@ -236,7 +236,7 @@ class Arcane:
                             work={str(k): first_block[k] for k in sorted(first_block)})
 
     def apply(self, state: ArcaneState, plan: DeletionPlan, remaining: TrainingSet,
-              store: ArtifactStore, progress: Progress = no_progress,
+              store: TensorStore, progress: Progress = no_progress,
               public: TrainingSet | None = None) -> UnlearnResult:
         """Retrain each tainted class from its first block whose rows changed, on `remaining` (the
         rows the model was trained on, minus the erased ones); list the replaced checkpoints for
@@ -303,7 +303,7 @@ class Arcane:
             return 0.0
         return expected_deletions_until_full_retrain([entry["first_block_rows"] / total for entry in state["classes"]])
 
-    def predictor(self, state: ArcaneState, store: ArtifactStore) -> OneVsRest:
+    def predictor(self, state: ArcaneState, store: TensorStore) -> OneVsRest:
         config = TrainConfig.from_json(state["config"])
         heads = [load_tensors(build_net(config, tuple(state["input_shape"]), 2, self.name, "class", c.meta["class"]),
                               store.get(c.sha256)) for c in self.components(state)]
@@ -324,7 +324,7 @@ class Arcane:
 
     def _train_stages(self, config: TrainConfig, input_shape: tuple[int, ...], public: TrainingSet,
                       rows: dict[int, ShardRows], start: dict[int, int], resume: dict[int, str | None],
-                      store: ArtifactStore, progress: Progress, description: str) -> dict[int, list[dict[str, Any]]]:
+                      store: TensorStore, progress: Progress, description: str) -> dict[int, list[dict[str, Any]]]:
         """Train stages start[k]..B-1 of each class k, from checkpoint `resume[k]` or a fresh head."""
         stages = [(k, b) for k in sorted(start) for b in range(start[k], config.slices)]
         public_blocks = np.array([slice_of(s, config.slices) for s in public.sample_ids], dtype=np.int64)

@@ -43,13 +43,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from worker.artifacts import ArtifactStore
 from worker.core.base import (
     Component,
     DeletedSample,
     DeletionPlan,
     Placement,
     Progress,
+    TensorStore,
     TrainConfig,
     TrainingSet,
     TrainResult,
@@ -277,7 +277,7 @@ class Puma:
 
     name: ClassVar[str] = "puma"
 
-    def train(self, data: TrainingSet, config: TrainConfig, store: ArtifactStore,
+    def train(self, data: TrainingSet, config: TrainConfig, store: TensorStore,
               progress: Progress = no_progress, public: TrainingSet | None = None) -> TrainResult:
         """Train the network, then record every row's linear-layer factors. `public` is not used."""
         if len(data) == 0:
@@ -324,7 +324,7 @@ class Puma:
         return DeletionPlan(components_changed=["model"] if erased else [], work=work)
 
     def apply(self, state: PumaState, plan: DeletionPlan, remaining: TrainingSet,
-              store: ArtifactStore, progress: Progress = no_progress,
+              store: TensorStore, progress: Progress = no_progress,
               public: TrainingSet | None = None) -> UnlearnResult:
         """Patch the network so it no longer carries the planned rows (`remaining` are the rows it
         was trained on minus the erased ones), or retrain it from scratch when the plan says so."""
@@ -378,10 +378,10 @@ class Puma:
         options = PumaOptions.from_config(TrainConfig.from_json(state["config"]))
         return max(options.max_removed_fraction * state["trained_rows"] - state["removed_rows"], 0.0)
 
-    def predictor(self, state: PumaState, store: ArtifactStore) -> NetPredictor:
+    def predictor(self, state: PumaState, store: TensorStore) -> NetPredictor:
         return NetPredictor(self._load(state, store))
 
-    def _load(self, state: PumaState, store: ArtifactStore) -> nn.Module:
+    def _load(self, state: PumaState, store: TensorStore) -> nn.Module:
         config = TrainConfig.from_json(state["config"])
         net = build_net(config, tuple(state["input_shape"]), state["num_classes"], self.name)
         return load_tensors(net, store.get(state["model_sha256"]))
@@ -390,7 +390,7 @@ class Puma:
     def _component(state: PumaState) -> Component:
         return Component("model", state["model_sha256"], state["lineage_sha256"])
 
-    def _retrain(self, state: PumaState, plan: DeletionPlan, remaining: TrainingSet, store: ArtifactStore,
+    def _retrain(self, state: PumaState, plan: DeletionPlan, remaining: TrainingSet, store: TensorStore,
                  progress: Progress) -> UnlearnResult:
         """The fallback: an exact retrain from scratch on the retained rows."""
         trained = self.train(remaining, TrainConfig.from_json(state["config"]), store, progress)
