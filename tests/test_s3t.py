@@ -319,3 +319,29 @@ def test_a_cnn_base_takes_adapters_on_its_hidden_layer(trained, tmp_path):
     assert [len(o["layers"]) for o in result.state["shards"][0]["orders"]] == [1, 0]
     proba = S3T().predictor(result.state, store).predict_proba(images(trained["holdout"]).features)
     assert proba.shape == (len(trained["holdout"]), 10) and np.allclose(proba.sum(axis=1), 1)
+
+
+def test_a_shard_retrained_while_erasures_went_on_is_adopted_with_their_layers_off(trained, store):
+    # Given shard 0 lost every order, and its retrain started from that version
+    state, data, public = trained["result"].state, trained["train"], trained["public"]
+    erased = [a_row(data, 0, s) for s in range(SLICES)]
+    _, lost = erase(state, store, data, erased)
+    remaining = data.without(erased)
+    retrained = S3T().retrain_shard(lost.state, 0, remaining, public, store)
+    # and while it trained, passes erased a row of shard 0 (slice 1) and one of shard 1
+    later_rows = [a_row(data, 0, 1, skip=1), a_row(data, 1, 0)]
+    _, later = erase(lost.state, store, remaining, later_rows)
+    meanwhile = [DeletedSample(s, shard_of(s, SHARDS), slice_of(s, SLICES)) for s in later_rows]
+
+    # When the retrained shard is adopted into the later version
+    adopted = S3T().adopt_shard(later.state, retrained, 0, meanwhile)
+
+    # Then it is what retraining first and erasing afterwards gives, one pass after the other
+    _, sequential = erase(retrained.state, store, remaining, later_rows)
+    assert adopted.state == sequential.state
+    # and every layer that saw the later row is off: none of the shard's orders keeps slice 1 served
+    for order, entry in zip(state["orders"], adopted.state["shards"][0]["orders"]):
+        assert len(entry["layers"]) <= order.index(1)
+    # and the files of the switched-off layers are for the caller to purge, none still live
+    live = {c.sha256 for c in adopted.components}
+    assert adopted.removed_artifacts and not live & set(adopted.removed_artifacts)

@@ -86,6 +86,57 @@ def test_s3t_deletion_takes_no_gradient_step_and_dead_shard_is_retrained(conn, d
     assert unlearning.retrain_shard(ctx, "s3t", 0) is None
 
 
+@pytest.mark.parametrize("slices_hit", [1, 2], ids=["late-rows-in-one-slice", "late-rows-in-both-slices"])
+def test_erasures_are_answered_while_an_s3t_shard_retrains_and_their_rows_stay_off(conn, digits, ctx, monkeypatch,
+                                                                                   slices_hit):
+    from worker.core.placement import shard_of, slice_of
+    from worker.core.s3t import S3T
+
+    # Given an S3T model whose only shard lost every order
+    config = TrainConfig(shards=1, slices=2, epochs=2, hidden=(32,), options={"orders": 2, "base_epochs": 5})
+    registry.train_model(conn, digits, "s3t", "s3t", "digits", config)
+    steps.request(conn, digits, steps.subjects(conn, 40))
+    assert steps.run_passes(ctx, "s3t").retrain_shards == [0]
+    # and, while the shard retrains (no model lock held), another subject is erased and answered
+    # (rows in one slice: one order keeps its layers, the shard serves; in both: the retrained shard
+    # loses every order again and is retrained once more)
+    rows_of = {s: [r for (r,) in conn.execute("SELECT sample_id FROM training_samples WHERE subject_id = %s", (s,))]
+               for s in steps.subjects(conn, 200, offset=40)}
+    conn.commit()
+    later, late_rows = next((s, rows) for s, rows in rows_of.items() if len({slice_of(r, 2) for r in rows}) == slices_hit)
+    answered_during_retrain = []
+    retrain, retrains = S3T.retrain_shard, []
+
+    def retrain_while_erasing(self, *args, **kwargs):
+        result = retrain(self, *args, **kwargs)
+        retrains.append(result)
+        if not answered_during_retrain:
+            steps.request(conn, digits, [later])
+            answered_during_retrain.append(steps.run_passes(ctx, "s3t"))
+        return result
+
+    monkeypatch.setattr(S3T, "retrain_shard", retrain_while_erasing)
+
+    # When the retrained shard is published
+    version = unlearning.retrain_shard(ctx, "s3t", 0)
+
+    # Then the erasure was answered before it, not blocked behind the retrain
+    [during] = answered_during_retrain
+    assert during.version is not None and during.version < version and len(during.receipts) == 1
+    # and the shard serves again, with every layer that saw a late row switched off
+    state = registry.load_state(digits, "s3t", version)
+    entry = state["shards"][0]
+    assert entry["status"] == "serving" and len(retrains) == slices_hit
+    hit = {slice_of(r, 2) for r in late_rows if shard_of(r, 1) == 0}
+    for order, kept in zip(state["orders"], entry["orders"]):
+        if slices_hit == 1:
+            assert len(kept["layers"]) <= min(order.index(s) for s in hit)
+        else:  # trained again on the rows left: every layer, none saw a late row
+            assert len(kept["layers"]) == 2 and not set(late_rows) & {p.sample_id for p in retrains[-1].placements}
+    # and a repeated retrain task does nothing
+    assert unlearning.retrain_shard(ctx, "s3t", 0) is None
+
+
 def test_purges_queued_before_a_crash_are_finished_later(conn, digits):
     # Given a file queued for purging whose deletion never ran (the process died after commit)
     store = ArtifactStore(digits.artifact_dir, "m")

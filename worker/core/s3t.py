@@ -336,6 +336,33 @@ class S3T:
             optimizer_steps=steps,
         )
 
+    def adopt_shard(self, state: S3TState, retrained: UnlearnResult[S3TState], shard: int,
+                    erased_since: Sequence[DeletedSample] = ()) -> UnlearnResult[S3TState]:
+        """Put a shard retrained from an earlier version (`retrained`, from `retrain_shard`) into
+        `state`, a later version whose passes went on while the shard trained, then switch off the
+        layers of its orders that saw `erased_since`: rows of that shard it trained on that were
+        erased meanwhile. The result equals retraining the shard on its rows left, then those
+        deletions, as a pass would have done them; other shards are `state`'s."""
+        entry = retrained.state["shards"][shard]
+        adopted = {**state, "shards": [entry if k == shard else old for k, old in enumerate(state["shards"])]}
+        deleted = [d for d in erased_since if d.shard == shard]
+        switched = self.apply(adopted, self.plan(adopted, deleted), None, None) if deleted else None  # type: ignore[arg-type]
+        after = switched.state if switched else adopted
+        live = {layer["sha256"] for e in after["shards"] for o in e["orders"] for layer in o["layers"]}
+        before = {layer["sha256"] for o in state["shards"][shard]["orders"] for layer in o["layers"]}
+        written = {layer["sha256"] for o in entry["orders"] for layer in o["layers"]}
+        return UnlearnResult(
+            state=after,
+            components=self.components(after),
+            components_changed=self._changed(state, after),
+            verification={**retrained.verification, "lineage": self.lineage(after),
+                          "erased_while_retraining": len(deleted),
+                          "retrain_shards": list(switched.verification["retrain_shards"]) if switched else []},
+            removed_artifacts=sorted((before | written) - live),
+            placements=retrained.placements,
+            optimizer_steps=retrained.optimizer_steps,
+        )
+
     def budget(self, state: S3TState) -> float:
         """Expected number of further deletions, each of a uniformly random training row, until
         every shard has lost all its orders — the point where the whole model needs retraining

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -363,35 +363,95 @@ def fail_request(ctx: Context, request_id: uuid.UUID, code: FailureCode, what: s
     return receipt
 
 
+def shard_retrain_lock_key(model: str, shard: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"retrain\x00{model}\x00{shard}".encode()).digest()[:8], "big", signed=True)
+
+
 def retrain_shard(ctx: Context, model: str, shard: int) -> int | None:
     """Retrain the adapters of an S3T shard that lost every slice order, and publish the result.
 
-    Returns the new version, or None when the shard no longer needs it (a repeated task).
-    Raises ModelBusy while another pass holds the model.
+    The shard trains with no lock on the model, so erasures go on being answered meanwhile (the
+    shard is left out of aggregation until it is back). Publishing takes the model's lock briefly:
+    the retrained shard is adopted into whatever version is current then, and the layers of it
+    that saw rows erased meanwhile are switched off at once, exactly as a pass would have done.
+    Returns the new version, or None when the shard no longer needs it or another task is
+    retraining it (a repeated task).
     """
-    settings = ctx.settings
-    with ctx.connect() as conn, model_lock(conn, model):
-        current = registry.current_version(conn, model)
-        state = registry.load_state(settings, model, current.version, current.manifest_sha256)
-        if not current.servable or state["shards"][shard]["status"] != "needs_retrain":
+    with ctx.connect() as conn:
+        key = shard_retrain_lock_key(model, shard)
+        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+            conn.rollback()
             return None
-        dataset = conn.execute("SELECT dataset FROM models WHERE name = %s", (model,)).fetchone()[0]
-        rows = data.read_training_set(conn, dataset, "train")
-        public = data.read_training_set(conn, dataset, "public")
         conn.commit()
-        method = registry.method_for(current.method)()
-        store = ArtifactStore(settings.artifact_dir, model)
-        started = time.perf_counter()
-        result = method.retrain_shard(state, shard, rows, public, store)
-        seconds = time.perf_counter() - started
-        staged = registry.stage_version(conn, settings, current, result, [])
-        with conn.transaction():
-            version = registry.commit_version(conn, staged)
-            outbox.enqueue(conn, settings.topic_versions, version_event(settings, version), key=model)
-        after_commit(ctx, conn, [], model)
-    RETRAIN_DURATION.labels(model=model, method=current.method).observe(seconds)
-    log.info("model %s: shard %d retrained in %.1fs, version %d", model, shard, seconds, version.version)
-    return version.version
+        try:
+            return _retrain_and_adopt(ctx, conn, model, shard)
+        finally:
+            if not conn.closed and not conn.broken:
+                conn.rollback()
+                conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                conn.commit()
+
+
+OPTIMISTIC_RETRAINS = 3  # tries with passes going on; then the shard trains under the model's lock
+
+
+@contextmanager
+def _model_lock_waiting(conn: psycopg.Connection, model: str) -> Iterator[None]:
+    """The model's lock, waited for (a pass of a model whose shard retrains is short)."""
+    while True:
+        try:
+            with model_lock(conn, model):
+                yield
+                return
+        except ModelBusy:
+            time.sleep(0.05)
+
+
+def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard: int) -> int | None:
+    settings = ctx.settings
+    store = ArtifactStore(settings.artifact_dir, model)
+    for attempt in range(OPTIMISTIC_RETRAINS + 1):
+        # erasures hitting the shard while it trains can leave it without a live order again; after
+        # a few tries it trains under the model's lock, so it comes back whatever the traffic
+        hold = attempt == OPTIMISTIC_RETRAINS
+        with _model_lock_waiting(conn, model) if hold else nullcontext():
+            current = registry.current_version(conn, model)
+            state = registry.load_state(settings, model, current.version, current.manifest_sha256)
+            if not current.servable or state["shards"][shard]["status"] != "needs_retrain":
+                conn.commit()
+                return None
+            dataset = conn.execute("SELECT dataset FROM models WHERE name = %s", (model,)).fetchone()[0]
+            rows = rowcache.read(conn, dataset, "train")
+            public = rowcache.read(conn, dataset, "public")
+            conn.commit()
+            method = registry.method_for(current.method)()
+            started = time.perf_counter()
+            result = method.retrain_shard(state, shard, rows, public, store, _progress_with_failpoint)
+            seconds = time.perf_counter() - started
+            with nullcontext() if hold else _model_lock_waiting(conn, model):
+                latest = registry.current_version(conn, model)
+                if latest.version != current.version:
+                    latest_state = registry.load_state(settings, model, latest.version, latest.manifest_sha256)
+                    if not latest.servable or latest_state["shards"][shard]["status"] != "needs_retrain":
+                        return None
+                    present = set(rowcache.read(conn, dataset, "train").sample_ids)
+                    conn.commit()
+                    erased = [DeletedSample(p.sample_id, p.shard, p.slice, ())
+                              for p in result.placements or [] if p.sample_id not in present]
+                    result = method.adopt_shard(latest_state, result, shard, erased)
+                    if result.state["shards"][shard]["status"] != "serving":
+                        log.info("model %s: shard %d lost every order again while retraining; once more", model, shard)
+                        continue
+                    current = latest
+                staged = registry.stage_version(conn, settings, current, result, [])
+                with conn.transaction():
+                    version = registry.commit_version(conn, staged)
+                    outbox.enqueue(conn, settings.topic_versions, version_event(settings, version), key=model)
+                after_commit(ctx, conn, [], model)
+        RETRAIN_DURATION.labels(model=model, method=current.method).observe(seconds)
+        log.info("model %s: shard %d retrained in %.1fs, version %d", model, shard, seconds, version.version)
+        return version.version
+    return None
 
 
 def _membership_evidence(predictor, snapshot: Snapshot, request_id: uuid.UUID) -> dict:
