@@ -133,6 +133,10 @@ def test_erasures_are_answered_while_an_s3t_shard_retrains_and_their_rows_stay_o
             assert len(kept["layers"]) <= min(order.index(s) for s in hit)
         else:  # trained again on the rows left: every layer, none saw a late row
             assert len(kept["layers"]) == 2 and not set(late_rows) & {p.sample_id for p in retrains[-1].placements}
+    # and no file the first retrain wrote outlives it unless the version serves it (a switched-off
+    # or discarded layer saw a late row)
+    store = ArtifactStore(digits.artifact_dir, "s3t")
+    assert not (S3T.files(retrains[0].state) - S3T.files(state)) & store.digests()
     # and a repeated retrain task does nothing
     assert unlearning.retrain_shard(ctx, "s3t", 0) is None
 

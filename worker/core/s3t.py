@@ -406,6 +406,12 @@ class S3T:
         return Ensemble(nets, weights, state["aggregation"])
 
     @staticmethod
+    def files(state: S3TState) -> set[str]:
+        """Every file `state` refers to: the base and each layer of each order, served or not."""
+        return {state["base"]["sha256"]} | {layer["sha256"] for entry in state["shards"]
+                                             for o in entry["orders"] for layer in o["layers"]}
+
+    @staticmethod
     def components(state: S3TState) -> list[Component]:
         """`base`, then per serving shard one component per active adapter of its served order."""
         components = [Component("base", state["base"]["sha256"], state["base"]["lineage_sha256"],

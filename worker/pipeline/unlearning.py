@@ -433,13 +433,15 @@ def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard
                 if latest.version != current.version:
                     latest_state = registry.load_state(settings, model, latest.version, latest.manifest_sha256)
                     if not latest.servable or latest_state["shards"][shard]["status"] != "needs_retrain":
+                        _discard(store, method, result.state, latest_state)
                         return None
                     present = set(rowcache.read(conn, dataset, "train").sample_ids)
                     conn.commit()
                     erased = [DeletedSample(p.sample_id, p.shard, p.slice, ())
                               for p in result.placements or [] if p.sample_id not in present]
-                    result = method.adopt_shard(latest_state, result, shard, erased)
+                    retrained, result = result, method.adopt_shard(latest_state, result, shard, erased)
                     if result.state["shards"][shard]["status"] != "serving":
+                        _discard(store, method, retrained.state, latest_state)
                         log.info("model %s: shard %d lost every order again while retraining; once more", model, shard)
                         continue
                     current = latest
@@ -452,6 +454,12 @@ def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard
         log.info("model %s: shard %d retrained in %.1fs, version %d", model, shard, seconds, version.version)
         return version.version
     return None
+
+
+def _discard(store: ArtifactStore, method, retrained: dict, current: dict) -> None:
+    """Delete what a retrain that will not be published wrote (its layers may have seen rows
+    erased since), keeping every file the current version refers to."""
+    store.delete_all(method.files(retrained) - method.files(current))
 
 
 def _membership_evidence(predictor, snapshot: Snapshot, request_id: uuid.UUID) -> dict:
