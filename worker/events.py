@@ -265,6 +265,12 @@ def receipt_digest(receipt_data: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+# How long the broker may hold a consumer's fetch that found nothing new (kafka-python's default is
+# 500 ms). Measured on the local stack: a version or receipt reached a consumer about 80 ms after the
+# broker had it with the default, 10 ms with 20 ms; the cost is an idle consumer's 50 fetches a second.
+FETCH_MAX_WAIT_MS = 20
+
+
 def open_producer(bootstrap: str) -> KafkaProducer:
     """An idempotent producer that waits for every in-sync replica."""
     return KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)

@@ -66,7 +66,8 @@ class VersionFollower(threading.Thread):
     def _follow(self) -> None:
         # no consumer group: every server replica reads every event
         consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, group_id=None,
-                                 enable_auto_commit=False, auto_offset_reset="earliest")
+                                 enable_auto_commit=False, auto_offset_reset="earliest",
+                                 fetch_max_wait_ms=events.FETCH_MAX_WAIT_MS)
         try:
             partitions = self._partitions(consumer)
             if not partitions:

@@ -96,6 +96,7 @@ def make_consumer(settings: Settings) -> KafkaConsumer:
         heartbeat_interval_ms=1000,
         max_poll_records=MAX_POLL_RECORDS,
         max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
+        fetch_max_wait_ms=events.FETCH_MAX_WAIT_MS,
     )
 
 

@@ -363,33 +363,50 @@ def fail_request(ctx: Context, request_id: uuid.UUID, code: FailureCode, what: s
     return receipt
 
 
-def shard_retrain_lock_key(model: str, shard: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"retrain\x00{model}\x00{shard}".encode()).digest()[:8], "big", signed=True)
+def retrain_lock_key(model: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"retrain\x00{model}".encode()).digest()[:8], "big", signed=True)
 
 
 def retrain_shard(ctx: Context, model: str, shard: int) -> int | None:
-    """Retrain the adapters of an S3T shard that lost every slice order, and publish the result.
+    """Retrain the adapters of an S3T shard that lost every slice order, and publish the result;
+    then any other shard of the model left without a live order, one after another.
 
     The shard trains with no lock on the model, so erasures go on being answered meanwhile (the
-    shard is left out of aggregation until it is back). Publishing takes the model's lock briefly:
-    the retrained shard is adopted into whatever version is current then, and the layers of it
-    that saw rows erased meanwhile are switched off at once, exactly as a pass would have done.
-    Returns the new version, or None when the shard no longer needs it or another task is
-    retraining it (a repeated task).
+    shard is left out of aggregation until it is back), and one task at a time retrains a model's
+    shards, so a worker's other processes stay free for them. Publishing takes the model's lock
+    briefly: the retrained shard is adopted into whatever version is current then, and the layers
+    of it that saw rows erased meanwhile are switched off at once, exactly as a pass would have
+    done. Returns the last version published, or None when no shard needed it or another task is
+    retraining the model's shards (a repeated task).
     """
     with ctx.connect() as conn:
-        key = shard_retrain_lock_key(model, shard)
+        key = retrain_lock_key(model)
         if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
             conn.rollback()
             return None
         conn.commit()
         try:
-            return _retrain_and_adopt(ctx, conn, model, shard)
+            published = None
+            while shard is not None:
+                published = _retrain_and_adopt(ctx, conn, model, shard) or published
+                shard = _next_lost_shard(ctx.settings, conn, model, after=shard)
+            return published
         finally:
             if not conn.closed and not conn.broken:
                 conn.rollback()
                 conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
                 conn.commit()
+
+
+def _next_lost_shard(settings: Settings, conn: psycopg.Connection, model: str, after: int) -> int | None:
+    """Another shard of the current version that has no live order (the next after `after`)."""
+    current = registry.current_version(conn, model)
+    conn.commit()
+    if current is None or not current.servable:
+        return None
+    state = registry.load_state(settings, model, current.version, current.manifest_sha256)
+    lost = [entry["shard"] for entry in state["shards"] if entry["status"] == "needs_retrain"]
+    return next((k for k in sorted(lost, key=lambda k: (k <= after, k))), None)
 
 
 OPTIMISTIC_RETRAINS = 3  # tries with passes going on; then the shard trains under the model's lock
