@@ -22,7 +22,6 @@ whose lineage changed), so every published shard is exactly its from-scratch ret
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
@@ -40,6 +39,7 @@ from worker.core.base import DeletionPlan, Progress, ShardedRetrain, TrainingSet
 from worker.pipeline import failpoints, rowcache
 from worker.pipeline.context import Context
 from worker.pipeline.failures import FailureCode, is_transient
+from worker.pipeline.locks import lock_key, session_lock
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def applies(ctx: Context, method: Any, plan: DeletionPlan) -> bool:
 
 
 def part_lock_key(part_id: uuid.UUID) -> int:
-    return int.from_bytes(hashlib.sha256(f"unlearn-part\x00{part_id}".encode()).digest()[:8], "big", signed=True)
+    return lock_key("unlearn-part", part_id)
 
 
 def retrain(ctx: Context, conn: psycopg.Connection, base: registry.ModelVersion, method: ShardedRetrain,
@@ -135,14 +135,9 @@ def run_part(ctx: Context, conn: psycopg.Connection, part_id: uuid.UUID, method:
     `method` and `state` are the coordinator's (a task loads them from the part's base version).
     Leaves no transaction open; a failure propagates (the caller records it or retries).
     """
-    key = part_lock_key(part_id)
-    if wait:
-        conn.execute("SELECT pg_advisory_lock(%s)", (key,))
-    elif not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
-        conn.rollback()
-        return False
-    try:
-        conn.commit()
+    with session_lock(conn, part_lock_key(part_id), wait) as held:
+        if not held:
+            return False
         # read after the lock is held: a part finished by its last holder is seen as done
         found = conn.execute(
             "SELECT p.model, p.base_version, p.shard, p.start_slice, p.sample_ids, v.manifest_sha256, m.dataset,"
@@ -170,11 +165,6 @@ def run_part(ctx: Context, conn: psycopg.Connection, part_id: uuid.UUID, method:
         log.info("model %s: shard %d retrained from slice %d in %.2fs", model, shard, start,
                  time.perf_counter() - started)
         return True
-    finally:
-        if not conn.closed and not conn.broken:
-            conn.rollback()
-            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-            conn.commit()
 
 
 def _rows(conn: psycopg.Connection, dataset: str, sample_ids: Sequence[str]) -> TrainingSet:

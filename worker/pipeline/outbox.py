@@ -20,6 +20,7 @@ import psycopg
 from kafka import KafkaProducer
 
 from worker import events
+from worker.pipeline.locks import session_lock
 
 log = logging.getLogger(__name__)
 HEADERS = [("content-type", events.CONTENT_TYPE.encode())]
@@ -132,13 +133,11 @@ def drain(connect: Callable[[], psycopg.Connection], publisher: Publisher) -> in
     sent = 0
     with connect() as conn:
         conn.autocommit = True
-        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK_KEY,)).fetchone()[0]:
-            return 0
-        try:
+        with session_lock(conn, RELAY_LOCK_KEY) as held:
+            if not held:
+                return 0
             while (count := relay_once(conn, publisher)) > 0:
                 sent += count
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (RELAY_LOCK_KEY,))
     return sent
 
 

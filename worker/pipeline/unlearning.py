@@ -23,7 +23,6 @@ model are answered `failed` until `unlearn retry` asks for a full retrain.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
@@ -44,6 +43,7 @@ from worker.core.base import DeletedSample, TrainingSet, UnlearnResult
 from worker.pipeline import failpoints, fanout, ledger, outbox, receipts, rowcache
 from worker.pipeline.context import Context
 from worker.pipeline.failures import FailureCode, ModelBusy, is_transient
+from worker.pipeline.locks import lock_key, session_lock
 from worker.pipeline.metrics import ERASURE_DURATION, ERASURE_REQUESTS, RETRAIN_DURATION
 
 log = logging.getLogger(__name__)
@@ -94,24 +94,17 @@ class Unlearned:
 
 
 def model_lock_key(model: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"unlearn\x00{model}".encode()).digest()[:8], "big", signed=True)
+    return lock_key("unlearn", model)
 
 
 @contextmanager
-def model_lock(conn: psycopg.Connection, model: str) -> Iterator[None]:
+def model_lock(conn: psycopg.Connection, model: str, wait: bool = False) -> Iterator[None]:
     """Hold the model's session-level advisory lock (no transaction stays open while it is held);
-    raises ModelBusy when another worker holds it."""
-    if not conn.execute("SELECT pg_try_advisory_lock(%s)", (model_lock_key(model),)).fetchone()[0]:
-        conn.rollback()
-        raise ModelBusy(model)
-    conn.commit()
-    try:
+    raises ModelBusy when another worker holds it, unless `wait`."""
+    with session_lock(conn, model_lock_key(model), wait) as held:
+        if not held:
+            raise ModelBusy(model)
         yield
-    finally:
-        if not conn.closed and not conn.broken:
-            conn.rollback()
-            conn.execute("SELECT pg_advisory_unlock(%s)", (model_lock_key(model),))
-            conn.commit()
 
 
 def unlearn_until_idle(ctx: Context, model: str) -> list[Unlearned]:
@@ -363,10 +356,6 @@ def fail_request(ctx: Context, request_id: uuid.UUID, code: FailureCode, what: s
     return receipt
 
 
-def retrain_lock_key(model: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"retrain\x00{model}".encode()).digest()[:8], "big", signed=True)
-
-
 def retrain_shard(ctx: Context, model: str, shard: int) -> int | None:
     """Retrain the adapters of an S3T shard that lost every slice order, and publish the result;
     then any other shard of the model left without a live order, one after another.
@@ -379,23 +368,14 @@ def retrain_shard(ctx: Context, model: str, shard: int) -> int | None:
     done. Returns the last version published, or None when no shard needed it or another task is
     retraining the model's shards (a repeated task).
     """
-    with ctx.connect() as conn:
-        key = retrain_lock_key(model)
-        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
-            conn.rollback()
+    with ctx.connect() as conn, session_lock(conn, lock_key("retrain", model)) as held:
+        if not held:
             return None
-        conn.commit()
-        try:
-            published = None
-            while shard is not None:
-                published = _retrain_and_adopt(ctx, conn, model, shard) or published
-                shard = _next_lost_shard(ctx.settings, conn, model, after=shard)
-            return published
-        finally:
-            if not conn.closed and not conn.broken:
-                conn.rollback()
-                conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-                conn.commit()
+        published = None
+        while shard is not None:
+            published = _retrain_and_adopt(ctx, conn, model, shard) or published
+            shard = _next_lost_shard(ctx.settings, conn, model, after=shard)
+        return published
 
 
 def _next_lost_shard(settings: Settings, conn: psycopg.Connection, model: str, after: int) -> int | None:
@@ -412,18 +392,6 @@ def _next_lost_shard(settings: Settings, conn: psycopg.Connection, model: str, a
 OPTIMISTIC_RETRAINS = 3  # tries with passes going on; then the shard trains under the model's lock
 
 
-@contextmanager
-def _model_lock_waiting(conn: psycopg.Connection, model: str) -> Iterator[None]:
-    """The model's lock, waited for (a pass of a model whose shard retrains is short)."""
-    while True:
-        try:
-            with model_lock(conn, model):
-                yield
-                return
-        except ModelBusy:
-            time.sleep(0.05)
-
-
 def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard: int) -> int | None:
     settings = ctx.settings
     store = ArtifactStore(settings.artifact_dir, model)
@@ -431,7 +399,7 @@ def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard
         # erasures hitting the shard while it trains can leave it without a live order again; after
         # a few tries it trains under the model's lock, so it comes back whatever the traffic
         hold = attempt == OPTIMISTIC_RETRAINS
-        with _model_lock_waiting(conn, model) if hold else nullcontext():
+        with model_lock(conn, model, wait=True) if hold else nullcontext():
             current = registry.current_version(conn, model)
             state = registry.load_state(settings, model, current.version, current.manifest_sha256)
             if not current.servable or state["shards"][shard]["status"] != "needs_retrain":
@@ -445,7 +413,7 @@ def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard
             started = time.perf_counter()
             result = method.retrain_shard(state, shard, rows, public, store, _progress_with_failpoint)
             seconds = time.perf_counter() - started
-            with nullcontext() if hold else _model_lock_waiting(conn, model):
+            with nullcontext() if hold else model_lock(conn, model, wait=True):
                 latest = registry.current_version(conn, model)
                 if latest.version != current.version:
                     latest_state = registry.load_state(settings, model, latest.version, latest.manifest_sha256)
