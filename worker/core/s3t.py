@@ -282,9 +282,7 @@ class S3T:
         which encode erased rows, in `removed_artifacts` for the caller to purge. `remaining` and
         `public` are not needed: S3T never trains here."""
         after = self._after(state, plan.work)
-        live = {layer["sha256"] for entry in after["shards"] for o in entry["orders"] for layer in o["layers"]}
-        dead = {layer["sha256"] for entry in state["shards"] for o in entry["orders"] for layer in o["layers"]}
-        removed = sorted(dead - live)
+        removed = sorted(self.files(state) - self.files(after))
         return UnlearnResult(
             state=after,
             components=self.components(after),
@@ -317,8 +315,7 @@ class S3T:
         entry, steps = self._train_shard(state, self._base(state, store), remaining, shard, store, progress)
         shards = [entry if k == shard else old for k, old in enumerate(state["shards"])]
         after = {**state, "shards": shards}
-        live = {layer["sha256"] for o in entry["orders"] for layer in o["layers"]}
-        removed = sorted({layer["sha256"] for o in state["shards"][shard]["orders"] for layer in o["layers"]} - live)
+        removed = sorted(self.files(state) - self.files(after))
         shard_ids = [s for s in remaining.sample_ids if shard_of(s, config.shards) == shard]
         return UnlearnResult(
             state=after,
@@ -348,7 +345,6 @@ class S3T:
         deleted = [d for d in erased_since if d.shard == shard]
         switched = self.apply(adopted, self.plan(adopted, deleted), None, None) if deleted else None  # type: ignore[arg-type]
         after = switched.state if switched else adopted
-        live = {layer["sha256"] for e in after["shards"] for o in e["orders"] for layer in o["layers"]}
         before = {layer["sha256"] for o in state["shards"][shard]["orders"] for layer in o["layers"]}
         written = {layer["sha256"] for o in entry["orders"] for layer in o["layers"]}
         return UnlearnResult(
@@ -358,7 +354,7 @@ class S3T:
             verification={**retrained.verification, "lineage": self.lineage(after),
                           "erased_while_retraining": len(deleted),
                           "retrain_shards": list(switched.verification["retrain_shards"]) if switched else []},
-            removed_artifacts=sorted((before | written) - live),
+            removed_artifacts=sorted((before | written) - self.files(after)),
             placements=retrained.placements,
             optimizer_steps=retrained.optimizer_steps,
         )
