@@ -185,13 +185,27 @@ class Observer:
                                 (source, source)).fetchall()
         return Counter(map(tuple, rows))
 
-    def ledger_count(self, source: str) -> int | None:
-        """Rows from `source`; None while the database does not answer."""
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple] | None:
+        """The rows of `sql`; None while the database does not answer."""
         try:
             with psycopg.connect(self.settings.database_url, connect_timeout=1) as conn:
-                return conn.execute("SELECT count(*) FROM erasure_requests WHERE source = %s", (source,)).fetchone()[0]
+                return conn.execute(sql, params).fetchall()
         except psycopg.OperationalError:
             return None
+
+    def ledger_count(self, source: str) -> int | None:
+        """Rows from `source`; None while the database does not answer."""
+        rows = self._query("SELECT count(*) FROM erasure_requests WHERE source = %s", (source,))
+        return None if rows is None else rows[0][0]
+
+    def receipts(self) -> list[tuple[str, str]]:
+        """(request id, status) of every receipt in the chain; none while the database does not answer."""
+        return self._query("SELECT request_id::text, status FROM receipts") or []
+
+    def unsent_events(self) -> int | None:
+        """Outbox rows the broker has not acknowledged; None while the database does not answer."""
+        rows = self._query("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+        return None if rows is None else rows[0][0]
 
     def committed(self) -> dict[int, int]:
         """The group's committed offset per partition of the requests topic ({} while unknown)."""
@@ -608,15 +622,8 @@ def worker_outage_drill(stack: PrivateStack, down_s: float = 10.0, per_phase: in
             sent.append(request_id)
         publish(settings, records)
 
-    def receipts() -> list[tuple[str, str]]:
-        try:
-            with psycopg.connect(settings.database_url, connect_timeout=2) as conn:
-                return conn.execute("SELECT request_id::text, status FROM receipts").fetchall()
-        except psycopg.OperationalError:
-            return []
-
     def answered() -> bool:
-        return set(sent) <= {r for r, _ in receipts()}
+        return set(sent) <= {r for r, _ in observer.receipts()}
 
     observer = Observer(settings)
     intake = stack.spawn("intake", env=env)
@@ -641,26 +648,19 @@ def worker_outage_drill(stack: PrivateStack, down_s: float = 10.0, per_phase: in
             erase(per_phase)
             wait_for(answered, 240, f"receipts after the {service} outage", worker)
             outages.append(WorkerOutage(service, down_s, 2 * per_phase, time.monotonic() - back, worker.alive))
-        wait_for(lambda: _unsent(settings) == 0, 60, "the outbox relayed", intake)
-        issued = Counter(r for r, status in receipts() if status == "completed")
+        wait_for(lambda: observer.unsent_events() == 0, 60, "the outbox relayed", intake)
+        issued = Counter(r for r, status in observer.receipts() if status == "completed")
         with psycopg.connect(settings.database_url) as conn:
             versions = [v for (v,) in conn.execute(
                 "SELECT version FROM model_versions WHERE model = %s ORDER BY version", (model,))]
-        all_receipts = Counter(r for r, _ in receipts())
+        all_receipts = Counter(r for r, _ in observer.receipts())
         return WorkerOutageReport(
             outages=outages, requests=len(sent), completed=sum(1 for r in sent if issued[r] == 1),
             lost=sum(1 for r in sent if all_receipts[r] == 0), duplicated=_duplicated(all_receipts),
-            versions=versions, unsent_events=_unsent(settings), worker_restarts=0,
+            versions=versions, unsent_events=observer.unsent_events(), worker_restarts=0,
         )
     finally:
         worker.stop()
         intake.stop()
         observer.close()
 
-
-def _unsent(settings: Settings) -> int | None:
-    try:
-        with psycopg.connect(settings.database_url, connect_timeout=2) as conn:
-            return conn.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0]
-    except psycopg.OperationalError:
-        return None
