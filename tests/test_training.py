@@ -16,6 +16,7 @@ from worker.core.base import TrainConfig, TrainingSet
 from worker.core.nets import FeatureScaling, build_net, state_tensors
 from worker.core.training import (
     ADAMW,
+    FusedAdamW,
     Lane,
     UpdateRule,
     batch_size_for,
@@ -147,6 +148,32 @@ def test_momentum_free_sgd_steps_by_the_batch_gradient_alone(digits):
         torch.nn.functional.cross_entropy(x @ weight.T + bias, y).backward()
         expected = before - 0.5 * torch.cat([weight.grad.reshape(-1), bias.grad])
         torch.testing.assert_close(after, expected, rtol=0, atol=1e-6)
+
+
+def test_the_lean_adamw_step_is_torch_optims_fused_adamw_bit_for_bit(digits):
+    """`FusedAdamW` skips torch.optim's per-step bookkeeping, not its arithmetic: with weight decay
+    and a learning rate that changes every step, every parameter and moment equals AdamW's."""
+    rule = UpdateRule("adamw", 3e-3, weight_decay=0.01)
+    ours, theirs = (build_net(CONFIG, (64,), 10, "lean", 0) for _ in range(2))
+    assert digest(ours) == digest(theirs)
+    lean = FusedAdamW([p for p in ours.parameters() if p.requires_grad], rule)
+    reference = torch.optim.AdamW(list(theirs.parameters()), lr=rule.lr, betas=rule.betas, eps=rule.eps,
+                                  weight_decay=rule.weight_decay, fused=True)
+    x, y = torch.from_numpy(digits.features[:256]), torch.from_numpy(digits.labels[:256])
+    for t in range(40):
+        batch = slice(16 * (t % 16), 16 * (t % 16 + 1))
+        lr = rule.rate(t, 40)
+        lean.zero_grad()
+        torch.nn.functional.cross_entropy(ours(x[batch]), y[batch]).backward()
+        lean.step(lr)
+        reference.param_groups[0]["lr"] = lr
+        reference.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(theirs(x[batch]), y[batch]).backward()
+        reference.step()
+    assert digest(ours) == digest(theirs)
+    state = [reference.state[p] for p in theirs.parameters()]
+    assert all(torch.equal(a, s["exp_avg"]) and torch.equal(b, s["exp_avg_sq"])
+               for a, b, s in zip(lean.exp_avgs, lean.exp_avg_sqs, state))
 
 
 def test_update_rules_are_checked():

@@ -13,7 +13,7 @@ the update rule is applied per lane with that lane's own learning-rate schedule,
 has finished (or is idle) gets a learning rate of exactly 0, which leaves it untouched. Results do
 depend on G (other shapes, other kernels), so a model records its width and every retrain uses
 it again: a retrain in a stack of G equals a from-scratch run in a stack of G. G = 1 trains one
-network alone, without vmap, with `torch.optim` (fused AdamW, or plain SGD).
+network alone, without vmap, with torch's fused AdamW kernel (`FusedAdamW`) or `torch.optim`'s plain SGD.
 
 In a stack the update rule is written out (torch.optim's AdamW and SGD formulas) because it needs a
 learning rate per lane inside one tensor, which `torch.optim` does not offer.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,12 +94,11 @@ class UpdateRule:
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine or constant, not {self.schedule!r}")
 
-    def optimizer_for(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        """The torch optimizer of a lone network (its learning rate is set every step)."""
+    def optimizer_for(self, params: list[nn.Parameter]) -> FusedAdamW | PlainSGD:
+        """The optimizer of a lone network: `zero_grad()`, then `step(lr)` at each step's rate."""
         if self.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=0.0)
-        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps,
-                                 weight_decay=self.weight_decay, fused=True)
+            return PlainSGD(params, self.lr)
+        return FusedAdamW(params, self)
 
     def step_lanes(self, flat: torch.Tensor, grad: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor],
                    step: int, rates: torch.Tensor) -> None:
@@ -245,6 +245,69 @@ def fit_lanes(lanes: Sequence[Lane | None], *, epochs: int, batch_size: int, rul
     return totals
 
 
+# told of every optimizer step `fit_lanes` takes, alone or stacked (`observing_steps`)
+_step_observers: list[Callable[[], None]] = []
+
+
+@contextmanager
+def observing_steps(observer: Callable[[], None]) -> Iterator[None]:
+    """Call `observer` once for every optimizer step any network takes meanwhile (a stacked step
+    counts once per stack): how a caller can tell that something trained, or did not."""
+    _step_observers.append(observer)
+    try:
+        yield
+    finally:
+        _step_observers.remove(observer)
+
+
+def _stepped() -> None:
+    for observer in _step_observers:
+        observer()
+
+
+class FusedAdamW:
+    """The step of `torch.optim.AdamW(fused=True)` without its per-step bookkeeping (hooks,
+    profiler records, dynamo guards, state lookups), which costs a small network more than the
+    update itself: the same fused kernel (`torch._fused_adamw_`, what AdamW calls) on the same
+    state, so bit for bit the same parameters (`tests/test_training.py` holds it to
+    torch.optim.AdamW), in about 60% of the time per step on a CPU for the networks SISA trains."""
+
+    def __init__(self, params: list[nn.Parameter], rule: UpdateRule):
+        self.params, self.rule = params, rule
+        self.exp_avgs = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sqs = [torch.zeros_like(p) for p in params]
+        # AdamW keeps a fused step count as a float32 scalar tensor beside each parameter
+        self.counts = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        beta1, beta2 = self.rule.betas
+        torch._foreach_add_(self.counts, 1)
+        torch._fused_adamw_(self.params, [p.grad for p in self.params], self.exp_avgs, self.exp_avg_sqs, [],
+                            self.counts, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=self.rule.weight_decay, eps=self.rule.eps, maximize=False,
+                            grad_scale=None, found_inf=None)
+
+
+class PlainSGD:
+    """`torch.optim.SGD` without momentum, stepped at the learning rate of each step."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float):
+        self.optimizer = torch.optim.SGD(params, lr=lr, momentum=0.0)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+
+
 def _fit_alone(net: nn.Module, features: torch.Tensor, labels: torch.Tensor, steps: Iterable[PlannedStep],
                schedule: list[tuple[int, int, np.ndarray]], rule: UpdateRule, on_step: StepHook | None) -> None:
     """One network, a torch optimizer: a stack of width 1 needs no per-lane learning rate."""
@@ -255,12 +318,11 @@ def _fit_alone(net: nn.Module, features: torch.Tensor, labels: torch.Tensor, ste
     layout = ParameterLayout.of(net) if on_step is not None else None
     for t, (index, _) in steps:
         rows = index[0].to(device)  # a lone lane's batches are never padded
-        for group in optimizer.param_groups:
-            group["lr"] = rule.rate(t, len(schedule))
         before = layout.flatten(net) if layout is not None else None
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         nn.functional.cross_entropy(net(features[rows]), labels[rows]).backward()
-        optimizer.step()
+        optimizer.step(rule.rate(t, len(schedule)))
+        _stepped()
         if layout is not None:
             after = layout.flatten(net)
             epoch, step, batch = schedule[t]
@@ -302,6 +364,7 @@ def _fit_stacked(lanes: Sequence[Lane | None], active: list[int], features: torc
         grads = torch.autograd.grad(lane_loss.sum(), list(leaves.values()))
         with torch.no_grad():
             rule.step_lanes(flat, torch.cat([g.reshape(width, -1) for g in grads], dim=1), moments, t + 1, rates[t])
+        _stepped()
     result = flat.cpu()
     for i in active:
         layout.load(lanes[i].net, result[i])
