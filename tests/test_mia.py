@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
 from worker.core.amnesiac import NetPredictor
-from worker.core.base import TrainConfig, TrainingSet
+from worker.core.base import RememberingPredictor, TrainConfig, TrainingSet
 from worker.core.mia import (
     advantage_at,
     auc_high_score_is_member,
@@ -185,3 +185,27 @@ def test_more_rows_give_a_narrower_interval(splits, remembering):
     small = erasure_evidence(remembering, members.select(np.arange(100) < 5), splits["non_members"])
     large = erasure_evidence(remembering, members, splits["non_members"])
     assert large["ci_high"] - large["ci_low"] < small["ci_high"] - small["ci_low"]
+
+
+def test_a_pass_predicts_the_holdout_rows_once_for_every_request():
+    """Each request's evidence and the version's metrics ask about the same holdout array: the
+    remembering predictor answers it once, identically, and read-only; another array is new work."""
+    asked = []
+
+    class Counting:
+        def predict_proba(self, features):
+            asked.append(len(features))
+            return np.full((len(features), 2), 0.5)
+
+    holdout, erased = np.zeros((30, 4), np.float32), np.ones((5, 4), np.float32)
+    predictor = RememberingPredictor(Counting())
+    first = predictor.predict_proba(holdout)
+    for _ in range(3):
+        assert predictor.predict_proba(holdout) is first
+        predictor.predict_proba(erased.copy())
+    assert asked == [30, 5, 5, 5]
+    with pytest.raises(ValueError, match="read-only"):
+        first[0, 0] = 1.0
+    reference = TrainingSet.build([f"r{i}" for i in range(30)], holdout, np.arange(30) % 2, 2)
+    rows = TrainingSet.build([f"e{i}" for i in range(5)], erased, np.zeros(5, np.int64), 2)
+    assert erasure_evidence(predictor, rows, reference) == erasure_evidence(Counting(), rows, reference)

@@ -11,7 +11,7 @@ from worker import data, registry
 from worker.artifacts import ArtifactIntegrityError, ArtifactStore, manifest_uri, open_root, read_manifest, sha256_bytes
 from worker.config import get_settings
 from worker.core.base import DeletedSample, TrainConfig
-from worker.core.placement import shard_of, slice_of
+from worker.core.placement import place, shard_of, slice_of
 from worker.serving import VersionRevoked, load_version
 
 pytestmark = pytest.mark.services
@@ -122,6 +122,12 @@ def test_publishing_an_unlearned_version(conn, trained):
                         " WHERE model = 'digits-sisa' GROUP BY shard, slice").fetchall()
     assert all(positions == list(range(len(positions))) for _, _, positions in rows)
     assert sum(len(p) for *_, p in rows) == len(data.read_training_set(conn, "digits", "train"))
+    # only what moved was written, and the table is exactly the placement of the rows left
+    remaining = data.read_training_set(conn, "digits", "train").sample_ids
+    expected = {(p.sample_id, p.shard, p.slice, p.position) for p in place(remaining, state["config"]["shards"],
+                                                                            state["config"]["slices"])}
+    assert set(conn.execute("SELECT sample_id, shard, slice, position FROM sample_placement"
+                            " WHERE model = 'digits-sisa'").fetchall()) == expected
 
     # the tainted checkpoints were queued for purging in the same transaction; once purged,
     # serving loads version 2 and version 1 has lost its tainted files

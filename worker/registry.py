@@ -40,6 +40,7 @@ from worker.config import Settings
 from worker.core.base import (
     BatchRecord,
     Placement,
+    Predictor,
     Progress,
     TrainConfig,
     TrainingSet,
@@ -197,12 +198,12 @@ def _lock_rows_still_there(conn: psycopg.Connection, sample_ids: Sequence[str]) 
 
 def stage_version(conn: psycopg.Connection, settings: Settings, parent: ModelVersion, result: UnlearnResult,
                   request_ids: Sequence[str], *, full_retrain: bool = False,
-                  holdout: TrainingSet | None = None) -> StagedVersion:
+                  holdout: TrainingSet | None = None, predictor: Predictor | None = None) -> StagedVersion:
     """Write the manifest of the version an unlearning of `parent` produced; nothing is recorded.
 
     The version's event carries its accuracy on the holdout rows (read on `conn` unless given;
-    no transaction is left open). `full_retrain`: the result replaces every component, placement
-    and batch.
+    no transaction is left open), as `predictor` (the result's, unless given) predicts them.
+    `full_retrain`: the result replaces every component, placement and batch.
     """
     implementation = method_for(parent.method)()
     dataset = _dataset(conn, parent.model)
@@ -217,7 +218,7 @@ def stage_version(conn: psycopg.Connection, settings: Settings, parent: ModelVer
     }
     staged = _stage(conn, settings, implementation, model=parent.model, dataset=dataset, parent=parent,
                     result=result, lineage=lineage, request_ids=list(request_ids), holdout=holdout,
-                    extra_metrics={"optimizer_steps": float(result.optimizer_steps)})
+                    extra_metrics={"optimizer_steps": float(result.optimizer_steps)}, predictor=predictor)
     if full_retrain:
         return replace(staged, placements=result.placements, placement_shards=None,
                        batches=result.batches, replace_batch_log=True)
@@ -283,12 +284,7 @@ def commit_version(conn: psycopg.Connection, staged: StagedVersion) -> ModelVers
             (model, list(staged.removed_artifacts)),
         )
     if staged.placements is not None:
-        if staged.placement_shards is None:
-            conn.execute("DELETE FROM sample_placement WHERE model = %s", (model,))
-        else:
-            conn.execute("DELETE FROM sample_placement WHERE model = %s AND shard = ANY(%s)",
-                         (model, staged.placement_shards))
-        _copy_placements(conn, model, staged.placements)
+        _write_placements(conn, model, staged.placements, staged.placement_shards)
     if staged.replace_batch_log:
         conn.execute("DELETE FROM batch_log WHERE model = %s", (model,))
     elif staged.removed_batches:
@@ -401,14 +397,17 @@ def _check_unpublished(conn: psycopg.Connection, model: str, version: int) -> No
 
 def _stage(conn: psycopg.Connection, settings: Settings, implementation: UnlearningMethod, *, model: str,
            dataset: str, parent: ModelVersion | None, result: UnlearnResult, lineage: dict[str, Any],
-           request_ids: list[str], holdout: TrainingSet, extra_metrics: dict[str, float]) -> StagedVersion:
+           request_ids: list[str], holdout: TrainingSet, extra_metrics: dict[str, float],
+           predictor: Predictor | None = None) -> StagedVersion:
     """Compute a version's figures and write its manifest (no transaction)."""
     version = 1 if parent is None else parent.version + 1
     _check_unpublished(conn, model, version)
     store = ArtifactStore(settings.artifact_dir, model)
     spec = data.spec(dataset)
     budget = implementation.budget(result.state)
-    metrics = {**extra_metrics, **_holdout_metrics(implementation, result.state, store, holdout)}
+    if predictor is None and len(holdout):
+        predictor = implementation.predictor(result.state, store)
+    metrics = {**extra_metrics, **_holdout_metrics(predictor, holdout)}
     revokes = [] if parent is None else [parent.version]
     created_at = _now()
     manifest = {
@@ -445,18 +444,49 @@ def _stage(conn: psycopg.Connection, settings: Settings, implementation: Unlearn
     )
 
 
-def _holdout_metrics(implementation: UnlearningMethod, state: dict[str, Any], store: ArtifactStore,
-                     holdout: TrainingSet) -> dict[str, float]:
-    if len(holdout) == 0:
+def _holdout_metrics(predictor: Predictor | None, holdout: TrainingSet) -> dict[str, float]:
+    if predictor is None or len(holdout) == 0:
         return {}
-    proba = implementation.predictor(state, store).predict_proba(holdout.features)
+    proba = predictor.predict_proba(holdout.features)
     return {"holdout_accuracy": float(np.mean(proba.argmax(axis=1) == holdout.labels)),
             "holdout_rows": float(len(holdout))}
 
 
+def _write_placements(conn: psycopg.Connection, model: str, placements: Iterable[Placement],
+                      shards: Sequence[int] | None) -> None:
+    """Make the model's placements in `shards` (all of them: None) exactly `placements`, leaving
+    out rows erased since the work read them (their erasure already queued their unlearning; a
+    placement would make them look present).
+
+    With `shards`, only what differs is written: a pass retraining a few shards of a hash-placed
+    model keeps almost every row where it was, and rewriting all of them cost the pass tens of
+    milliseconds."""
+    if shards is None:
+        conn.execute("DELETE FROM sample_placement WHERE model = %s", (model,))
+        _copy_placements(conn, model, placements)
+        return
+    wanted = {p.sample_id: (p.shard, p.slice, p.position) for p in placements}
+    held = {sample_id: (shard, slice_, position) for sample_id, shard, slice_, position in conn.execute(
+        "SELECT sample_id, shard, slice, position FROM sample_placement WHERE model = %s AND shard = ANY(%s)",
+        (model, list(shards)))}
+    gone = sorted(held.keys() - wanted.keys())
+    if gone:
+        conn.execute("DELETE FROM sample_placement WHERE model = %s AND sample_id = ANY(%s)", (model, gone))
+    moved = sorted(s for s, place in wanted.items() if held.get(s) != place)
+    if moved:
+        shard, slice_, position = (list(column) for column in zip(*(wanted[s] for s in moved)))
+        conn.execute(
+            "INSERT INTO sample_placement (model, sample_id, shard, slice, position)"
+            " SELECT %s, p.* FROM unnest(%s::text[], %s::int[], %s::int[], %s::int[]) AS p (sample_id, shard, slice, position)"
+            " JOIN training_samples t ON t.sample_id = p.sample_id"
+            " ON CONFLICT (model, sample_id) DO UPDATE"
+            " SET shard = EXCLUDED.shard, slice = EXCLUDED.slice, position = EXCLUDED.position",
+            (model, moved, shard, slice_, position),
+        )
+
+
 def _copy_placements(conn: psycopg.Connection, model: str, placements: Iterable[Placement]) -> None:
-    """Write placements, leaving out rows erased since the work read them (their erasure already
-    queued their unlearning; a placement would make them look present)."""
+    """Write placements, leaving out rows erased since the work read them."""
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS placement_in (LIKE sample_placement) ON COMMIT DROP")
     with conn.cursor() as cur, cur.copy(
         "COPY placement_in (model, sample_id, shard, slice, position) FROM STDIN"
