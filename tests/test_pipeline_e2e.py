@@ -184,6 +184,8 @@ def test_fifty_erasures_coalesce_into_far_fewer_retrains(pipeline, record_proper
     retrains = after - before
     record_property("retrains_for_50_erasures", retrains)
     assert left == 0
-    assert 1 <= retrains <= 15, f"{retrains} retrains for 50 erasures"
+    # far fewer passes than erasures; how many depends on how fast a pass is against how fast the
+    # rows are deleted (test_coalescing.py pins down exactly what a pass takes)
+    assert 1 <= retrains <= 25, f"{retrains} retrains for 50 erasures"
     # every receipt is chained to an earlier one
     assert all(r.data["previous_receipt_sha256"] for r in receipts.values())

@@ -12,13 +12,20 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from worker.artifacts import ArtifactStore
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet, lineage_sha256
 from worker.core.deletion_sim import paper_rate, simulate
 from worker.core.placement import shard_of, slice_of
-from worker.core.s3t import BASE_STEPS, S3T, base_epochs, bms_orders, cyclic_orders, orders_for
+from worker.core.s3t import (
+    BASE_STEPS,
+    S3T,
+    base_epochs,
+    bms_orders,
+    cyclic_orders,
+    orders_for,
+)
+from worker.core.training import observing_steps
 
 SHARDS, SLICES, ORDERS = 2, 3, 3
 CONFIG = TrainConfig(hidden=(32,), epochs=4, batch_size=32, lr=1e-2, seed=7, shards=SHARDS, slices=SLICES,
@@ -54,18 +61,19 @@ def store(trained, tmp_path) -> ArtifactStore:
 
 
 class StepCounter:
-    """Counts every optimizer step taken anywhere, by observing (not replacing) `step`."""
+    """Counts every optimizer step the training engine takes, by observing (not replacing) it."""
 
     def __enter__(self):
         self.steps = 0
-        self.handle = register_optimizer_step_pre_hook(self._count)
+        self.observing = observing_steps(self._count)
+        self.observing.__enter__()
         return self
 
-    def _count(self, optimizer, args, kwargs):
+    def _count(self):
         self.steps += 1
 
     def __exit__(self, *exc):
-        self.handle.remove()
+        self.observing.__exit__(*exc)
 
 
 def rows_of(data: TrainingSet, shard: int, slices: list[int]) -> list[str]:
@@ -243,6 +251,19 @@ def test_a_shard_with_no_order_left_is_left_out_then_retrained_exactly(trained, 
         S3T().retrain_shard(result.state, 0, remaining, data, store)
 
 
+    # And a quick retrain brings the shard back sooner, with one adapter: the first adapter of the
+    # first order that training from scratch gives, the shard as if erasures had switched the
+    # others off, for a small share of the steps
+    with StepCounter() as counter:
+        quick = S3T().retrain_shard(result.state, 0, remaining, public, store, quick=True)
+    entry, full = quick.state["shards"][0], fresh.state["shards"][0]
+    assert counter.steps == quick.optimizer_steps and 0 < quick.optimizer_steps < retrained.optimizer_steps / 4
+    assert (entry["status"], entry["served"], entry["slice_rows"]) == ("serving", 0, full["slice_rows"])
+    assert [o["layers"] for o in entry["orders"]] == [full["orders"][0]["layers"][:1]] + [[]] * (ORDERS - 1)
+    assert quick.verification["retrain"] == "first adapter"
+    assert [c.name for c in quick.components if c.meta.get("shard") == 0] == ["shard-0/order-0/layer-0"]
+
+
 def test_a_stacked_shard_retrain_equals_training_from_scratch(trained, tmp_path):
     # Given a model whose 3 orders per shard train their layers as one stack
     data, public = trained["train"], trained["public"]
@@ -259,6 +280,9 @@ def test_a_stacked_shard_retrain_equals_training_from_scratch(trained, tmp_path)
     # Then it equals the same stacked model trained from scratch without the rows
     fresh = S3T().train(data.without(erased), config, ArtifactStore(tmp_path / "b", "m"), public=public)
     assert retrained.state["shards"] == fresh.state["shards"]
+    # and its quick retrain (the other lanes of the stack idle) gives that model's first adapter
+    quick = S3T().retrain_shard(lost.state, 1, data.without(erased), public, store, quick=True)
+    assert quick.state["shards"][1]["orders"][0]["layers"] == fresh.state["shards"][1]["orders"][0]["layers"][:1]
 
 
 def test_fewer_orders_train_the_first_orders_of_more(trained, tmp_path):

@@ -86,6 +86,14 @@ def test_s3t_deletion_takes_no_gradient_step_and_dead_shard_is_retrained(conn, d
     assert unlearning.retrain_shard(ctx, "s3t", 0) is None
 
 
+def s3t_shard_lost(conn, settings, ctx) -> None:
+    """An S3T model "s3t" (one shard, two slices, two orders) whose shard lost every order."""
+    config = TrainConfig(shards=1, slices=2, epochs=2, hidden=(32,), options={"orders": 2, "base_epochs": 5})
+    registry.train_model(conn, settings, "s3t", "s3t", "digits", config)
+    steps.request(conn, settings, steps.subjects(conn, 40))
+    assert steps.run_passes(ctx, "s3t").retrain_shards == [0]
+
+
 @pytest.mark.parametrize("slices_hit", [1, 2], ids=["late-rows-in-one-slice", "late-rows-in-both-slices"])
 def test_erasures_are_answered_while_an_s3t_shard_retrains_and_their_rows_stay_off(conn, digits, ctx, monkeypatch,
                                                                                    slices_hit):
@@ -93,24 +101,24 @@ def test_erasures_are_answered_while_an_s3t_shard_retrains_and_their_rows_stay_o
     from worker.core.s3t import S3T
 
     # Given an S3T model whose only shard lost every order
-    config = TrainConfig(shards=1, slices=2, epochs=2, hidden=(32,), options={"orders": 2, "base_epochs": 5})
-    registry.train_model(conn, digits, "s3t", "s3t", "digits", config)
-    steps.request(conn, digits, steps.subjects(conn, 40))
-    assert steps.run_passes(ctx, "s3t").retrain_shards == [0]
-    # and, while the shard retrains (no model lock held), another subject is erased and answered
-    # (rows in one slice: one order keeps its layers, the shard serves; in both: the retrained shard
-    # loses every order again and is retrained once more)
+    s3t_shard_lost(conn, digits, ctx)
+    # and, while the shard retrains in full (no model lock held), another subject is erased and
+    # answered (rows in one slice: an order may keep layers; in both: the retrained shard loses
+    # every order again and is retrained once more)
     rows_of = {s: [r for (r,) in conn.execute("SELECT sample_id FROM training_samples WHERE subject_id = %s", (s,))]
                for s in steps.subjects(conn, 200, offset=40)}
     conn.commit()
     later, late_rows = next((s, rows) for s, rows in rows_of.items() if len({slice_of(r, 2) for r in rows}) == slices_hit)
-    answered_during_retrain = []
+    answered_during_retrain, served_before = [], []
     retrain, retrains = S3T.retrain_shard, []
 
-    def retrain_while_erasing(self, *args, **kwargs):
-        result = retrain(self, *args, **kwargs)
+    def retrain_while_erasing(self, *args, quick=False, **kwargs):
+        result = retrain(self, *args, quick=quick, **kwargs)
         retrains.append(result)
-        if not answered_during_retrain:
+        if not quick and not answered_during_retrain:
+            # the quick retrain was published first: the shard served again before this one ended
+            served_before.append(registry.load_state(digits, "s3t", registry.current_version(conn, "s3t").version)["shards"][0])
+            conn.commit()
             steps.request(conn, digits, [later])
             answered_during_retrain.append(steps.run_passes(ctx, "s3t"))
         return result
@@ -120,25 +128,103 @@ def test_erasures_are_answered_while_an_s3t_shard_retrains_and_their_rows_stay_o
     # When the retrained shard is published
     version = unlearning.retrain_shard(ctx, "s3t", 0)
 
-    # Then the erasure was answered before it, not blocked behind the retrain
+    # Then the shard served its first adapter after a quick retrain, before the full one
+    [quick] = served_before
+    assert quick["status"] == "serving" and [len(o["layers"]) for o in quick["orders"]] == [1, 0]
+    assert retrains[0].verification["retrain"] == "first adapter"
+    # and the erasure was answered before the full retrain was published, not blocked behind it
     [during] = answered_during_retrain
     assert during.version is not None and during.version < version and len(during.receipts) == 1
-    # and the shard serves again, with every layer that saw a late row switched off
+    # and the shard serves again, more than its first adapter, and no layer it serves was
+    # trained on a late row
     state = registry.load_state(digits, "s3t", version)
     entry = state["shards"][0]
-    assert entry["status"] == "serving" and len(retrains) == slices_hit
+    assert entry["status"] == "serving" and len(entry["orders"][entry["served"]]["layers"]) >= 1
+    assert sum(len(o["layers"]) for o in entry["orders"]) > 1
     hit = {slice_of(r, 2) for r in late_rows if shard_of(r, 1) == 0}
-    for order, kept in zip(state["orders"], entry["orders"]):
-        if slices_hit == 1:
-            assert len(kept["layers"]) <= min(order.index(s) for s in hit)
-        else:  # trained again on the rows left: every layer, none saw a late row
-            assert len(kept["layers"]) == 2 and not set(late_rows) & {p.sample_id for p in retrains[-1].placements}
-    # and no file the first retrain wrote outlives it unless the version serves it (a switched-off
-    # or discarded layer saw a late row)
+    for b, (order, kept) in enumerate(zip(state["orders"], entry["orders"])):
+        for i, layer in enumerate(kept["layers"]):
+            [source] = [r for r in retrains if layer in r.state["shards"][0]["orders"][b]["layers"]][-1:]
+            if set(late_rows) & {p.sample_id for p in source.placements}:
+                assert not hit & set(order[:i + 1]), f"order {b} layer {i} saw a late row"
+    # and no file a retrain wrote outlives it unless the version serves it (a switched-off or
+    # discarded layer saw a late row)
     store = ArtifactStore(digits.artifact_dir, "s3t")
-    assert not (S3T.files(retrains[0].state) - S3T.files(state)) & store.digests()
+    for r in retrains:
+        assert not (S3T.files(r.state) - S3T.files(state)) & store.digests()
     # and a repeated retrain task does nothing
     assert unlearning.retrain_shard(ctx, "s3t", 0) is None
+
+
+def test_an_erasure_left_to_a_retrain_publishing_its_shard_is_answered_before_the_next_retrain(
+        conn, digits, ctx, monkeypatch):
+    from worker.core.s3t import S3T
+
+    # Given an S3T model whose only shard lost every order
+    s3t_shard_lost(conn, digits, ctx)
+    # and an erasure whose pass finds the model busy while the quick retrain publishes the shard
+    # (the pass leaves its deletions to the lock's holder: the retrain task)
+    stage, left = registry.stage_version, []
+
+    def stage_while_erasing(*args, **kwargs):
+        if not left:
+            left.append(steps.request(conn, digits, steps.subjects(conn, 1, offset=40)))
+            assert unlearning.unlearn_until_idle(ctx, "s3t") == []  # busy: left to the holder
+        return stage(*args, **kwargs)
+
+    status_at_full_retrain = []
+    retrain = S3T.retrain_shard
+
+    def full_retrain_sees(self, *args, quick=False, **kwargs):
+        if not quick:
+            status_at_full_retrain.append(ledger_status(conn, left[0]))
+        return retrain(self, *args, quick=quick, **kwargs)
+
+    monkeypatch.setattr(registry, "stage_version", stage_while_erasing)
+    monkeypatch.setattr(S3T, "retrain_shard", full_retrain_sees)
+
+    # When the retrain task brings the shard back
+    unlearning.retrain_shard(ctx, "s3t", 0)
+
+    # Then that erasure was answered as soon as the lock was released, before the full retrain
+    # started (not after it, seconds later)
+    assert status_at_full_retrain[:1] == ["completed"]
+
+
+def test_a_shard_whose_full_retrain_never_came_is_completed_by_the_sweeper(conn, digits, ctx, monkeypatch):
+    from worker.core.s3t import S3T
+
+    # Given an S3T shard brought back by a quick retrain, whose full retrain then died
+    s3t_shard_lost(conn, digits, ctx)
+    retrain = S3T.retrain_shard
+
+    def worker_dies_in_the_full_retrain(self, *args, quick=False, **kwargs):
+        if not quick:
+            raise SystemExit("the worker died")
+        return retrain(self, *args, quick=quick, **kwargs)
+
+    monkeypatch.setattr(S3T, "retrain_shard", worker_dies_in_the_full_retrain)
+    with pytest.raises(SystemExit):
+        unlearning.retrain_shard(ctx, "s3t", 0)
+    monkeypatch.setattr(S3T, "retrain_shard", retrain)
+    entry = registry.load_state(digits, "s3t", registry.current_version(conn, "s3t").version)["shards"][0]
+    assert entry["status"] == "serving" and entry["partial"] and [len(o["layers"]) for o in entry["orders"]] == [1, 0]
+
+    # When the sweeper looks for shards owed a retrain, it finds it, and the task it sends
+    assert unlearning.shards_awaiting_retrain(conn, digits, 0) == [("s3t", 0)]
+    version = unlearning.retrain_shard(ctx, "s3t", 0)
+
+    # Then the shard is whole again: every order, every layer, nothing owed
+    entry = registry.load_state(digits, "s3t", version)["shards"][0]
+    assert not entry.get("partial") and [len(o["layers"]) for o in entry["orders"]] == [2, 2]
+    assert unlearning.shards_awaiting_retrain(conn, digits, 0) == []
+    conn.commit()
+
+
+def ledger_status(conn, request_id) -> str:
+    status = conn.execute("SELECT status FROM erasure_requests WHERE request_id = %s", (request_id,)).fetchone()[0]
+    conn.commit()
+    return status
 
 
 def test_purges_queued_before_a_crash_are_finished_later(conn, digits):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, ClassVar, TypedDict
+from typing import Any, ClassVar, NotRequired, TypedDict
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -85,6 +85,7 @@ class ShardState(TypedDict):
     served: int | None  # the order served
     slice_rows: list[int]  # rows left in slice 0..L-1
     orders: list[OrderState]
+    partial: NotRequired[bool]  # brought back by a quick retrain: a full retrain is still owed
 
 
 class BaseState(TypedDict):
@@ -301,18 +302,27 @@ class S3T:
 
     def retrain_shard(self, state: S3TState, shard: int, remaining: TrainingSet,
                       public: TrainingSet | None, store: TensorStore,
-                      progress: Progress = no_progress) -> UnlearnResult[S3TState]:
+                      progress: Progress = no_progress, *, quick: bool = False) -> UnlearnResult[S3TState]:
         """Retrain every order of one shard on its rows in `remaining` (all the model's training
         rows minus the erased ones; other shards' rows are ignored). Bit-identical to what
         `train` would give that shard on those rows. `public`, when given, must be the rows the
-        base was trained on."""
+        base was trained on.
+
+        `quick`: train only the first adapter of the first order (one slice: about 1/(B·L(L+1)/2)
+        of the work), so the shard serves again at once with one adapter. That adapter is the one
+        `train` would give, and the shard is as a from-scratch shard after erasures had switched
+        every other adapter off (marked `partial`: it is owed a full retrain, which brings the other
+        orders and layers back)."""
         config = TrainConfig.from_json(state["config"])
         if not 0 <= shard < config.shards:
             raise ValueError(f"shard {shard} is outside 0..{config.shards - 1}")
         if public is not None and lineage_sha256(public.sample_ids) != state["base"]["lineage_sha256"]:
             raise ValueError("public rows differ from the rows the S3T base was trained on")
         self._check_rows(state, remaining)
-        entry, steps = self._train_shard(state, self._base(state, store), remaining, shard, store, progress)
+        entry, steps = self._train_shard(state, self._base(state, store), remaining, shard, store, progress,
+                                         orders=[0] if quick else None, depth=1 if quick else None)
+        if quick and (len(state["orders"]) > 1 or config.slices > 1):  # else the first adapter is all
+            entry = ShardState(**entry, partial=True)
         shards = [entry if k == shard else old for k, old in enumerate(state["shards"])]
         after = {**state, "shards": shards}
         removed = sorted(self.files(state) - self.files(after))
@@ -326,6 +336,7 @@ class S3T:
                 "method": self.name,
                 "lineage": self.lineage(after),
                 "retrained_shards": [shard],
+                "retrain": "first adapter" if quick else "every adapter",
                 "optimizer_steps": steps,
             },
             removed_artifacts=removed,
@@ -492,12 +503,18 @@ class S3T:
 
     @staticmethod
     def _train_shard(state: S3TState, base, data: TrainingSet, shard: int, store: TensorStore,
-                     progress: Progress) -> tuple[ShardState, int]:
-        """Train B orders x L adapters for one shard on its rows of `data`; returns its state
-        entry and the optimizer steps taken. Adapter i of order b sees slices π_0..π_i; layer i
-        of the orders of one stack trains at once."""
+                     progress: Progress, orders: Sequence[int] | None = None,
+                     depth: int | None = None) -> tuple[ShardState, int]:
+        """Train B orders x L adapters for one shard on its rows of `data` (only `orders`, and
+        only their first `depth` adapters, when given: the others are left empty); returns its
+        state entry and the optimizer steps taken. Adapter i of order b sees slices π_0..π_i;
+        layer i of the orders of one stack trains at once (an order not trained is an idle lane,
+        which changes nothing for the others)."""
         config = TrainConfig.from_json(state["config"])
-        rank, width, orders = int(state["rank"]), state["stack"], state["orders"]
+        rank, width = int(state["rank"]), state["stack"]
+        trained = set(range(len(state["orders"]))) if orders is None else set(orders)
+        orders = state["orders"]
+        depth = config.slices if depth is None else depth
         trunk, head, features = split_base(base)
         freeze(base)
         rows = data.select(np.array([shard_of(s, config.shards) == shard for s in data.sample_ids], dtype=bool))
@@ -507,12 +524,13 @@ class S3T:
         rule = ADAMW.update(config.lr)
         adapters: list[list[AdapterLayer]] = [[] for _ in orders]
         layers: list[list[LayerState]] = [[] for _ in orders]
-        stages = [(i, g) for i in range(config.slices) for g in range(0, len(orders), width)]
+        stages = [(i, g) for i in range(depth) for g in range(0, len(orders), width)
+                  if trained & set(range(g, g + width))]
         steps = 0
         for i, g in progress(stages, description=f"S3T: shard {shard} adapters", total=len(stages)):
             lanes, seen = [], []
             for b in range(g, g + width):
-                if b >= len(orders):
+                if b >= len(orders) or b not in trained:
                     lanes.append(None)
                     continue
                 parts = (config.seed, "s3t", "shard", shard, "order", b, "layer", i)
@@ -521,7 +539,7 @@ class S3T:
                 seen.append(hidden.select(np.isin(slice_index, orders[b][:i + 1])))
                 lanes.append(Lane(AdapterStack(adapters[b], head), seen[-1], parts))
             steps += sum(fit_lanes(lanes, epochs=state["epochs_per_slice"], batch_size=config.batch_size, rule=rule))
-            for b, rows_seen in zip(range(g, g + width), seen):
+            for b, rows_seen in zip(sorted(trained & set(range(g, g + width))), seen):
                 freeze(adapters[b][i])
                 layers[b].append(LayerState(sha256=store.put(state_tensors(adapters[b][i])),
                                             lineage_sha256=lineage_sha256(rows_seen.sample_ids), rows=len(rows_seen)))

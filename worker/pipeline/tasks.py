@@ -156,13 +156,8 @@ def retrain_part(self, part_id: str) -> None:
 
 @app.task(name=RETRAIN_SHARD, bind=True, **RETRY_POLICY)
 def retrain_shard(self, model: str, shard: int) -> None:
-    ctx = _context()
-    unlearning.retrain_shard(ctx, model, shard)
-    # an erasure whose task found the model busy while the retrained shard was being published
-    # left its deletions to the lock's holder: take them now
-    for outcome in unlearning.unlearn_until_idle(ctx, model):
-        for lost in outcome.retrain_shards:
-            retrain_shard.delay(model, lost)
+    # deletions left to it while it held the model's lock are unlearned as it lets go of the lock
+    unlearning.retrain_shard(_context(), model, shard)
 
 
 @worker_process_init.connect

@@ -10,8 +10,9 @@ runs in four phases, so no database transaction waits on training or storage:
 3. publish (one short transaction): the model must still serve the version the pass started from
    (compare-and-swap), then the version, its event, the finished requests' receipts and the purge
    queue are written together;
-4. after the commit: tainted files are deleted, revocation records written, metrics counted and
-   the outbox relayed. A crash here is finished later by the sweeper.
+4. after the commit: the outbox is relayed (a server learns of the new version before its
+   parent's revocation record appears), tainted files are deleted, revocation records written and
+   metrics counted. A crash here is finished later by the sweeper.
 
 Deletions arriving while a pass runs are picked up by the next one (group commit): an unlearning
 task finding the model busy leaves, and the lock holder looks again after releasing the lock.
@@ -39,7 +40,7 @@ import psycopg
 from worker import data, events, registry
 from worker.artifacts import ArtifactStore
 from worker.config import Settings
-from worker.core.base import DeletedSample, TrainingSet, UnlearnResult
+from worker.core.base import DeletedSample, RememberingPredictor, TrainingSet, UnlearnResult
 from worker.pipeline import failpoints, fanout, ledger, outbox, receipts, rowcache
 from worker.pipeline.context import Context
 from worker.pipeline.failures import FailureCode, ModelBusy, is_transient
@@ -165,17 +166,20 @@ def unlearn_model(ctx: Context, conn: psycopg.Connection, model: str) -> Unlearn
 
 def after_commit(ctx: Context, conn: psycopg.Connection, issued: Iterable[receipts.Receipt],
                  model: str | None = None) -> None:
-    """What follows a committed publication (of `model`, or of anything): counters, purges,
-    revocation records, the outbox. All but the counters is repeated by the sweeper if a crash
-    stops it here."""
+    """What follows a committed publication (of `model`, or of anything): counters, the outbox,
+    purges, revocation records. All but the counters is repeated by the sweeper if a crash stops
+    it here."""
     for receipt in issued:
         ERASURE_REQUESTS.labels(outcome="completed" if receipt.status == "completed" else "failed").inc()
-    registry.purge_artifacts(conn, ctx.settings)
-    registry.record_revocations(conn, ctx.settings, model)
+    # the events first: a model server learns of the new version (and swaps to it) before the
+    # revocation record of the one it serves appears, instead of answering nothing in between
+    # (what a receipt states is durable at the commit; the intake's relay may send it earlier still)
     try:
         outbox.drain(ctx.connect, ctx.publisher)
     except Exception as exc:  # the intake's relay sends it
         log.warning("outbox not drained now (the relay will): %s", exc.__class__.__name__)
+    registry.purge_artifacts(conn, ctx.settings)
+    registry.record_revocations(conn, ctx.settings, model)
 
 
 def _snapshot(conn: psycopg.Connection, model: str, max_requests: int) -> Snapshot | None:
@@ -237,11 +241,12 @@ def _compute(ctx: Context, conn: psycopg.Connection, snapshot: Snapshot):
     base = dict(result.verification)
     if plan_fallback:
         base["fallback"] = plan_fallback
-    predictor = method.predictor(result.state, store)
+    # every request's evidence and the version's metrics predict the same holdout rows: once
+    predictor = RememberingPredictor(method.predictor(result.state, store))
     evidence = {request_id: {**base, **_membership_evidence(predictor, snapshot, request_id)}
                 for request_id in snapshot.request_ids}
     staged = registry.stage_version(conn, settings, current, result, [str(r) for r in snapshot.request_ids],
-                                    full_retrain=full, holdout=snapshot.holdout)
+                                    full_retrain=full, holdout=snapshot.holdout, predictor=predictor)
     return staged, result, evidence
 
 
@@ -357,52 +362,113 @@ def fail_request(ctx: Context, request_id: uuid.UUID, code: FailureCode, what: s
 
 
 def retrain_shard(ctx: Context, model: str, shard: int) -> int | None:
-    """Retrain the adapters of an S3T shard that lost every slice order, and publish the result;
-    then any other shard of the model left without a live order, one after another.
+    """Bring back an S3T shard that lost every slice order, and publish it; then any other shard
+    of the model left without a live order, the same way.
 
-    The shard trains with no lock on the model, so erasures go on being answered meanwhile (the
-    shard is left out of aggregation until it is back), and one task at a time retrains a model's
-    shards, so a worker's other processes stay free for them. Publishing takes the model's lock
-    briefly: the retrained shard is adopted into whatever version is current then, and the layers
-    of it that saw rows erased meanwhile are switched off at once, exactly as a pass would have
-    done. Returns the last version published, or None when no shard needed it or another task is
-    retraining the model's shards (a repeated task).
+    In two steps, so erasures wait as little as possible: every lost shard first gets a quick
+    retrain (its first adapter alone: one slice of training) and serves again at once, marked
+    `partial`; then each is retrained in full, which is published only if it serves more than the
+    shard does by then (the sweeper re-sends a shard still partial later). Both train with no lock
+    on the model, so erasures go on being answered meanwhile (a lost shard is left out of
+    aggregation until it is back), and one task at a time retrains a model's shards, so a
+    worker's other processes stay free for them. Publishing takes the model's lock briefly: the
+    retrained shard is adopted into whatever version is current then, and the layers of it that
+    saw rows erased meanwhile are switched off at once, exactly as a pass would have done; once
+    the lock is released, the deletions left to its holder meanwhile are unlearned. Returns the last version published, or None when no shard needed it or
+    another task is retraining the model's shards (a repeated task).
     """
     with ctx.connect() as conn, session_lock(conn, lock_key("retrain", model)) as held:
         if not held:
             return None
-        published = None
-        while shard is not None:
-            published = _retrain_and_adopt(ctx, conn, model, shard) or published
-            shard = _next_lost_shard(ctx.settings, conn, model, after=shard)
+        # shards a quick retrain brought back whose full retrain never came (a crash, or erasures
+        # spoiling it every time), then those this task brings back
+        published, to_complete = None, dict.fromkeys(_partial_shards(ctx.settings, conn, model), True)
+        while True:
+            lost = _next_lost_shard(ctx.settings, conn, model, after=-1 if shard is None else shard - 1)
+            shard = None
+            if lost is not None:  # a lost shard comes back before any full retrain goes on
+                version = _retrain_and_adopt(ctx, conn, model, lost, quick=True)
+                if version is None:
+                    if _next_lost_shard(ctx.settings, conn, model, after=lost - 1) == lost:
+                        break  # it could not come back (the model was withdrawn meanwhile)
+                    continue
+                published, to_complete[lost] = version, True
+                continue
+            if not to_complete:
+                return published
+            k = next(iter(to_complete))
+            del to_complete[k]
+            published = _retrain_and_adopt(ctx, conn, model, k, quick=False) or published
         return published
 
 
-def _next_lost_shard(settings: Settings, conn: psycopg.Connection, model: str, after: int) -> int | None:
-    """Another shard of the current version that has no live order (the next after `after`)."""
+def _current_state(settings: Settings, conn: psycopg.Connection, model: str) -> dict | None:
+    """The state of the model's current version; None while it serves nothing."""
     current = registry.current_version(conn, model)
     conn.commit()
     if current is None or not current.servable:
         return None
-    state = registry.load_state(settings, model, current.version, current.manifest_sha256)
+    return registry.load_state(settings, model, current.version, current.manifest_sha256)
+
+
+def _partial_shards(settings: Settings, conn: psycopg.Connection, model: str) -> list[int]:
+    """Shards of the current version brought back by a quick retrain and still owed a full one."""
+    state = _current_state(settings, conn, model)
+    return [] if state is None else [entry["shard"] for entry in state["shards"]
+                                     if entry["status"] == "serving" and entry.get("partial")]
+
+
+def _next_lost_shard(settings: Settings, conn: psycopg.Connection, model: str, after: int) -> int | None:
+    """Another shard of the current version that has no live order (the next after `after`)."""
+    state = _current_state(settings, conn, model)
+    if state is None:
+        return None
     lost = [entry["shard"] for entry in state["shards"] if entry["status"] == "needs_retrain"]
     return next((k for k in sorted(lost, key=lambda k: (k <= after, k))), None)
 
 
-OPTIMISTIC_RETRAINS = 3  # tries with passes going on; then the shard trains under the model's lock
+OPTIMISTIC_RETRAINS = 3  # tries with passes going on; then a quick retrain runs under the model's lock
 
 
-def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard: int) -> int | None:
+def _serves(state: dict, shard: int) -> tuple[int, int]:
+    """How much of an S3T shard serves: the layers of its served order, then its live orders."""
+    entry = state["shards"][shard]
+    if entry["status"] != "serving":
+        return 0, 0
+    return len(entry["orders"][entry["served"]]["layers"]), sum(1 for o in entry["orders"] if o["layers"])
+
+
+def _complete(state: dict, shard: int) -> bool:
+    """Whether every order of the shard has all its layers (nothing a full retrain would add)."""
+    return all(len(o["layers"]) == len(order) for o, order in zip(state["shards"][shard]["orders"], state["orders"]))
+
+
+@contextmanager
+def _holding_model(ctx: Context, conn: psycopg.Connection, model: str) -> Iterator[None]:
+    """The model's lock, waited for; once it is released, the deletions whose passes found the
+    model busy meanwhile (they left them to the lock's holder) are unlearned at once, not after
+    the retrain task's next shard."""
+    with model_lock(conn, model, wait=True):
+        yield
+    unlearn_until_idle(ctx, model)
+
+
+def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard: int, quick: bool) -> int | None:
+    """Retrain an S3T shard (`quick`: its first adapter alone) and publish it adopted into the
+    version current by then. A quick retrain runs while the shard has no live order, and after
+    OPTIMISTIC_RETRAINS tries that erasures spoiled it runs under the model's lock, so the shard
+    comes back whatever the traffic (the lock is held for one slice of training). A full retrain
+    is published only if it serves more than the shard does then (more layers, or as many in
+    more orders), and is given up after as many tries (the shard keeps serving what it has)."""
     settings = ctx.settings
     store = ArtifactStore(settings.artifact_dir, model)
-    for attempt in range(OPTIMISTIC_RETRAINS + 1):
-        # erasures hitting the shard while it trains can leave it without a live order again; after
-        # a few tries it trains under the model's lock, so it comes back whatever the traffic
+    for attempt in range(OPTIMISTIC_RETRAINS + (1 if quick else 0)):
         hold = attempt == OPTIMISTIC_RETRAINS
-        with model_lock(conn, model, wait=True) if hold else nullcontext():
+        with _holding_model(ctx, conn, model) if hold else nullcontext():
             current = registry.current_version(conn, model)
             state = registry.load_state(settings, model, current.version, current.manifest_sha256)
-            if not current.servable or state["shards"][shard]["status"] != "needs_retrain":
+            lost = state["shards"][shard]["status"] == "needs_retrain"
+            if not current.servable or (quick and not lost) or (not quick and _complete(state, shard)):
                 conn.commit()
                 return None
             dataset = conn.execute("SELECT dataset FROM models WHERE name = %s", (model,)).fetchone()[0]
@@ -411,33 +477,41 @@ def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard
             conn.commit()
             method = registry.method_for(current.method)()
             started = time.perf_counter()
-            result = method.retrain_shard(state, shard, rows, public, store, _progress_with_failpoint)
-            seconds = time.perf_counter() - started
-            with nullcontext() if hold else model_lock(conn, model, wait=True):
+            result = method.retrain_shard(state, shard, rows, public, store, _progress_with_failpoint, quick=quick)
+            written, seconds = result.state, time.perf_counter() - started
+            with nullcontext() if hold else _holding_model(ctx, conn, model):
                 latest = registry.current_version(conn, model)
                 if latest.version != current.version:
                     latest_state = registry.load_state(settings, model, latest.version, latest.manifest_sha256)
-                    if not latest.servable or latest_state["shards"][shard]["status"] != "needs_retrain":
-                        _discard(store, method, result.state, latest_state)
+                    if not latest.servable or (quick and latest_state["shards"][shard]["status"] != "needs_retrain"):
+                        _discard(store, method, written, latest_state)
                         return None
                     present = set(rowcache.read(conn, dataset, "train").sample_ids)
                     conn.commit()
                     erased = [DeletedSample(p.sample_id, p.shard, p.slice, ())
                               for p in result.placements or [] if p.sample_id not in present]
-                    retrained, result = result, method.adopt_shard(latest_state, result, shard, erased)
+                    result = method.adopt_shard(latest_state, result, shard, erased)
                     if result.state["shards"][shard]["status"] != "serving":
-                        _discard(store, method, retrained.state, latest_state)
+                        _discard(store, method, written, latest_state)
                         log.info("model %s: shard %d lost every order again while retraining; once more", model, shard)
                         continue
-                    current = latest
+                    current, state = latest, latest_state
+                if not quick and _serves(result.state, shard) <= _serves(state, shard):
+                    # erasures meanwhile left it no better than what the shard serves
+                    _discard(store, method, written, state)
+                    continue
                 staged = registry.stage_version(conn, settings, current, result, [])
                 with conn.transaction():
                     version = registry.commit_version(conn, staged)
                     outbox.enqueue(conn, settings.topic_versions, version_event(settings, version), key=model)
                 after_commit(ctx, conn, [], model)
         RETRAIN_DURATION.labels(model=model, method=current.method).observe(seconds)
-        log.info("model %s: shard %d retrained in %.1fs, version %d", model, shard, seconds, version.version)
+        log.info("model %s: shard %d retrained (%s) in %.1fs, version %d", model, shard,
+                 "first adapter" if quick else "every adapter", seconds, version.version)
         return version.version
+    if not quick:
+        log.info("model %s: shard %d could not be retrained in full while erasures kept hitting it; it serves "
+                 "what it has, marked partial, and the sweeper sends it again later", model, shard)
     return None
 
 
@@ -494,7 +568,8 @@ def _has_pending(conn: psycopg.Connection, model: str) -> bool:
 
 def shards_awaiting_retrain(conn: psycopg.Connection, settings: Settings,
                             older_than_seconds: float) -> list[tuple[str, int]]:
-    """(model, shard) of S3T shards that lost every order in a version published a while ago."""
+    """(model, shard) of S3T shards that lost every order, or that a quick retrain brought back
+    and no full retrain followed, in a version published a while ago."""
     found = []
     for model, version, digest in conn.execute(
         "SELECT m.name, m.current_version, v.manifest_sha256 FROM models m JOIN model_versions v"
@@ -503,7 +578,8 @@ def shards_awaiting_retrain(conn: psycopg.Connection, settings: Settings,
         (older_than_seconds,),
     ).fetchall():
         state = registry.load_state(settings, model, version, digest)
-        found += [(model, entry["shard"]) for entry in state["shards"] if entry["status"] == "needs_retrain"]
+        found += [(model, entry["shard"]) for entry in state["shards"]
+                  if entry["status"] == "needs_retrain" or entry.get("partial")]
     return found
 
 
