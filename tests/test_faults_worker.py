@@ -21,7 +21,7 @@ from rich.console import Console
 from worker import data, events, registry, serving
 from worker.config import get_settings
 from worker.core.base import TrainConfig
-from worker.demo import running
+from worker.demo import intake_process, running, worker_process
 from worker.pipeline import failpoints
 from worker.pipeline.verify import verify_request
 from worker.pipeline.watch import TopicWatcher
@@ -47,11 +47,22 @@ def _erase(producer: KafkaProducer, topic: str, subject: str) -> str:
     return request_id
 
 
-def _wait_until_fired(directory, point: str, timeout: float = 60) -> None:
+def _wait_until_fired(directory, point: str, settings, request_id: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while (directory / point).read_text().strip() != "0":
-        assert time.monotonic() < deadline, f"crash point {point} never fired"
+        assert time.monotonic() < deadline, f"crash point {point} never fired\n{_diagnosis(settings, request_id)}"
         time.sleep(0.1)
+
+
+def _diagnosis(settings, request_id: str) -> str:
+    """Where the request stands, and the end of the worker's and the intake's logs."""
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        status = conn.execute("SELECT status, received_at, updated_at FROM erasure_requests WHERE request_id = %s",
+                              (request_id,)).fetchone()
+        locks = conn.execute("SELECT locktype, objid, granted FROM pg_locks WHERE locktype = 'advisory'").fetchall()
+    logs = settings.stack_dir.resolve() / "demo"
+    tails = "".join(f"\n--- {path.name} ---\n{path.read_text()[-6000:]}" for path in sorted(logs.glob("*.log")))
+    return f"request: {status}\nadvisory locks: {locks}{tails}"
 
 
 def _wait_for_no_queued_purges(database_url: str, timeout: float = 30) -> None:
@@ -80,7 +91,9 @@ def test_killing_the_worker_at_every_crash_point_loses_and_repeats_nothing(tmp_p
                 " ORDER BY subject_id LIMIT %s", (len(failpoints.POINTS) * ROUNDS,))]
         producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
         request_ids, kills = [], 0
-        with running(settings, Console(quiet=True)):
+        # the worker dies at the crash points; the intake beside it (its sweeper purges too) never does
+        processes = (worker_process(settings), intake_process(settings, UNLEARN_FAILPOINTS_DIR=""))
+        with running(settings, Console(quiet=True), processes):
             watcher = TopicWatcher(settings)
             try:
                 # When, for each erasure, the worker is killed at one crash point
@@ -89,7 +102,7 @@ def test_killing_the_worker_at_every_crash_point_loses_and_repeats_nothing(tmp_p
                         failpoints.arm(armed, point)
                         request_id = _erase(producer, settings.topic_requests, subjects[len(request_ids)])
                         request_ids.append(request_id)
-                        _wait_until_fired(armed, point)
+                        _wait_until_fired(armed, point, settings, request_id)
                         kills += 1
                         watcher.wait_receipts([request_id], timeout=120)
                 # Then every request is answered, even those whose worker died after publishing

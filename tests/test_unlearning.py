@@ -240,6 +240,19 @@ def test_purges_queued_before_a_crash_are_finished_later(conn, digits):
     assert registry.purge_artifacts(conn, digits) == 0
 
 
+def test_the_sweeper_leaves_a_fresh_purge_to_the_process_that_published(conn, digits):
+    # Given a file queued for purging by a publication that has just committed
+    store = ArtifactStore(digits.artifact_dir, "m")
+    digest = store.put({"w": torch.full((3,), 2.0)})
+    conn.execute("INSERT INTO artifact_purges (model, sha256) VALUES ('m', %s)", (digest,))
+    conn.commit()
+    # When the sweeper runs (it takes only what was queued longer ago than its stuck-after age)
+    assert registry.purge_artifacts(conn, digits, queued_before_s=60) == 0
+    # Then the file is left to the publishing process, whose own purge takes it
+    assert store.exists(digest)
+    assert registry.purge_artifacts(conn, digits) == 1 and not store.exists(digest)
+
+
 def test_naming_one_model_never_exempts_another_that_trained_on_the_rows(conn, digits, ctx):
     # Given two models trained on the same rows
     config = TrainConfig(shards=2, slices=2, epochs=1, hidden=(16,))

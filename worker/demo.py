@@ -50,8 +50,9 @@ class Process:
     cwd: Path | None = None
 
 
-def intake_process(settings: Settings) -> Process:
-    return Process("intake", ("intake",), _metrics_url(settings.intake_metrics_port))
+def intake_process(settings: Settings, **env: str) -> Process:
+    """The intake; `env` overrides its UNLEARN_* variables."""
+    return Process("intake", ("intake",), _metrics_url(settings.intake_metrics_port), env)
 
 
 def worker_process(settings: Settings, name: str = "worker", **env: str) -> Process:

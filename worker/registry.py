@@ -326,16 +326,19 @@ def record_revocations(conn: psycopg.Connection, settings: Settings, model: str 
     return len(rows)
 
 
-def purge_artifacts(conn: psycopg.Connection, settings: Settings) -> int:
+def purge_artifacts(conn: psycopg.Connection, settings: Settings, queued_before_s: float = 0.0) -> int:
     """Delete the queued files that carry erased rows; returns how many files were removed.
 
     Call after the publishing transaction committed; safe to run concurrently and repeatedly:
-    a crash mid-purge leaves the rest queued for the next run.
+    a crash mid-purge leaves the rest queued for the next run. `queued_before_s`: only files
+    queued at least that long ago (the sweeper's: what a crash left, not what the publishing
+    process is about to purge itself).
     """
     removed = 0
     with conn.transaction():
         rows = conn.execute(
-            "SELECT model, sha256 FROM artifact_purges ORDER BY queued_at FOR UPDATE SKIP LOCKED"
+            "SELECT model, sha256 FROM artifact_purges WHERE queued_at <= now() - make_interval(secs => %s)"
+            " ORDER BY queued_at FOR UPDATE SKIP LOCKED", (queued_before_s,)
         ).fetchall()
         for i, (model, digest) in enumerate(rows):
             removed += ArtifactStore(settings.artifact_dir, model).delete(digest)

@@ -200,13 +200,14 @@ def dispatch_many(request_ids: list[str]) -> None:
 def redrive(ctx: context.Context, older_than_seconds: float = 60.0) -> int:
     """Finish what a crash or a lost Celery message left behind; returns the requests re-sent.
 
-    Purges artifact files still queued, writes missing revocation records, relays the outbox,
+    Purges artifact files queued longer than `older_than_seconds` (the publishing process purges
+    its own at once), writes missing revocation records, relays the outbox,
     re-sends the tasks of requests stuck in a non-final state and (much later, as a shard retrain
     can take long) re-sends S3T shard retrains.
     """
     settings = ctx.settings
     with ctx.connect() as conn:
-        registry.purge_artifacts(conn, settings)
+        registry.purge_artifacts(conn, settings, queued_before_s=older_than_seconds)
         registry.record_revocations(conn, settings)
         for model, shard in unlearning.shards_awaiting_retrain(conn, settings, 10 * older_than_seconds):
             retrain_shard.delay(model, shard)
