@@ -22,8 +22,12 @@ from worker.core.s3t import (
     S3T,
     base_epochs,
     bms_orders,
+    complete,
     cyclic_orders,
+    lost_shards,
     orders_for,
+    partial_shards,
+    serves,
 )
 from worker.core.training import observing_steps
 
@@ -233,6 +237,7 @@ def test_a_shard_with_no_order_left_is_left_out_then_retrained_exactly(trained, 
     # Then the shard needs retraining, serves nothing and is out of the aggregate
     assert plan.fallback is not None and result.verification["retrain_shards"] == [0]
     assert result.state["shards"][0]["status"] == "needs_retrain"
+    assert lost_shards(result.state) == [0] and serves(result.state, 0) == (0, 0)
     assert all(c.meta["shard"] == 1 for c in result.components[1:])
     assert len(S3T().predictor(result.state, store).nets) == 1
     assert S3T().budget(result.state) < S3T().budget(state)
@@ -246,6 +251,8 @@ def test_a_shard_with_no_order_left_is_left_out_then_retrained_exactly(trained, 
     assert counter.steps == retrained.optimizer_steps > 0
     fresh = S3T().train(remaining, CONFIG, ArtifactStore(tmp_path / "fresh", "m"), public=public)
     assert retrained.state["shards"][0] == fresh.state["shards"][0]
+    assert lost_shards(retrained.state) == partial_shards(retrained.state) == []
+    assert complete(retrained.state, 0) and serves(retrained.state, 0) == (SLICES, ORDERS)
     assert {c.meta["shard"] for c in retrained.components[1:]} == {0, 1}
     with pytest.raises(ValueError, match="public"):
         S3T().retrain_shard(result.state, 0, remaining, data, store)
@@ -261,6 +268,9 @@ def test_a_shard_with_no_order_left_is_left_out_then_retrained_exactly(trained, 
     assert (entry["status"], entry["served"], entry["slice_rows"]) == ("serving", 0, full["slice_rows"])
     assert [o["layers"] for o in entry["orders"]] == [full["orders"][0]["layers"][:1]] + [[]] * (ORDERS - 1)
     assert quick.verification["retrain"] == "first adapter"
+    # owed a full retrain, which would serve more
+    assert partial_shards(quick.state) == [0] and not complete(quick.state, 0)
+    assert serves(quick.state, 0) == (1, 1) < serves(retrained.state, 0)
     assert [c.name for c in quick.components if c.meta.get("shard") == 0] == ["shard-0/order-0/layer-0"]
 
 

@@ -200,6 +200,33 @@ def served_order(orders: list[OrderState], current: int | None) -> int | None:
     return next(b for b, o in enumerate(orders) if len(o["layers"]) == longest)
 
 
+
+def lost_shards(state: S3TState) -> list[int]:
+    """Shards left without a live order: they serve nothing until retrained."""
+    return [entry["shard"] for entry in state["shards"] if entry["status"] == NEEDS_RETRAIN]
+
+
+def partial_shards(state: S3TState) -> list[int]:
+    """Shards a quick retrain brought back that are still owed a full one."""
+    return [entry["shard"] for entry in state["shards"] if entry["status"] == SERVING and entry.get("partial")]
+
+
+def is_lost(state: S3TState, shard: int) -> bool:
+    return state["shards"][shard]["status"] == NEEDS_RETRAIN
+
+
+def serves(state: S3TState, shard: int) -> tuple[int, int]:
+    """How much of a shard serves: the layers of its served order, then its live orders (more is
+    better, in that order: a retrain is worth publishing only if it serves more)."""
+    entry = state["shards"][shard]
+    if entry["status"] != SERVING:
+        return 0, 0
+    return len(entry["orders"][entry["served"]]["layers"]), sum(1 for o in entry["orders"] if o["layers"])
+
+
+def complete(state: S3TState, shard: int) -> bool:
+    """Whether every order of the shard has all its layers (nothing a full retrain would add)."""
+    return all(len(o["layers"]) == len(order) for o, order in zip(state["shards"][shard]["orders"], state["orders"]))
 class S3T:
     """Exact unlearning without training: deactivate the adapters that saw an erased slice."""
 
@@ -528,7 +555,7 @@ class S3T:
                   if trained & set(range(g, g + width))]
         steps = 0
         for i, g in progress(stages, description=f"S3T: shard {shard} adapters", total=len(stages)):
-            lanes, seen = [], []
+            lanes, seen = [], {}
             for b in range(g, g + width):
                 if b >= len(orders) or b not in trained:
                     lanes.append(None)
@@ -536,10 +563,10 @@ class S3T:
                 parts = (config.seed, "s3t", "shard", shard, "order", b, "layer", i)
                 adapter = new_adapter(features, rank, rows.num_classes, *parts)
                 adapters[b].append(adapter)
-                seen.append(hidden.select(np.isin(slice_index, orders[b][:i + 1])))
-                lanes.append(Lane(AdapterStack(adapters[b], head), seen[-1], parts))
+                seen[b] = hidden.select(np.isin(slice_index, orders[b][:i + 1]))
+                lanes.append(Lane(AdapterStack(adapters[b], head), seen[b], parts))
             steps += sum(fit_lanes(lanes, epochs=state["epochs_per_slice"], batch_size=config.batch_size, rule=rule))
-            for b, rows_seen in zip(sorted(trained & set(range(g, g + width))), seen):
+            for b, rows_seen in seen.items():
                 freeze(adapters[b][i])
                 layers[b].append(LayerState(sha256=store.put(state_tensors(adapters[b][i])),
                                             lineage_sha256=lineage_sha256(rows_seen.sample_ids), rows=len(rows_seen)))

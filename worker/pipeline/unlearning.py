@@ -40,6 +40,7 @@ import psycopg
 from worker import data, events, registry
 from worker.artifacts import ArtifactStore
 from worker.config import Settings
+from worker.core import s3t
 from worker.core.base import DeletedSample, RememberingPredictor, TrainingSet, UnlearnResult
 from worker.pipeline import failpoints, fanout, ledger, outbox, receipts, rowcache
 from worker.pipeline.context import Context
@@ -414,8 +415,7 @@ def _current_state(settings: Settings, conn: psycopg.Connection, model: str) -> 
 def _partial_shards(settings: Settings, conn: psycopg.Connection, model: str) -> list[int]:
     """Shards of the current version brought back by a quick retrain and still owed a full one."""
     state = _current_state(settings, conn, model)
-    return [] if state is None else [entry["shard"] for entry in state["shards"]
-                                     if entry["status"] == "serving" and entry.get("partial")]
+    return [] if state is None else s3t.partial_shards(state)
 
 
 def _next_lost_shard(settings: Settings, conn: psycopg.Connection, model: str, after: int) -> int | None:
@@ -423,24 +423,10 @@ def _next_lost_shard(settings: Settings, conn: psycopg.Connection, model: str, a
     state = _current_state(settings, conn, model)
     if state is None:
         return None
-    lost = [entry["shard"] for entry in state["shards"] if entry["status"] == "needs_retrain"]
-    return next((k for k in sorted(lost, key=lambda k: (k <= after, k))), None)
+    return next((k for k in sorted(s3t.lost_shards(state), key=lambda k: (k <= after, k))), None)
 
 
 OPTIMISTIC_RETRAINS = 3  # tries with passes going on; then a quick retrain runs under the model's lock
-
-
-def _serves(state: dict, shard: int) -> tuple[int, int]:
-    """How much of an S3T shard serves: the layers of its served order, then its live orders."""
-    entry = state["shards"][shard]
-    if entry["status"] != "serving":
-        return 0, 0
-    return len(entry["orders"][entry["served"]]["layers"]), sum(1 for o in entry["orders"] if o["layers"])
-
-
-def _complete(state: dict, shard: int) -> bool:
-    """Whether every order of the shard has all its layers (nothing a full retrain would add)."""
-    return all(len(o["layers"]) == len(order) for o, order in zip(state["shards"][shard]["orders"], state["orders"]))
 
 
 @contextmanager
@@ -467,8 +453,8 @@ def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard
         with _holding_model(ctx, conn, model) if hold else nullcontext():
             current = registry.current_version(conn, model)
             state = registry.load_state(settings, model, current.version, current.manifest_sha256)
-            lost = state["shards"][shard]["status"] == "needs_retrain"
-            if not current.servable or (quick and not lost) or (not quick and _complete(state, shard)):
+            if not current.servable or (quick and not s3t.is_lost(state, shard)) or (
+                    not quick and s3t.complete(state, shard)):
                 conn.commit()
                 return None
             dataset = conn.execute("SELECT dataset FROM models WHERE name = %s", (model,)).fetchone()[0]
@@ -483,7 +469,7 @@ def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard
                 latest = registry.current_version(conn, model)
                 if latest.version != current.version:
                     latest_state = registry.load_state(settings, model, latest.version, latest.manifest_sha256)
-                    if not latest.servable or (quick and latest_state["shards"][shard]["status"] != "needs_retrain"):
+                    if not latest.servable or (quick and not s3t.is_lost(latest_state, shard)):
                         _discard(store, method, written, latest_state)
                         return None
                     present = set(rowcache.read(conn, dataset, "train").sample_ids)
@@ -496,7 +482,7 @@ def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard
                         log.info("model %s: shard %d lost every order again while retraining; once more", model, shard)
                         continue
                     current, state = latest, latest_state
-                if not quick and _serves(result.state, shard) <= _serves(state, shard):
+                if not quick and s3t.serves(result.state, shard) <= s3t.serves(state, shard):
                     # erasures meanwhile left it no better than what the shard serves
                     _discard(store, method, written, state)
                     continue
@@ -578,8 +564,7 @@ def shards_awaiting_retrain(conn: psycopg.Connection, settings: Settings,
         (older_than_seconds,),
     ).fetchall():
         state = registry.load_state(settings, model, version, digest)
-        found += [(model, entry["shard"]) for entry in state["shards"]
-                  if entry["status"] == "needs_retrain" or entry.get("partial")]
+        found += [(model, k) for k in sorted(s3t.lost_shards(state) + s3t.partial_shards(state))]
     return found
 
 
