@@ -331,13 +331,13 @@ def purge_artifacts(conn: psycopg.Connection, settings: Settings, queued_before_
 
     Call after the publishing transaction committed; safe to run concurrently and repeatedly:
     a crash mid-purge leaves the rest queued for the next run. `queued_before_s`: only files
-    queued at least that long ago (the sweeper's: what a crash left, not what the publishing
-    process is about to purge itself).
+    queued at least that long ago, by the clock, not the transaction's start (the sweeper's: what
+    a crash left, not what the publishing process is about to purge itself).
     """
     removed = 0
     with conn.transaction():
         rows = conn.execute(
-            "SELECT model, sha256 FROM artifact_purges WHERE queued_at <= now() - make_interval(secs => %s)"
+            "SELECT model, sha256 FROM artifact_purges WHERE queued_at <= clock_timestamp() - make_interval(secs => %s)"
             " ORDER BY queued_at FOR UPDATE SKIP LOCKED", (queued_before_s,)
         ).fetchall()
         for i, (model, digest) in enumerate(rows):

@@ -200,7 +200,6 @@ def served_order(orders: list[OrderState], current: int | None) -> int | None:
     return next(b for b, o in enumerate(orders) if len(o["layers"]) == longest)
 
 
-
 def lost_shards(state: S3TState) -> list[int]:
     """Shards left without a live order: they serve nothing until retrained."""
     return [entry["shard"] for entry in state["shards"] if entry["status"] == NEEDS_RETRAIN]
@@ -227,6 +226,8 @@ def serves(state: S3TState, shard: int) -> tuple[int, int]:
 def complete(state: S3TState, shard: int) -> bool:
     """Whether every order of the shard has all its layers (nothing a full retrain would add)."""
     return all(len(o["layers"]) == len(order) for o, order in zip(state["shards"][shard]["orders"], state["orders"]))
+
+
 class S3T:
     """Exact unlearning without training: deactivate the adapters that saw an erased slice."""
 

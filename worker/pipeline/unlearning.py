@@ -375,8 +375,9 @@ def retrain_shard(ctx: Context, model: str, shard: int) -> int | None:
     worker's other processes stay free for them. Publishing takes the model's lock briefly: the
     retrained shard is adopted into whatever version is current then, and the layers of it that
     saw rows erased meanwhile are switched off at once, exactly as a pass would have done; once
-    the lock is released, the deletions left to its holder meanwhile are unlearned. Returns the last version published, or None when no shard needed it or
-    another task is retraining the model's shards (a repeated task).
+    the lock is released, the deletions left to its holder meanwhile are unlearned. Returns the
+    last version published, or None when no shard needed it or another task is retraining the
+    model's shards (a repeated task).
     """
     with ctx.connect() as conn, session_lock(conn, lock_key("retrain", model)) as held:
         if not held:
@@ -477,7 +478,7 @@ def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard
                     erased = [DeletedSample(p.sample_id, p.shard, p.slice, ())
                               for p in result.placements or [] if p.sample_id not in present]
                     result = method.adopt_shard(latest_state, result, shard, erased)
-                    if result.state["shards"][shard]["status"] != "serving":
+                    if s3t.is_lost(result.state, shard):
                         _discard(store, method, written, latest_state)
                         log.info("model %s: shard %d lost every order again while retraining; once more", model, shard)
                         continue
