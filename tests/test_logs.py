@@ -60,3 +60,51 @@ def test_text_records_name_the_request(root_logging, capsys):
         logging.getLogger("worker.example").warning("retrying")
     out = capsys.readouterr()
     assert "worker.example: retrying [request r-1]" in out.out + out.err
+
+
+@pytest.mark.services
+def test_a_worker_with_text_logs_says_it_is_ready_and_logs_a_failed_task_with_its_traceback(tmp_path):
+    """Found: with the default text format the worker wrote nothing after Celery started (its
+    console wrote into Celery's stdout proxy, which drops what it logs itself)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from celery import Celery
+
+    from worker.config import get_settings
+    from worker.sandbox import free_port
+
+    # Given a worker of its own (a Redis database no other test uses), logging text to a file
+    broker = get_settings().celery_broker.rsplit("/", 1)[0] + "/13"
+    log_file = tmp_path / "worker.log"
+    env = {**os.environ, "UNLEARN_LOG_FORMAT": "text", "UNLEARN_CELERY_BROKER": broker,
+           "UNLEARN_STACK_DIR": str(tmp_path), "UNLEARN_WORKER_METRICS_PORT": str(free_port())}
+    unlearn = str(Path(sys.executable).with_name("unlearn"))
+    with open(log_file, "w") as out:
+        worker = subprocess.Popen([unlearn, "worker", "--concurrency", "1"], stdout=out, stderr=subprocess.STDOUT,
+                                  env=env, start_new_session=True)
+    try:
+        def wait_for(text: str) -> str:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                written = log_file.read_text()
+                if text in written:
+                    return written
+                assert worker.poll() is None, f"the worker exited:\n{written}"
+                time.sleep(0.2)
+            raise AssertionError(f"{text!r} never logged:\n{log_file.read_text()}")
+
+        wait_for("worker ready")
+        # When a task fails for good (a request id that is no uuid: a permanent error)
+        Celery(broker=broker).send_task("unlearning.erase_rows", ("not-a-request-id",), queue="erasure")
+        # Then its start, its failure with the traceback, and its end are in the log
+        written = wait_for("unlearning.erase_rows: failure")
+        assert "unlearning.erase_rows: started" in written
+        assert "ERROR" in written and "Traceback" in written and "ValueError" in written
+        assert "[request not-a-request-id]" in written
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(timeout=30)

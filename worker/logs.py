@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
+from rich.console import Console
 from rich.logging import RichHandler
 
 _REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -61,15 +63,24 @@ class _Text(logging.Formatter):
 
 
 def configure(json: bool, level: int = logging.INFO) -> None:
-    """Route every logger through one handler on stderr: JSON objects or rich text."""
+    """Route every logger through one handler on stderr: JSON objects, or text (rich in a
+    terminal, plain timestamped lines in a file)."""
     handler: logging.Handler
     if json:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_Json("%(levelname)s %(name)s %(message)s", timestamp="time",
                                    rename_fields={"levelname": "level", "name": "logger"}))
-    else:
-        handler = RichHandler(show_path=False)
+    elif sys.stderr.isatty():
+        # bound to stderr as it is now: a Celery worker later swaps sys.stdout/sys.stderr for proxies
+        # that log what is written to them, and a console writing into one of those is dropped as
+        # a loop (the worker said nothing after it started)
+        handler = RichHandler(console=Console(file=sys.stderr), show_path=False)
         handler.setFormatter(_Text("%(name)s: %(message)s"))
+    else:  # a file or a pipe: one plain line a record, its time in UTC
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Text("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.formatter.converter = time.gmtime
+        handler.formatter.default_time_format, handler.formatter.default_msec_format = "%Y-%m-%dT%H:%M:%S", "%s.%03dZ"
     handler.addFilter(RequestContext())
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -19,7 +19,7 @@ from dataclasses import replace
 from functools import cache
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import task_postrun, task_prerun, worker_process_init, worker_process_shutdown, worker_ready
 
 from worker import logs, registry
 from worker.config import get_settings
@@ -174,6 +174,30 @@ def _configure_runtime(**_):
     import torch
 
     torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
+
+
+@worker_ready.connect
+def _ready(sender=None, **_):
+    queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values()) if sender is not None else []
+    log.info("worker ready: consuming %s", ", ".join(queues) or "its queues")
+
+
+def _task_extra(task, args) -> dict:
+    """The erasure request a task works on (its first argument), for the log record."""
+    return {"request_id": str(args[0])} if task.name == ERASE_ROWS and args else {}
+
+
+@task_prerun.connect
+def _task_started(task_id=None, task=None, args=(), **_):
+    what = "" if task.name == ERASE_ROWS or not args else f" {', '.join(map(str, args))}"
+    log.info("%s%s: started", task.name, what, extra=_task_extra(task, args))
+
+
+@task_postrun.connect
+def _task_ended(task_id=None, task=None, args=(), state=None, **_):
+    # a failure's traceback is logged by Celery itself (celery.app.trace, ERROR)
+    what = "" if task.name == ERASE_ROWS or not args else f" {', '.join(map(str, args))}"
+    log.info("%s%s: %s", task.name, what, (state or "done").lower(), extra=_task_extra(task, args))
 
 
 @worker_process_shutdown.connect
