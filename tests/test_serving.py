@@ -156,3 +156,52 @@ def test_http_api_answers_with_the_served_version_or_503(model):
     assert "features must be shaped" in client.post("/predict", json={"instances": [[1, 2, 3]]}).json()["detail"]
     for bad in ([[1, 2], [3]], [["a"] * 64], []):
         assert client.post("/predict", json={"instances": bad}).status_code == 422
+
+
+def test_predict_refuses_hostile_input_without_echoing_it_and_within_its_limits(model, tmp_path):
+    """Found: NaN, Infinity and 1e400 answered 200 with null probabilities, an object where a
+    number belongs was a 500, a 422 echoed the input back, and no body was too large."""
+    v1, holdout = model
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    settings = get_settings().model_copy(update={"serve_max_body_bytes": 64 * 1024, "serve_token_file": token})
+    served = ServedModel("m", settings)
+    served.announce(Announcement(1, v1.manifest_sha256))
+    served.settle()
+    client = TestClient(create_app(served))
+    auth = {"Authorization": "Bearer s3cret-token", "content-type": "application/json"}
+    row = ", ".join(["1"] * 63)
+
+    # Without the token nothing is predicted
+    assert client.post("/predict", json={"instances": holdout.features[:1].tolist()}).status_code == 401
+    assert client.post("/predict", json={"instances": holdout.features[:1].tolist()},
+                       headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = client.post("/predict", json={"instances": holdout.features[:1].tolist()}, headers=auth)
+    assert ok.status_code == 200 and "probabilities" in ok.json()
+
+    # Non-finite numbers, objects and strings are a 422 that does not repeat them
+    for bad in (f"[[NaN, {row}]]", f"[[Infinity, {row}]]", f"[[1e400, {row}]]", f'[[{{"x": 1}}, {row}]]',
+                f'[["{"A" * 20000}", {row}]]'):
+        response = client.post("/predict", content=f'{{"instances": {bad}}}', headers=auth)
+        assert response.status_code == 422, bad[:40]
+        assert "AAAA" not in response.text and len(response.text) < 1000
+    invalid = client.post("/predict", content='{"instances": "' + "B" * 20000 + '"}', headers=auth)
+    assert invalid.status_code == 422 and "BBBB" not in invalid.text and len(invalid.text) < 1000
+
+    # A body over the limit is refused before it is read whole, with or without its length
+    big = '{"instances": [[' + ", ".join(["1"] * 40000) + "]]}"
+    assert client.post("/predict", content=big, headers=auth).status_code == 413
+
+    def chunks():
+        yield big[:30000].encode()
+        yield big[30000:].encode()
+
+    assert client.post("/predict", content=chunks(), headers=auth).status_code == 413
+
+    # Labels only, on request; no interactive docs unless asked for
+    labels = ServedModel("m", settings.model_copy(update={"serve_labels_only": True, "serve_token_file": None}))
+    labels.announce(Announcement(1, v1.manifest_sha256))
+    labels.settle()
+    answer = TestClient(create_app(labels)).post("/predict", json={"instances": holdout.features[:2].tolist()}).json()
+    assert "probabilities" not in answer and len(answer["predictions"]) == 2
+    assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 404

@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     serve_addr: str = "127.0.0.1"
     serve_port: int = Field(8080, ge=0, le=65535)
     serve_refresh_seconds: float = Field(5.0, gt=0)
+    # `/predict` hardening: the largest request body, answers without probability vectors (less
+    # for a membership-inference attack), an optional bearer token (from a file or secret), and
+    # FastAPI's /docs and /openapi.json only when asked for
+    serve_max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    serve_labels_only: bool = False
+    serve_token_file: Path | None = None
+    serve_docs: bool = False
 
     topic_requests: str = "erasure.requests"
     topic_dlq: str = "erasure.requests.dlq"

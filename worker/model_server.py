@@ -7,6 +7,8 @@ few seconds that the version it serves has not been revoked since. `worker.servi
 decides which version may answer; this module is its HTTP face and its Kafka feed:
 
     POST /predict   {"instances": [[...], ...]} -> predictions and probabilities, and the version
+                    (a bearer token when UNLEARN_SERVE_TOKEN_FILE is set; bodies over
+                    UNLEARN_SERVE_MAX_BODY_BYTES get 413; bad input a 422 that never echoes it)
     GET  /version   the version served (or why none is), the newest published, the revoked ones
     GET  /healthz   200 while a version is served, 503 with the reason otherwise
     GET  /metrics   Prometheus: the version served, seconds since it was superseded
@@ -14,6 +16,7 @@ decides which version may answer; this module is its HTTP face and its Kafka fee
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
@@ -21,7 +24,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import FastAPI, Header, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
@@ -141,6 +145,59 @@ class ServingCollector:
         yield superseded
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused with 413 before it is read
+    whole (by its Content-Length, or as it streams in when it has none)."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._too_large(send)
+        seen, refused = 0, False
+
+        async def limited_receive():
+            # over the limit: answer 413 now and tell the app the client went away
+            nonlocal seen, refused
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit and not refused:
+                refused = True
+                await self._too_large(send)
+            return {"type": "http.disconnect"} if refused else message
+
+        async def guarded_send(message):
+            if not refused:
+                await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+
+    async def _too_large(self, send) -> None:
+        response = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)
+        await response({"type": "http"}, None, send)
+
+
+def _check_token(settings: Settings):
+    """A FastAPI dependency: with UNLEARN_SERVE_TOKEN_FILE set, `Authorization: Bearer <token>`."""
+    token = settings.serve_token_file.read_text().strip().encode() if settings.serve_token_file else None
+    if token is not None and not token:
+        raise ValueError(f"UNLEARN_SERVE_TOKEN_FILE {settings.serve_token_file} is empty")
+
+    def check(authorization: str | None = Header(default=None)) -> None:
+        if token is None:
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+            raise HTTPException(401, detail="a bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
 class PredictRequest(BaseModel):
     instances: list[Any] = Field(min_length=1, max_length=MAX_INSTANCES, description=(
         "Rows of raw features as in the training data: (n, d) or (n, *input_shape)."))
@@ -157,22 +214,42 @@ def create_app(served: ServedModel, follower: VersionFollower | None = None) -> 
         if follower is not None:
             follower.stop()
 
-    app = FastAPI(title=f"unlearning-worker model server: {served.model}", lifespan=lifespan)
+    settings = served.settings
+    docs = settings.serve_docs
+    app = FastAPI(title=f"unlearning-worker model server: {served.model}", lifespan=lifespan,
+                  docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
+    app.add_middleware(BodyLimit, limit=settings.serve_max_body_bytes)
+    authorized = _check_token(settings)
     metrics = CollectorRegistry()
     metrics.register(ServingCollector(served))
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # where and what, never the input itself (FastAPI's default echoes it back, whatever its size)
+        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:200], "type": e.get("type")}
+                  for e in exc.errors()[:10]]
+        return JSONResponse({"detail": errors}, status_code=422)
+
     @app.post("/predict")
-    def predict(request: PredictRequest) -> dict[str, Any]:
+    def predict(request: PredictRequest, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        authorized(authorization)
         loaded = served.current  # one read: the whole request uses one version
         if loaded is None:
             raise HTTPException(503, detail=served.state().problem, headers={"Retry-After": "5"})
         try:
             features = np.asarray(request.instances, dtype=np.float32)
+        except (ValueError, TypeError, OverflowError):
+            raise HTTPException(422, detail="instances: every feature must be a number, in rows of equal length") from None
+        if not np.isfinite(features).all():
+            raise HTTPException(422, detail="instances: every feature must be a finite number (no NaN, Infinity or overflow)")
+        try:
             probabilities = loaded.predict_proba(features)
         except ValueError as exc:
             raise HTTPException(422, detail=f"instances: {exc}") from None
-        return {"model": loaded.model, "version": loaded.version,
-                "predictions": probabilities.argmax(axis=1).tolist(), "probabilities": probabilities.tolist()}
+        answer = {"model": loaded.model, "version": loaded.version, "predictions": probabilities.argmax(axis=1).tolist()}
+        if not settings.serve_labels_only:
+            answer["probabilities"] = probabilities.tolist()
+        return answer
 
     @app.get("/version")
     def version() -> dict[str, Any]:
