@@ -10,6 +10,7 @@ here, and MinIO and Grafana do not run: what they do is checked on paper.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -104,8 +105,9 @@ def test_one_shot_services_create_the_topics_and_the_bucket_the_code_uses():
 
 
 def _container_port(service: dict) -> int:
-    [mapping] = service["ports"]
-    return int(mapping.split(":")[-1])
+    """The one port a service listens on for the others (`expose`, or the container side of `ports`)."""
+    [port] = service.get("expose") or [mapping.split(":")[-1] for mapping in service["ports"]]
+    return int(port)
 
 
 def test_prometheus_scrapes_every_process_that_serves_metrics():
@@ -139,3 +141,80 @@ def test_grafana_is_provisioned_with_a_prometheus_datasource_and_the_dashboard()
     assert [p["options"]["path"] for p in providers] == [str(dashboard_at.parent)]
     variables = yaml.safe_load((DEPLOY / "grafana" / "unlearning.json").read_text())["templating"]["list"]
     assert {"type": "datasource", "query": source["type"]}.items() <= variables[0].items()
+
+
+SECRETS_SCRIPT = DEPLOY / "make-secrets.sh"
+
+
+def test_only_the_model_server_is_published_and_grafana_only_on_loopback():
+    """Found: every port was published on every interface with no authentication (Kafka, Postgres
+    as superuser, Redis, MinIO's root keys, Prometheus, Grafana with its default password)."""
+    published = {name: service["ports"] for name, service in services().items() if "ports" in service}
+    assert published == {"serve": ["8080:8080"], "grafana": ["127.0.0.1:3000:3000"]}
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert compose["networks"]["backend"]["internal"] is True
+    for name in ("kafka", "postgres", "redis", "minio", "intake", "worker", "prometheus"):
+        assert services()[name]["networks"] == ["backend"], name
+
+
+def test_no_password_is_written_in_the_compose_file_and_every_secret_is_generated(tmp_path):
+    text = COMPOSE.read_text()
+    for placeholder in ("unlearn-minio-secret", "postgres:unlearn@", "POSTGRES_PASSWORD:", "GF_SECURITY_ADMIN_PASSWORD:",
+                        "AWS_SECRET_ACCESS_KEY", "MINIO_ROOT_PASSWORD:"):
+        assert placeholder not in text, placeholder
+    declared = yaml.safe_load(text)["secrets"]
+    used = {secret for service in services().values() for secret in service.get("secrets", [])}
+    assert used == set(declared)
+    assert all(spec["file"] == f"./secrets/{name}" for name, spec in declared.items())
+
+    # the script writes every one of them, random, and keeps what exists
+    (tmp_path / "deploy").mkdir()
+    shutil.copy2(SECRETS_SCRIPT, tmp_path / "deploy" / SECRETS_SCRIPT.name)
+    for _ in range(2):
+        subprocess.run(["sh", str(tmp_path / "deploy" / SECRETS_SCRIPT.name)], check=True, capture_output=True, timeout=60)
+        written = {p.name: p.read_text() for p in (tmp_path / "secrets").iterdir()}
+        if _ == 0:
+            first = written
+    assert written == first and set(written) == set(declared)
+    assert (tmp_path / "secrets").stat().st_mode & 0o077 == 0
+    passwords = [first[name].strip() for name in ("postgres_superuser_password", "postgres_unlearn_password",
+                                                  "redis_password", "minio_root_password", "serve_token",
+                                                  "grafana_admin_password")]
+    assert len(set(passwords)) == len(passwords) and all(len(p) >= 32 for p in passwords)
+    url = first["unlearn_database_url"].strip()
+    assert url == f"postgresql://unlearn:{first['postgres_unlearn_password'].strip()}@postgres:5432/unlearning"
+    assert first["unlearn_celery_broker"].strip() == f"redis://:{first['redis_password'].strip()}@redis:6379/0"
+    worker_key = first["minio_worker_key"].split()[0]
+    assert f"aws_access_key_id = {worker_key}" in first["aws_credentials_worker"]
+
+
+def test_each_process_gets_least_privilege():
+    all_services = services()
+    serve = all_services["serve"]
+    # the model server: no database at all, a read-only key on the bucket, a bearer token
+    assert "UNLEARN_DATABASE_URL" not in serve["environment"] and "UNLEARN_SECRETS_DIR" not in serve["environment"]
+    assert set(serve["secrets"]) == {"aws_credentials_serve", "serve_token"}
+    read_only = json.loads((DEPLOY / "minio" / "serve.json").read_text())
+    actions = {a for statement in read_only["Statement"] for a in statement["Action"]}
+    assert actions == {"s3:ListBucket", "s3:GetBucketLocation", "s3:GetObject"}
+    # the others reach PostgreSQL as `unlearn`, which is no superuser; MinIO's root keys stay with MinIO
+    roles = (DEPLOY / "postgres" / "init-roles.sh").read_text()
+    assert "CREATE ROLE unlearn LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE" in roles
+    for name, service in ours().items():
+        assert not {"minio_root_user", "minio_root_password", "postgres_superuser_password"} & set(service.get("secrets", []))
+    assert "--requirepass" in all_services["redis"]["command"][0]
+    assert all_services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"].startswith("/run/secrets/")
+
+
+def test_settings_read_secret_files_named_after_their_variables(tmp_path, monkeypatch):
+    from worker.config import get_settings
+
+    (tmp_path / "unlearn_database_url").write_text("postgresql://unlearn:pw@postgres:5432/unlearning\n")
+    monkeypatch.setenv("UNLEARN_SECRETS_DIR", str(tmp_path))
+    monkeypatch.delenv("UNLEARN_DATABASE_URL", raising=False)
+    get_settings.cache_clear()
+    try:
+        assert get_settings().database_url == "postgresql://unlearn:pw@postgres:5432/unlearning"
+        assert ("UNLEARN_DATABASE_URL", "postgresql://unlearn:***@postgres:5432/unlearning") in get_settings().public_items()
+    finally:
+        get_settings.cache_clear()

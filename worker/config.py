@@ -18,6 +18,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UNLEARN_", extra="ignore")
 
+    # a directory of secret files, each named after a variable (e.g. `unlearn_database_url`,
+    # holding the URL with its password): docker/Kubernetes secrets instead of environment values
+    secrets_dir: Path | None = None
+
     database_url: str = "postgresql://postgres@127.0.0.1:5432/unlearning"
     kafka_bootstrap: str = "127.0.0.1:9092"
     celery_broker: str = "redis://127.0.0.1:6379/0"
@@ -103,4 +107,8 @@ def redact_url(url: str) -> str:
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    settings = Settings()
+    if settings.secrets_dir is not None:
+        # environment variables still win over a secret file of the same name
+        return Settings(_secrets_dir=settings.secrets_dir)
+    return settings
