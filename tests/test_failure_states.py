@@ -5,6 +5,8 @@ PostgreSQL and artifact store; Kafka is stood in for by an in-memory publisher."
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from click.testing import CliRunner
 from prometheus_client import REGISTRY
@@ -105,6 +107,14 @@ def test_only_failed_requests_can_be_retried(conn, digits, ctx):
     steps.run_passes(ctx, "m")
     shown = CliRunner().invoke(main, ["retry", "--request", str(request_id)])
     assert shown.exit_code == 1 and "is completed; only failed requests can be retried" in shown.output
+
+
+def test_retrying_an_unknown_model_or_request_is_a_usage_error(conn, digits):
+    """Found: `unlearn retry --model no-such-model` exited 0 ("queued")."""
+    unknown_model = CliRunner().invoke(main, ["retry", "--model", "no-such-model"])
+    assert unknown_model.exit_code == 2 and "no model named 'no-such-model'" in unknown_model.output
+    unknown_request = CliRunner().invoke(main, ["retry", "--request", str(uuid.uuid4())])
+    assert unknown_request.exit_code == 2 and "no erasure request" in unknown_request.output
 
 
 def test_a_task_that_keeps_killing_its_worker_is_parked_as_failed(conn, digits, ctx, monkeypatch):

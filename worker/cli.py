@@ -388,6 +388,8 @@ def retry_cmd(request_ids, model: str | None) -> None:
     with database.connect(settings.database_url) as conn:
         targets = list(request_ids)
         if model is not None:
+            if conn.execute("SELECT 1 FROM models WHERE name = %s", (model,)).fetchone() is None:
+                raise click.UsageError(f"no model named {model!r}")
             targets += [r for (r,) in conn.execute(
                 "SELECT DISTINCT p.request_id FROM pending_unlearning p JOIN erasure_requests e USING (request_id)"
                 " WHERE p.model = %s AND e.status = 'failed'", (model,))]
@@ -399,7 +401,9 @@ def retry_cmd(request_ids, model: str | None) -> None:
             try:
                 with conn.transaction():
                     status, waiting = ledger.reopen(conn, request_id)
-            except (LookupError, ValueError) as exc:
+            except LookupError as exc:
+                raise click.UsageError(str(exc)) from None
+            except ValueError as exc:
                 raise click.ClickException(str(exc)) from None
             if status == "received":
                 erase.append(request_id)
