@@ -239,10 +239,22 @@ def fit_lanes(lanes: Sequence[Lane | None], *, epochs: int, batch_size: int, rul
     features, labels, plan = _gather_plan(lanes, schedules, active, None if len(lanes) == 1 else batch_size)
     steps = progress(list(enumerate(plan)), description=description, total=len(plan))
     if len(lanes) == 1:
-        _fit_alone(lanes[0].net, features, labels, steps, schedules[0], rule, on_step)
+        with _seeded_draws(lanes[0].seed_parts):
+            _fit_alone(lanes[0].net, features, labels, steps, schedules[0], rule, on_step)
     else:
         _fit_stacked(lanes, active, features, labels, steps, totals, rule)
     return totals
+
+
+@contextmanager
+def _seeded_draws(seed_parts: tuple[object, ...]) -> Iterator[None]:
+    """Random numbers a network draws while it trains (dropout, say) come from a generator seeded
+    by the lane's seed parts, so a retrain draws what training from scratch drew (the built-in
+    networks draw none). A stack trains under vmap, which refuses random draws."""
+    device = runtime.current().device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(derive_seed(*seed_parts, "draws"))
+        yield
 
 
 # told of every optimizer step `fit_lanes` takes, alone or stacked (`observing_steps`)
