@@ -253,6 +253,7 @@ class S3T:
         scaling = networks.input_scaling(config, public, schema)
         base = networks.build(config, data.input_shape, data.num_classes, "s3t", "base", scaling=scaling,
                               schema=schema, base=pretrained)
+        trunk, head, _ = split_base(base, data.input_shape)  # refuses a network S3T cannot cut, before training
         fitted = pretrained is None or not networks.base_has_head(base, pretrained, data.input_shape)
         public = self._check_public(public, data, required=fitted)
         fitted_on = public.sample_ids if fitted else ()
@@ -261,7 +262,6 @@ class S3T:
             steps = fit(base, public, epochs=epochs, batch_size=config.batch_size, lr=config.lr,
                         seed_parts=(config.seed, "s3t", "base"), progress=progress, description="S3T: training the base")
         elif fitted:
-            trunk, head, _ = split_base(base, data.input_shape)
             steps = fit(head, replace(public, features=hidden_features(trunk, public.features)), epochs=epochs,
                         batch_size=config.batch_size, lr=config.lr, seed_parts=(config.seed, "s3t", "base", "head"),
                         progress=progress, description="S3T: fitting the head of the base weights")
