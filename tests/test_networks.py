@@ -328,6 +328,8 @@ def test_a_config_round_trips_and_an_old_one_still_reads():
     assert TrainConfig.from_json({"architecture": "cnn", "hidden": [8]}) == TrainConfig(network="cnn", hidden=(8,))
     with pytest.raises(ValueError, match="network_args must be JSON values"):
         TrainConfig(network_args={"f": object()})
+    with pytest.raises(ValueError, match="network_args cannot set num_classes: the worker passes them"):
+        TrainConfig(network_args={"num_classes": 3})
     with pytest.raises(ValueError, match="base_weights must be the sha256"):
         TrainConfig(base_weights="model.safetensors")
 
@@ -379,3 +381,48 @@ def test_a_published_team_network_is_rebuilt_by_serving_and_refused_where_it_can
         with pytest.raises(NetworkUnavailable, match=r"model team v1 needs network 'teamnet:build' \(teamnet 1\.2\.0\), "
                                                      r"which cannot be imported here: no network named 'teamnet'"):
             load_version("team", 1)
+
+
+@pytest.mark.services
+def test_the_cli_trains_a_team_network_from_base_weights_at_a_file_uri(conn, artifact_dir, tmp_path):
+    data.load_into_postgres(conn, "digits")
+    conn.commit()
+    weights = base_file(tmp_path)
+    shown = CliRunner().invoke(main, [
+        "train", "--model", "cli-team", "--method", "arcane", "--dataset", "digits", "--slices", "2", "--epochs", "1",
+        "--network", "teamnet", "--network-arg", "width=16", "--base-weights", weights.as_uri()])
+    assert shown.exit_code == 0, shown.output
+    manifest = read_manifest(get_settings().artifact_dir, "cli-team", 1)
+    assert manifest["network"]["args"] == {"width": 16} and manifest["network"]["base_weights"]
+    # weights that are not safetensors are refused before anything trains
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    shown = CliRunner().invoke(main, ["train", "--model", "cli-junk", "--method", "sisa", "--dataset", "digits",
+                                      "--network", "teamnet", "--base-weights", str(tmp_path / "junk.safetensors")])
+    assert shown.exit_code == 1 and "are not a safetensors file" in shown.output
+
+
+@pytest.mark.services
+def test_a_full_retrain_starts_from_the_base_weights_again_and_keeps_their_file(conn, digits, ctx, tmp_path):
+    from worker.pipeline import unlearning
+
+    import pipeline_steps as steps
+
+    # Given a SISA model of the team's network trained from base weights, which an operator asked
+    # to retrain in full
+    config = replace(CONFIG, slices=1)
+    registry.train_model(conn, digits, "team", "sisa", "digits", config, base_weights=str(base_file(tmp_path)))
+    conn.execute("UPDATE models SET status = 'full_retrain_requested' WHERE name = 'team'")
+    conn.commit()
+    digest = read_manifest(digits.artifact_dir, "team", 1)["network"]["base_weights"]
+
+    # When a subject is erased and the model retrains from scratch
+    steps.request(conn, digits, steps.subjects(conn, 1))
+    assert unlearning.unlearn_until_idle(ctx, "team")[-1].version == 2
+
+    # Then the new version is a fresh training from the same base weights, whose file stays
+    registry.train_model(conn, digits, "fresh", "sisa", "digits", config, base_weights=str(base_file(tmp_path)))
+    assert ([c["sha256"] for c in read_manifest(digits.artifact_dir, "team", 2)["components"]]
+            == [c["sha256"] for c in read_manifest(digits.artifact_dir, "fresh", 1)["components"]])
+    registry.purge_artifacts(conn, digits)
+    assert ArtifactStore(digits.artifact_dir, "team").exists(digest)
+    assert read_manifest(digits.artifact_dir, "team", 2)["network"]["base_weights"] == digest

@@ -151,6 +151,9 @@ class TrainConfig:
             raise ValueError(f"network must name a network factory, not {self.network!r}")
         if not isinstance(self.network_args, dict) or not all(isinstance(k, str) for k in self.network_args):
             raise ValueError("network_args must be a dict with string keys")
+        reserved = sorted(set(self.network_args) & {"input_shape", "num_classes", "schema", "scaling"})
+        if reserved:
+            raise ValueError(f"network_args cannot set {', '.join(reserved)}: the worker passes them")
         try:
             json.dumps(self.network_args, allow_nan=False)
         except (TypeError, ValueError) as exc:
