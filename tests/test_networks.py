@@ -225,10 +225,12 @@ def test_sisa_shards_start_from_the_base_weights(rows, tmp_path):
 
 # --- every method: trains a team's network or refuses it -----------------------------------------
 
-def test_sisa_unlearning_a_team_network_is_bit_identical_to_training_from_scratch(rows, tmp_path):
+@pytest.mark.parametrize("stack", [1, 2])
+def test_sisa_unlearning_a_team_network_is_bit_identical_to_training_from_scratch(rows, tmp_path, stack):
+    # one shard at a time, and both shards as one stack (torch.func.vmap over the team's network)
     train, public = rows
     store = ArtifactStore(tmp_path / "a", "m")
-    config = replace(CONFIG, base_weights=stored(store, base_file(tmp_path)))
+    config = replace(CONFIG, base_weights=stored(store, base_file(tmp_path)), options={"stack": stack})
     model = Sisa().train(train, config, store, public=public)
     erased = rows_in(train, 0, 1, 2) + rows_in(train, 1, 2, 1)
 
@@ -237,7 +239,7 @@ def test_sisa_unlearning_a_team_network_is_bit_identical_to_training_from_scratc
 
     scratch = Sisa().train(train.without(erased), config, with_base(ArtifactStore(tmp_path / "b", "m"), tmp_path),
                            public=public)
-    assert unlearned.verification["retrained"] == {"0": 1, "1": 2}
+    assert unlearned.verification["retrained"] == {"0": 1, "1": 2} and unlearned.state["stack"] == stack
     assert digests(unlearned) == digests(scratch) and unlearned.state["shards"] == scratch.state["shards"]
     # the components hold the team's network (standardised: its weights under `network.`)
     assert "network.head.weight" in store.get(unlearned.components[0].sha256)

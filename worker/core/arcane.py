@@ -270,8 +270,7 @@ class Arcane:
         start = {k: b for k, b in start.items() if b < config.slices}
         resume = {k: old[k]["checkpoints"][b - 1]["sha256"] if b > 0 else None for k, b in start.items()}
         retrained = self._train_stages(config, input_shape, schema, public_rows, {k: rows[k] for k in start}, start,
-                                       resume,
-                                       store, progress, f"ARCANE: retraining {len(start)} class model(s)")
+                                       resume, store, progress, f"ARCANE: retraining {len(start)} class model(s)")
         classes = []
         for label, entry in sorted(old.items()):
             if label not in tainted:

@@ -8,8 +8,8 @@ head W (classes, d), b (classes,):
     logits (n, classes) = h_p @ (W + Σ_{i<=p} head_up_i @ head_down_i).T + b
 
 where d is the head's input width (for the MLP `config.hidden[-1]`, or the input width when it
-has no hidden layer; for the CNN `config.hidden[0]` or 64). Adapter layer
-i, of rank r, is a residual bottleneck block plus a LoRA update of the head:
+has no hidden layer; for the CNN `config.hidden[0]` or 64). Adapter layer i, of rank r, is a
+residual bottleneck block plus a LoRA update of the head:
 
     h_i = h_{i-1} + relu(h_{i-1} @ down_i.T + down_bias_i) @ up_i.T
     down_i: (r, d), down_bias_i: (r,), up_i: (d, r), head_down_i: (r, d), head_up_i: (classes, r)
