@@ -202,6 +202,9 @@ def test_base_weights_load_whole_or_as_a_backbone_and_anything_else_is_refused(t
         networks.build(CONFIG, (64,), 10, "x", base={k: v for k, v in base.items() if not k.startswith("wide.")})
     with pytest.raises(networks.BaseWeightsMismatch, match=r"keys of another shape: head\.bias \(10,\) != \(3,\)"):
         networks.build(CONFIG, (64,), 3, "x", base=base)
+    # a network whose last linear layer is not its final operation has no head to leave out
+    with pytest.raises(networks.BaseWeightsMismatch, match=r"missing keys: head\.bias, head\.weight, temperature"):
+        networks.build(replace(CONFIG, network="teamnet:tempered"), (64,), 10, "x", base=backbone)
 
 
 def test_sisa_shards_start_from_the_base_weights(rows, tmp_path):

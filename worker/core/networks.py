@@ -186,14 +186,18 @@ def load_base(net: nn.Module, base: Mapping[str, torch.Tensor], input_shape: tup
     shape; every key of the network must be there, except its head's parameters (a backbone).
     `head=False` leaves the head as it is even when the base has it."""
     own = net.state_dict()
-    head_keys = set()
+    head_keys: set[str] = set()
     missing = set(own) - set(base)
     if missing or not head:
-        name, _ = head_of(net, input_shape)
-        head_keys = {key for key in own if key.startswith(f"{name}.")}
+        try:
+            name, _ = head_of(net, input_shape)
+            head_keys = {key for key in own if key.startswith(f"{name}.")}
+        except NetworkUnsupported:  # no head to leave out: its keys count as missing like any other
+            if not head:
+                raise
     unexpected = sorted(set(base) - set(own))
     reshaped = sorted(key for key in set(base) & set(own) if tuple(base[key].shape) != tuple(own[key].shape)
-                      and not (not head and key in head_keys))
+                      and (head or key not in head_keys))
     absent = sorted(missing - head_keys)
     if unexpected or reshaped or absent:
         problems = [f"{label}: {_listed(keys)}" for label, keys in (
