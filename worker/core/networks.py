@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.core.base import TensorStore, TrainConfig
+from worker.core.base import TensorStore, TrainConfig, TrainingSet
 from worker.core.nets import FeatureScaling, Standardize, derive_seed
 
 GROUP = "unlearning_worker.networks"
@@ -115,8 +115,8 @@ def distribution_of(package: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def input_scaling(config: TrainConfig, public: Any | None, schema: Any | None = None) -> FeatureScaling | None:
-    """Fixed standardisation from `public` rows (a TrainingSet never erased), or None: without public
+def input_scaling(config: TrainConfig, public: TrainingSet | None, schema: Any | None = None) -> FeatureScaling | None:
+    """Fixed standardisation from `public` rows (never erased), or None: without public
     rows, or for a factory with `standardize_input = False`. Features the schema calls categorical
     get mean 0 and std 1 for a team's network (the built-ins treat every feature as a number)."""
     if public is None or len(public) == 0 or getattr(resolve(config.network), "standardize_input", True) is False:

@@ -1,9 +1,10 @@
 """S3T: Sequence-aware Sharded Sliced Training (Chowdhury et al., ICLR 2025).
 
 A frozen base network is trained once on `public` rows, which no data subject owns and no
-erasure can touch. Each shard then trains, for each of B slice orders (π_0..π_{L-1}), a stack of
-L low-rank adapters (`worker.core.lora`): adapter i is trained on slices π_0..π_i together, with
-the base and adapters 0..i-1 frozen. Adapter i has therefore seen exactly the slices π_0..π_i.
+erasure can touch (or loaded from base weights that never saw an erasable row, see `S3T.train`).
+Each shard then trains, for each of B slice orders (π_0..π_{L-1}), a stack of L low-rank adapters
+(`worker.core.lora`): adapter i is trained on slices π_0..π_i together, with the base and
+adapters 0..i-1 frozen. Adapter i has therefore seen exactly the slices π_0..π_i.
 
 Erasing a row of slice s deactivates, in every order of its shard, the adapters from the
 position of s onward; nothing is trained. Each shard serves the order with the longest intact
