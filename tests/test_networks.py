@@ -329,7 +329,8 @@ def test_the_networks_the_other_methods_refuse_train_with_sisa(rows, tmp_path):
 
 
 def test_a_config_round_trips_and_an_old_one_still_reads():
-    assert TrainConfig.from_json(replace(CONFIG, base_weights="a" * 64).to_json()) == replace(CONFIG, base_weights="a" * 64)
+    config = replace(CONFIG, base_weights="a" * 64)
+    assert TrainConfig.from_json(config.to_json()) == config
     assert TrainConfig.from_json({"architecture": "cnn", "hidden": [8]}) == TrainConfig(network="cnn", hidden=(8,))
     with pytest.raises(ValueError, match="network_args must be JSON values"):
         TrainConfig(network_args={"f": object()})
@@ -383,8 +384,9 @@ def test_a_published_team_network_is_rebuilt_by_serving_and_refused_where_it_can
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "path", [p for p in sys.path if p != str(teamnet)])
         forget_teamnet()
-        with pytest.raises(NetworkUnavailable, match=r"model team v1 needs network 'teamnet:build' \(teamnet 1\.2\.0\), "
-                                                     r"which cannot be imported here: no network named 'teamnet'"):
+        with pytest.raises(NetworkUnavailable, match=r"model team v1 needs network 'teamnet:build' "
+                                                     r"\(teamnet 1\.2\.0\), which cannot be imported here: "
+                                                     r"no network named 'teamnet'"):
             load_version("team", 1)
 
 

@@ -273,7 +273,8 @@ def stage_withdrawal(conn: psycopg.Connection, settings: Settings, parent: Model
     _check_unpublished(conn, parent.model, version)
     created_at = _now()
     body = {
-        **{key: manifest[key] for key in ("model", "method", "aggregation", "input", "network", "state") if key in manifest},
+        **{key: manifest[key] for key in ("model", "method", "aggregation", "input", "network", "state")
+           if key in manifest},
         "version": version, "parent_version": parent.version, "created_at": rfc3339(created_at),
         "servable": False, "withdrawn": {"code": code}, "components": [],
         "lineage": {"parent_version": parent.version, "parent_manifest_sha256": parent.manifest_sha256,

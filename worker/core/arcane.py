@@ -313,8 +313,9 @@ class Arcane:
     def predictor(self, state: ArcaneState, store: TensorStore) -> OneVsRest:
         config = TrainConfig.from_json(state["config"])
         schema = networks.schema_from_json(state.get("schema"))
-        heads = [load_tensors(networks.build(config, tuple(state["input_shape"]), 2, self.name, "class", c.meta["class"],
-                                             schema=schema), store.get(c.sha256)) for c in self.components(state)]
+        heads = [load_tensors(networks.build(config, tuple(state["input_shape"]), 2, self.name, "class",
+                                             c.meta["class"], schema=schema), store.get(c.sha256))
+                 for c in self.components(state)]
         return OneVsRest(heads)
 
     @staticmethod

@@ -181,7 +181,8 @@ def base_tensors(config: TrainConfig, store: TensorStore) -> dict[str, torch.Ten
     return None if config.base_weights is None else store.get(config.base_weights)
 
 
-def load_base(net: nn.Module, base: Mapping[str, torch.Tensor], input_shape: tuple[int, ...], head: bool = True) -> None:
+def load_base(net: nn.Module, base: Mapping[str, torch.Tensor], input_shape: tuple[int, ...],
+              head: bool = True) -> None:
     """Load base weights over `net` in place: every key must be one of the network's, with its
     shape; every key of the network must be there, except its head's parameters (a backbone).
     `head=False` leaves the head as it is even when the base has it."""
@@ -235,7 +236,8 @@ def head_of(net: nn.Module, input_shape: tuple[int, ...]) -> tuple[str, nn.Linea
         raise NetworkUnsupported(f"{where} is not the final operation (its output is not the network's output); "
                                  "define the head last and return its output unchanged")
     if calls[0][0].dim() != 2:
-        raise NetworkUnsupported(f"{where} gets inputs shaped {tuple(calls[0][0].shape)}; the head needs (n, d) features")
+        raise NetworkUnsupported(f"{where} gets inputs shaped {tuple(calls[0][0].shape)}; "
+                                 "the head needs (n, d) features")
     return name, head
 
 

@@ -136,7 +136,8 @@ def check_network(net: nn.Module, input_shape: tuple[int, ...], name: str) -> No
     try:
         networks.head_of(net, input_shape)
     except networks.NetworkUnsupported as exc:
-        raise networks.NetworkUnsupported(f"network {name!r}: PUMA needs linear layers ending in a head: {exc}") from None
+        raise networks.NetworkUnsupported(f"network {name!r}: PUMA needs linear layers ending in a head: "
+                                          f"{exc}") from None
     layers = linear_layers(net)
     no_bias = sorted(n for n, layer in layers.items() if layer.bias is None)
     calls: dict[str, list[int]] = {n: [] for n in layers}

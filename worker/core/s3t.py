@@ -261,7 +261,8 @@ class S3T:
         epochs = base_epochs(config, len(public)) if fitted else 0
         if pretrained is None:
             steps = fit(base, public, epochs=epochs, batch_size=config.batch_size, lr=config.lr,
-                        seed_parts=(config.seed, "s3t", "base"), progress=progress, description="S3T: training the base")
+                        seed_parts=(config.seed, "s3t", "base"), progress=progress,
+                        description="S3T: training the base")
         elif fitted:
             steps = fit(head, replace(public, features=hidden_features(trunk, public.features)), epochs=epochs,
                         batch_size=config.batch_size, lr=config.lr, seed_parts=(config.seed, "s3t", "base", "head"),
@@ -369,7 +370,8 @@ class S3T:
         config = TrainConfig.from_json(state["config"])
         if not 0 <= shard < config.shards:
             raise ValueError(f"shard {shard} is outside 0..{config.shards - 1}")
-        if public is not None and state["base"]["rows"] and lineage_sha256(public.sample_ids) != state["base"]["lineage_sha256"]:
+        base_lineage = state["base"]["lineage_sha256"]
+        if public is not None and state["base"]["rows"] and lineage_sha256(public.sample_ids) != base_lineage:
             raise ValueError("public rows differ from the rows the S3T base was trained on")
         self._check_rows(state, remaining)
         entry, steps = self._train_shard(state, self._base(state, store), remaining, shard, store, progress,
