@@ -248,6 +248,26 @@ def test_sisa_unlearning_a_team_network_is_bit_identical_to_training_from_scratc
     assert "network.head.weight" in store.get(unlearned.components[0].sha256)
 
 
+def test_a_network_that_draws_random_numbers_unlearns_exactly_alone_and_is_refused_in_a_stack(rows, tmp_path):
+    # Given a team network with dropout, trained one shard at a time
+    train, public = rows
+    config = replace(CONFIG, network="teamnet:dropped")
+    store = ArtifactStore(tmp_path / "a", "m")
+    torch.manual_seed(1)  # whatever state the process's generator is in
+    model = Sisa().train(train, config, store, public=public)
+    erased = rows_in(train, 1, 1, 2)
+    # When rows are erased, the retrain draws what training from scratch drew: the same bits
+    torch.manual_seed(2)
+    unlearned = Sisa().apply(model.state, Sisa().plan(model.state, [DeletedSample(s) for s in erased]),
+                             train.without(erased), store)
+    torch.manual_seed(3)
+    scratch = Sisa().train(train.without(erased), config, ArtifactStore(tmp_path / "b", "m"), public=public)
+    assert digests(unlearned) == digests(scratch)
+    # And a stack, which cannot seed each lane's draws, refuses it with the way out
+    with pytest.raises(ValueError, match=r"draws random numbers in training \(dropout\?\).*--option stack=1"):
+        Sisa().train(train, replace(config, options={"stack": 2}), ArtifactStore(tmp_path / "c", "m"), public=public)
+
+
 def test_arcane_unlearning_a_team_network_is_bit_identical_to_training_from_scratch(rows, tmp_path):
     train, public = rows
     store = ArtifactStore(tmp_path / "a", "m")

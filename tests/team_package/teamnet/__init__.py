@@ -44,6 +44,24 @@ def tempered(input_shape: tuple[int, ...], num_classes: int, width: int = 24) ->
     return TemperedNet(int(torch.tensor(input_shape).prod()), num_classes, width)
 
 
+class DroppedNet(TwoBranchNet):
+    """Dropout before the head: random draws in training."""
+
+    def __init__(self, features: int, num_classes: int, width: int):
+        super().__init__(features, num_classes, width)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(width, num_classes)  # registered after `drop`: still the last module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        h = torch.relu(self.mix(torch.cat([torch.relu(self.wide(x)), torch.tanh(self.narrow(x))], dim=1)))
+        return self.head(self.drop(h + self.block(h)))
+
+
+def dropped(input_shape: tuple[int, ...], num_classes: int, width: int = 24) -> nn.Module:
+    return DroppedNet(int(torch.tensor(input_shape).prod()), num_classes, width)
+
+
 def normalised(input_shape: tuple[int, ...], num_classes: int, width: int = 24) -> nn.Module:
     """Batch norm keeps running statistics: buffers no rollback can revert."""
     return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), width),
