@@ -13,7 +13,8 @@ mapping (n, *input_shape) float32 rows to (n, num_classes) logits. `config.netwo
 
 The factory gets more when its signature declares it: `hidden` (the resolved `config.hidden`),
 `schema` (the rows' `FeatureSchema`: feature names and each categorical feature's vocabulary) and
-`scaling` (a `FeatureScaling`, which the factory then applies itself, as the built-ins do).
+`scaling` (a `FeatureScaling` of every feature, which the factory then applies itself, as the
+built-ins do).
 
 Standardisation. The methods that standardise (SISA, Amnesiac, S3T: with statistics of public rows,
 `input_scaling`) put a fixed `Standardize` in front of a team's network (`Standardized`), on numeric
@@ -116,13 +117,15 @@ def distribution_of(package: str) -> tuple[str | None, str | None]:
 
 
 def input_scaling(config: TrainConfig, public: TrainingSet | None, schema: Any | None = None) -> FeatureScaling | None:
-    """Fixed standardisation from `public` rows (never erased), or None: without public
-    rows, or for a factory with `standardize_input = False`. Features the schema calls categorical
-    get mean 0 and std 1 for a team's network (the built-ins treat every feature as a number)."""
-    if public is None or len(public) == 0 or getattr(resolve(config.network), "standardize_input", True) is False:
+    """Fixed standardisation from `public` rows (never erased), or None: without public rows, or
+    for a factory with `standardize_input = False`. Features the schema calls categorical get mean 0
+    and std 1, unless the factory declares `scaling` (it then gets every feature's statistics and
+    applies them as it likes: the built-ins treat every feature as a number)."""
+    factory = resolve(config.network)
+    if public is None or len(public) == 0 or getattr(factory, "standardize_input", True) is False:
         return None
     scaling = FeatureScaling.of(public)
-    if schema is None or config.network in BUILTIN:
+    if schema is None or "scaling" in _parameters(factory):
         return scaling
     categorical = {i for i, name in enumerate(schema.names) if name in schema.categories}
     return FeatureScaling(tuple(0.0 if i in categorical else m for i, m in enumerate(scaling.mean)),
