@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 from worker.artifacts import ArtifactStore
 from worker.core.arcane import Arcane, class_rows, component_name, entropy_scores
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet
-from worker.core.nets import build_net
+from worker.core.networks import build
 from worker.core.placement import slice_of
 from worker.core.sisa import expected_deletions_until_full_retrain
 
@@ -96,7 +96,7 @@ def test_representative_selection_stays_exact_and_an_unselected_row_costs_nothin
     assert result.state["scorer_sha256"] in store.digests()
     # an even-sized class, so erasing one row keeps the number selected, ceil(n/2)
     label = next(k for k in range(10) if np.sum(train.labels == k) % 2 == 0)
-    reference = build_net(config, train.input_shape, 10, "arcane", "scorer")
+    reference = build(config, train.input_shape, 10, "arcane", "scorer")
     reference.load_state_dict(store.get(result.state["scorer_sha256"]))
     chosen = set(class_rows(train, label, config.slices, 0.5, reference).rows.sample_ids)
     unselected = next(s for s, y in zip(train.sample_ids, train.labels) if y == label and s not in chosen)
@@ -119,7 +119,7 @@ def test_representative_selection_stays_exact_and_an_unselected_row_costs_nothin
 
 def test_a_row_is_scored_the_same_alone_or_with_others(splits):
     torch.set_num_threads(1)
-    net = build_net(CONFIG, (64,), 10, "scorer-test")
+    net = build(CONFIG, (64,), 10, "scorer-test")
     rows = splits["train"].select(np.arange(len(splits["train"])) < 40)
     assert np.array_equal(entropy_scores(net, rows)[5:9], entropy_scores(net, rows.select(np.isin(
         np.arange(40), [5, 6, 7, 8])))), "a row's score must not depend on the rows scored with it"

@@ -16,6 +16,7 @@ from worker.artifacts import (
     open_root,
     read_manifest,
     read_revocation,
+    read_uri,
     write_manifest,
     write_revocation,
 )
@@ -143,3 +144,18 @@ def test_unlearn_config_shows_the_store_and_masks_the_endpoint_password(monkeypa
         get_settings.cache_clear()
     assert "UNLEARN_ARTIFACT_DIR=s3://models/prod\n" in shown
     assert "UNLEARN_S3_ENDPOINT_URL=http://key:***@minio:9000\n" in shown and "secret" not in shown
+
+
+def test_a_file_outside_the_store_is_read_from_a_path_a_file_uri_or_s3(s3_root, tmp_path):
+    # e.g. the base weights `unlearn train --base-weights URI` files in a model's store
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"local bytes")
+    assert read_uri(str(path)) == read_uri(path.as_uri()) == b"local bytes"
+    open_root(s3_root).write("pretrained/weights.safetensors", b"s3 bytes")
+    assert read_uri(f"{s3_root}/pretrained/weights.safetensors") == b"s3 bytes"
+    with pytest.raises(FileNotFoundError):
+        read_uri(f"{s3_root}/pretrained/absent.safetensors")
+    with pytest.raises(FileNotFoundError):
+        read_uri(str(tmp_path / "absent.safetensors"))
+    with pytest.raises(ValueError, match="only local paths, file:// and s3:// URIs"):
+        read_uri("https://example.org/weights.safetensors")

@@ -23,7 +23,7 @@ from worker.core.mia import (
     loss_threshold_advantage,
     membership_evidence,
 )
-from worker.core.nets import build_net
+from worker.core.networks import build
 from worker.core.training import fit
 
 
@@ -41,13 +41,13 @@ def splits() -> dict[str, TrainingSet]:
 def overfit(rows: TrainingSet, epochs: int = 120) -> NetPredictor:
     """Many epochs on few rows: the model memorises them."""
     config = TrainConfig(hidden=(64,), epochs=epochs, batch_size=32, lr=0.05, seed=1)
-    net = build_net(config, rows.input_shape, rows.num_classes, "mia-test")
+    net = build(config, rows.input_shape, rows.num_classes, "mia-test")
     fit(net, rows, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed_parts=(1, "mia-test"))
     return NetPredictor(net)
 
 
 def untrained(rows: TrainingSet) -> NetPredictor:
-    return NetPredictor(build_net(TrainConfig(hidden=(64,)), rows.input_shape, rows.num_classes, "untrained"))
+    return NetPredictor(build(TrainConfig(hidden=(64,)), rows.input_shape, rows.num_classes, "untrained"))
 
 
 @pytest.fixture(scope="module")

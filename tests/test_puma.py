@@ -14,7 +14,7 @@ from torch import nn
 from worker.artifacts import ArtifactStore
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet
 from worker.core.mia import sample_losses
-from worker.core.nets import build_net
+from worker.core.networks import build
 from worker.core.puma import Puma, factors_from_tensors, layer_factors, linear_layers
 
 CONFIG = TrainConfig(hidden=(128,), epochs=60, batch_size=32, seed=3,
@@ -61,7 +61,7 @@ def test_factors_reproduce_each_rows_gradient(splits, architecture):
     torch.set_num_threads(1)
     rows = splits["train"].select(np.arange(len(splits["train"])) < 6)
     features = rows.features.reshape(-1, 1, 8, 8) if architecture == "cnn" else rows.features
-    net = build_net(TrainConfig(architecture=architecture, hidden=(16,)), features.shape[1:], 10, "factors")
+    net = build(TrainConfig(network=architecture, hidden=(16,)), features.shape[1:], 10, "factors")
     # When the factors are recorded
     factors = layer_factors(net, features, rows.labels)
     # Then each row's gradient of every linear layer is the outer product δ ãᵀ (bias last)
@@ -166,7 +166,7 @@ def test_the_cnn_keeps_its_convolutions_and_patches_its_head(splits, tmp_path):
     torch.set_num_threads(1)
     train = splits["train"]
     images = TrainingSet(train.sample_ids, train.features.reshape(-1, 1, 8, 8), train.labels, 10)
-    config = TrainConfig(architecture="cnn", hidden=(16,), epochs=3, batch_size=32, seed=1)
+    config = TrainConfig(network="cnn", hidden=(16,), epochs=3, batch_size=32, seed=1)
     store = ArtifactStore(tmp_path, "cnn")
     result = Puma().train(images, config, store)
     _, unlearned = erase(result.state, store, images, list(images.sample_ids[:2]))

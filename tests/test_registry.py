@@ -16,7 +16,7 @@ from worker.serving import VersionRevoked, load_version
 
 pytestmark = pytest.mark.services
 
-CONFIG = TrainConfig(architecture="mlp", hidden=(32,), epochs=2, batch_size=32, seed=5, shards=3, slices=3)
+CONFIG = TrainConfig(network="mlp", hidden=(32,), epochs=2, batch_size=32, seed=5, shards=3, slices=3)
 
 
 @pytest.fixture

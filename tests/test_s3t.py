@@ -341,7 +341,7 @@ def test_a_cnn_base_takes_adapters_on_its_hidden_layer(trained, tmp_path):
         return replace(rows, features=rows.features.reshape(len(rows), 1, 8, 8))
 
     train, public = images(trained["train"]), images(trained["public"])
-    config = TrainConfig(architecture="cnn", hidden=(16,), epochs=1, seed=1, shards=1, slices=2,
+    config = TrainConfig(network="cnn", hidden=(16,), epochs=1, seed=1, shards=1, slices=2,
                          options={"orders": 2, "rank": 2})
     store = ArtifactStore(tmp_path, "cnn")
 

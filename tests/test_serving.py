@@ -20,7 +20,7 @@ from worker.serving import Announcement, ServedModel, VersionRevoked, load_versi
 
 pytestmark = pytest.mark.services
 
-CONFIG = TrainConfig(architecture="mlp", hidden=(16,), epochs=1, batch_size=64, seed=3, shards=2, slices=1)
+CONFIG = TrainConfig(network="mlp", hidden=(16,), epochs=1, batch_size=64, seed=3, shards=2, slices=1)
 
 
 @pytest.fixture

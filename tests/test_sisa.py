@@ -161,7 +161,7 @@ def test_shards_retrained_separately_merge_into_the_same_version(digits, trained
 def test_cnn_unlearning_is_bit_identical_too(digits, tmp_path):
     images = TrainingSet.build(list(digits.sample_ids[:400]), digits.features[:400].reshape(-1, 1, 8, 8),
                                digits.labels[:400], 10)
-    config = TrainConfig(architecture="cnn", hidden=(16,), epochs=1, batch_size=32, seed=3, shards=2, slices=2)
+    config = TrainConfig(network="cnn", hidden=(16,), epochs=1, batch_size=32, seed=3, shards=2, slices=2)
     sisa = Sisa()
     store = ArtifactStore(tmp_path / "a", "cnn")
     trained = sisa.train(images, config, store)

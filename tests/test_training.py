@@ -13,7 +13,8 @@ from sklearn.datasets import load_digits
 
 from worker.core import runtime
 from worker.core.base import TrainConfig, TrainingSet
-from worker.core.nets import FeatureScaling, build_net, state_tensors
+from worker.core.nets import FeatureScaling, state_tensors
+from worker.core.networks import build
 from worker.core.training import (
     ADAMW,
     FusedAdamW,
@@ -84,7 +85,7 @@ def test_the_default_batch_size_gives_small_shards_small_batches():
 
 
 def test_fit_is_bit_reproducible_and_learns(digits):
-    first, second = (build_net(CONFIG, (64,), 10, "m") for _ in range(2))
+    first, second = (build(CONFIG, (64,), 10, "m") for _ in range(2))
     steps = fit(first, digits, epochs=3, batch_size=32, lr=1e-2, seed_parts=(1,))
     fit(second, digits, epochs=3, batch_size=32, lr=1e-2, seed_parts=(1,))
     assert steps == 3 * -(-len(digits) // 32)
@@ -98,7 +99,7 @@ def test_a_stacked_lane_depends_only_on_its_own_rows(digits):
     rule = ADAMW.update(3e-3)
 
     def stack(lane_rows: list[TrainingSet | None]) -> list[torch.nn.Module]:
-        nets = [build_net(CONFIG, (64,), 10, "shard", k) for k in range(4)]
+        nets = [build(CONFIG, (64,), 10, "shard", k) for k in range(4)]
         lanes = [None if r is None else Lane(nets[k], r, ("shard", k)) for k, r in enumerate(lane_rows)]
         fit_lanes(lanes, epochs=2, batch_size=32, rule=rule)
         return nets
@@ -114,15 +115,15 @@ def test_a_stacked_lane_depends_only_on_its_own_rows(digits):
     assert digest(changed[1]) == digest(together[1])
     assert digest(changed[0]) != digest(together[0])
     # and an idle lane is untouched
-    assert digest(alone[0]) == digest(build_net(CONFIG, (64,), 10, "shard", 0))
+    assert digest(alone[0]) == digest(build(CONFIG, (64,), 10, "shard", 0))
 
 
 def test_a_stack_learns_as_well_as_one_network_at_a_time(digits):
     rows = shards_of(digits, 3)
-    stacked = [build_net(CONFIG, (64,), 10, "shard", k) for k in range(3)]
+    stacked = [build(CONFIG, (64,), 10, "shard", k) for k in range(3)]
     fit_lanes([Lane(net, r, ("shard", k)) for k, (net, r) in enumerate(zip(stacked, rows))], epochs=6,
               batch_size=16, rule=ADAMW.update(1e-2))
-    alone = [build_net(CONFIG, (64,), 10, "shard", k) for k in range(3)]
+    alone = [build(CONFIG, (64,), 10, "shard", k) for k in range(3)]
     for k, (net, r) in enumerate(zip(alone, rows)):
         fit(net, r, epochs=6, batch_size=16, lr=1e-2, seed_parts=("shard", k))
 
@@ -136,7 +137,7 @@ def test_a_stack_learns_as_well_as_one_network_at_a_time(digits):
 
 def test_momentum_free_sgd_steps_by_the_batch_gradient_alone(digits):
     # Given a linear model and plain SGD, with a hook that sees every step
-    net = build_net(TrainConfig(hidden=()), (64,), 10, "linear")
+    net = build(TrainConfig(hidden=()), (64,), 10, "linear")
     records = []
     fit(net, digits, epochs=1, batch_size=64, lr=0.5, seed_parts=(2,), optimizer="sgd", schedule="constant",
         on_step=lambda epoch, step, rows, before, after: records.append((rows, before.clone(), after.clone())))
@@ -154,7 +155,7 @@ def test_the_lean_adamw_step_is_torch_optims_fused_adamw_bit_for_bit(digits):
     """`FusedAdamW` skips torch.optim's per-step bookkeeping, not its arithmetic: with weight decay
     and a learning rate that changes every step, every parameter and moment equals AdamW's."""
     rule = UpdateRule("adamw", 3e-3, weight_decay=0.01)
-    ours, theirs = (build_net(CONFIG, (64,), 10, "lean", 0) for _ in range(2))
+    ours, theirs = (build(CONFIG, (64,), 10, "lean", 0) for _ in range(2))
     assert digest(ours) == digest(theirs)
     lean = FusedAdamW([p for p in ours.parameters() if p.requires_grad], rule)
     reference = torch.optim.AdamW(list(theirs.parameters()), lr=rule.lr, betas=rule.betas, eps=rule.eps,
@@ -188,7 +189,7 @@ def test_update_rules_are_checked():
 def test_standardisation_comes_from_the_given_rows_and_is_not_a_weight(digits):
     # Given statistics of some reference rows
     scaling = FeatureScaling.of(digits.select(np.arange(len(digits)) < 300))
-    net = build_net(CONFIG, (64,), 10, "m", scaling=scaling)
+    net = build(CONFIG, (64,), 10, "m", scaling=scaling)
 
     # Then they standardise the input, survive a JSON round trip exactly, and are no weights
     assert FeatureScaling.from_json(scaling.to_json()) == scaling
@@ -228,10 +229,10 @@ def test_cuda_training_is_reproducible_alone_and_stacked(digits):
         rows = shards_of(digits, 4)
         runs = []
         for _ in range(2):
-            nets = [build_net(CONFIG, (64,), 10, "shard", k) for k in range(4)]
+            nets = [build(CONFIG, (64,), 10, "shard", k) for k in range(4)]
             fit_lanes([Lane(n, r, ("shard", k)) for k, (n, r) in enumerate(zip(nets, rows))], epochs=2,
                       batch_size=32, rule=ADAMW.update(3e-3))
-            alone = build_net(CONFIG, (64,), 10, "alone")
+            alone = build(CONFIG, (64,), 10, "alone")
             fit(alone, rows[0], epochs=2, batch_size=32, lr=3e-3, seed_parts=("alone",))
             runs.append([digest(n) for n in nets] + [digest(alone)])
         assert runs[0] == runs[1]

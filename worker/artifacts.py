@@ -23,6 +23,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -158,6 +160,23 @@ class S3Bucket:
 
     def uri(self, key: str) -> str:
         return f"s3://{self._path(key)}"
+
+
+def read_uri(uri: str) -> bytes:
+    """The bytes of one file outside the store: a local path, a `file://` URI or `s3://bucket/key`
+    (e.g. pretrained base weights); FileNotFoundError when there is none."""
+    parts = urlsplit(uri)
+    if parts.scheme == "s3":
+        bucket, key = split_s3_url(uri)
+        folder, _, name = key.rpartition("/")
+        if not name:
+            raise ValueError(f"{uri!r} names no object")
+        return S3Bucket(f"s3://{bucket}/{folder}", get_settings().s3_endpoint_url).read(name)
+    if parts.scheme == "file":
+        return Path(url2pathname(parts.path)).read_bytes()
+    if parts.scheme and len(parts.scheme) > 1:  # one letter: a Windows drive
+        raise ValueError(f"{uri!r}: only local paths, file:// and s3:// URIs can be read")
+    return Path(uri).read_bytes()
 
 
 def open_root(root: Path | str) -> Backend:

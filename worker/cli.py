@@ -92,7 +92,7 @@ def _hidden_sizes(ctx, param, value: str | None) -> tuple[int, ...] | None:
     return sizes
 
 
-def _method_options(ctx, param, values: tuple[str, ...]) -> dict:
+def _key_values(ctx, param, values: tuple[str, ...]) -> dict:
     """key=value pairs; a value that reads as JSON (2, 0.5, true) is taken as such, else as text."""
     import json
 
@@ -141,14 +141,23 @@ class MethodChoice(click.Choice):
 @click.option("--lr", type=float, help="Learning rate (default 0.003 with AdamW; Amnesiac 0.2, plain SGD).")
 @click.option("--hidden", callback=_hidden_sizes,
               help="Hidden layer widths, e.g. 128,64 (default 256,256; Amnesiac 128,128; the CNN's head: the first).")
+@click.option("--network",
+              help="Network factory: mlp, cnn, an entry point of group unlearning_worker.networks, or "
+                   "package.module:callable (default: cnn for image datasets, mlp for tabular).")
+@click.option("--network-arg", "network_args", multiple=True, callback=_key_values,
+              help="A keyword argument of the network factory, key=value (a JSON value, else a string; repeatable).")
 @click.option("--architecture", type=click.Choice(["mlp", "cnn"]),
-              help="Network (default: cnn for image datasets, mlp for tabular).")
+              help="The same as --network mlp|cnn (kept for older scripts).")
+@click.option("--base-weights",
+              help="Pretrained weights every network starts from: a safetensors file (path, file:// or s3:// URI) "
+                   "that never saw erasable rows; keys as the network's state_dict (or all but its head).")
 @click.option("--aggregation", type=click.Choice(["vote", "mean", "weighted"]),
               help="How shard predictions combine (default mean).")
-@click.option("--option", "options", multiple=True, callback=_method_options,
+@click.option("--option", "options", multiple=True, callback=_key_values,
               help="A method option key=value, e.g. stack=5 or epochs_per_slice=2 (repeatable; see README).")
 def train_cmd(name: str, method: str, dataset: str, seed: int, options: dict, aggregation: str | None,
-              architecture: str | None, **hyper) -> None:
+              network: str | None, network_args: dict, architecture: str | None, base_weights: str | None,
+              **hyper) -> None:
     """Train a model on the dataset's rows in PostgreSQL and publish its version 1.
 
     Runs on UNLEARN_DEVICE with UNLEARN_THREADS threads, as the worker does, so a later
@@ -164,16 +173,18 @@ def train_cmd(name: str, method: str, dataset: str, seed: int, options: dict, ag
 
     if aggregation is not None:
         options["aggregation"] = aggregation
-    if architecture is None:
-        architecture = "cnn" if len(datasets.spec(dataset).input_shape) == 3 else "mlp"
+    if network is not None and architecture is not None:
+        raise click.UsageError("give --network or --architecture, not both (--architecture X is --network X)")
+    network = network or architecture or ("cnn" if len(datasets.spec(dataset).input_shape) == 3 else "mlp")
     settings = get_settings()
     try:
         runtime.configure(settings.device, settings.threads)
-        config = TrainConfig(architecture=architecture, seed=seed, options=options,
+        config = TrainConfig(network=network, network_args=network_args, seed=seed, options=options,
                              **{key: value for key, value in hyper.items() if value is not None})
         with database.connect(settings.database_url) as conn:
-            version = registry.train_model(conn, settings, name, method, dataset, config, progress=track)
-    except ValueError as exc:
+            version = registry.train_model(conn, settings, name, method, dataset, config, progress=track,
+                                           base_weights=base_weights)
+    except (ValueError, ImportError) as exc:  # ImportError: NetworkUnavailable
         raise click.ClickException(str(exc)) from None
     click.echo(f"model {version.model} version {version.version} ({version.method}): "
                f"{len(version.components_changed)} component(s)")

@@ -29,14 +29,19 @@ from psycopg.types.json import Jsonb
 
 import worker.core
 from worker import data
+from safetensors.torch import load as load_safetensors
+
 from worker.artifacts import (
     NAMESPACE,
     ArtifactStore,
     read_manifest,
+    read_uri,
+    sha256_bytes,
     write_manifest,
     write_revocation,
 )
 from worker.config import Settings
+from worker.core import networks
 from worker.core.base import (
     BatchRecord,
     Placement,
@@ -133,8 +138,14 @@ def _method_class(module_name: str) -> type[UnlearningMethod] | None:
 
 
 def train_model(conn: psycopg.Connection, settings: Settings, name: str, method: str, dataset: str,
-                config: TrainConfig, progress: Progress = no_progress) -> ModelVersion:
+                config: TrainConfig, progress: Progress = no_progress,
+                base_weights: str | None = None) -> ModelVersion:
     """Train `method` on the dataset's training rows and publish version 1 of model `name`.
+
+    `base_weights`: a safetensors file (local path, `file://` or `s3://` URI) of pretrained weights
+    that never saw erasable rows. It is read and checked here, filed in the model's store, and its
+    digest set as `config.base_weights`, so every retrain and every model server loads it verified
+    from the store. The method checks its keys against the network when it builds one.
 
     Training runs outside any transaction; the model, its placement, batch log and version are
     then written in one, which first locks the rows it trained on: a row erased meanwhile means
@@ -145,6 +156,9 @@ def train_model(conn: psycopg.Connection, settings: Settings, name: str, method:
     if not NAMESPACE.match(name):
         raise ValueError(f"model name {name!r} must be 1-128 letters, digits, '.', '_' or '-', starting alphanumeric")
     implementation = method_for(method)()
+    source = None
+    if base_weights is not None:
+        config, source = _file_base_weights(config, base_weights, ArtifactStore(settings.artifact_dir, name))
     for attempt in range(1, TRAIN_ATTEMPTS + 1):
         with conn.transaction():
             if conn.execute("SELECT 1 FROM models WHERE name = %s", (name,)).fetchone():
@@ -166,6 +180,8 @@ def train_model(conn: psycopg.Connection, settings: Settings, name: str, method:
             "train_lineage_sha256": lineage_sha256(rows.sample_ids), "public_rows": len(public),
             "seed": config.seed,
         }
+        if source is not None:
+            lineage["base_weights"] = source
         staged = _stage(conn, settings, implementation, model=name, dataset=dataset, parent=None,
                         result=unlearned, lineage=lineage, request_ids=[], holdout=holdout,
                         extra_metrics={**result.metrics, "train_rows": float(len(rows))})
@@ -185,6 +201,24 @@ def train_model(conn: psycopg.Connection, settings: Settings, name: str, method:
             log.warning("model %s: training rows were erased while it trained; training again (%d/%d)",
                         name, attempt, TRAIN_ATTEMPTS)
     raise RowsErasedDuringTraining(f"model {name!r}: training rows kept being erased while it trained; try again")
+
+
+def _file_base_weights(config: TrainConfig, uri: str, store: ArtifactStore) -> tuple[TrainConfig, dict[str, str]]:
+    """Read base weights from `uri`, check they are safetensors, file them in `store`; the config
+    that names them, and where they came from (for the first version's lineage). A training that
+    then fails leaves the file in the store, unreferenced: a name never trained serves nothing."""
+    try:
+        raw = read_uri(uri)
+    except FileNotFoundError:
+        raise ValueError(f"base weights: no file at {uri}") from None
+    try:
+        tensors = load_safetensors(raw)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for bad bytes
+        raise ValueError(f"base weights at {uri} are not a safetensors file: {exc}") from None
+    if not tensors:
+        raise ValueError(f"base weights at {uri} hold no tensors")
+    digest = store.put(tensors)
+    return replace(config, base_weights=digest), {"uri": uri, "file_sha256": sha256_bytes(raw), "sha256": digest}
 
 
 def _lock_rows_still_there(conn: psycopg.Connection, sample_ids: Sequence[str]) -> None:
@@ -239,7 +273,8 @@ def stage_withdrawal(conn: psycopg.Connection, settings: Settings, parent: Model
     _check_unpublished(conn, parent.model, version)
     created_at = _now()
     body = {
-        **{key: manifest[key] for key in ("model", "method", "aggregation", "input", "state")},
+        **{key: manifest[key] for key in ("model", "method", "aggregation", "input", "network", "state")
+           if key in manifest},
         "version": version, "parent_version": parent.version, "created_at": rfc3339(created_at),
         "servable": False, "withdrawn": {"code": code}, "components": [],
         "lineage": {"parent_version": parent.version, "parent_manifest_sha256": parent.manifest_sha256,
@@ -411,6 +446,7 @@ def _stage(conn: psycopg.Connection, settings: Settings, implementation: Unlearn
     if predictor is None and len(holdout):
         predictor = implementation.predictor(result.state, store)
     metrics = {**extra_metrics, **_holdout_metrics(predictor, holdout)}
+    config = TrainConfig.from_json(result.state["config"])
     revokes = [] if parent is None else [parent.version]
     created_at = _now()
     manifest = {
@@ -427,6 +463,8 @@ def _stage(conn: psycopg.Connection, settings: Settings, implementation: Unlearn
             for c in result.components
         ],
         "input": {"dataset": dataset, "shape": list(spec.input_shape), "scale": spec.scale},
+        # what `serving.load_version` rebuilds the network from (the state's config names it too)
+        "network": {**networks.describe(config.network, config.network_args), "base_weights": config.base_weights},
         "lineage": lineage,
         "state": result.state,
         "erasure_request_ids": request_ids,

@@ -29,7 +29,9 @@ from worker.artifacts import (
     read_revocation,
 )
 from worker.config import Settings, get_settings
+from worker.core import networks
 from worker.core.base import Predictor
+from worker.core.networks import NetworkUnavailable
 from worker.registry import method_for
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,8 @@ def load_version(name: str, version: int, settings: Settings | None = None,
     verifying an old receipt needs) or is a withdrawal marker (`"servable": false`: nothing to
     serve, whatever `allow_revoked` says); ArtifactIntegrityError when the manifest does not match
     `expected_sha256`, or a component file is missing (a revoked version's tainted files are
-    deleted) or altered; FileNotFoundError when there is no such manifest.
+    deleted) or altered; FileNotFoundError when there is no such manifest; NetworkUnavailable when
+    the network it was trained with (`manifest["network"]`) cannot be imported here.
     """
     settings = settings or get_settings()
     root = settings.artifact_dir
@@ -127,8 +130,30 @@ def load_version(name: str, version: int, settings: Settings | None = None,
         except ArtifactIntegrityError:
             raise ArtifactIntegrityError(f"component {component['name']} of {name} v{version} "
                                          "does not hash to the sha256 in its manifest") from None
+    _check_network(name, version, manifest)
     predictor = method_for(manifest["method"])().predictor(manifest["state"], _VerifiedComponents(store, files))
     return LoadedVersion(name, version, manifest, predictor)
+
+
+def _check_network(name: str, version: int, manifest: dict[str, Any]) -> None:
+    """Refuse a version whose network factory cannot be imported here, naming what it needs; warn
+    when the providing distribution's version differs from the one it was trained with (the
+    weights still load only if every key and shape matches, which `load_state_dict` checks)."""
+    recorded = manifest.get("network")
+    if recorded is None:  # manifests from before networks were named: a built-in
+        return
+    provider = f" ({recorded['distribution']} {recorded['version']})" if recorded.get("distribution") else ""
+    try:
+        networks.resolve(recorded["name"])
+    except NetworkUnavailable as exc:
+        raise NetworkUnavailable(
+            f"model {name} v{version} needs network {recorded['factory']!r}{provider}, which cannot be imported "
+            f"here: {exc}") from exc
+    if recorded.get("distribution"):
+        _, installed = networks.distribution_of(recorded["factory"].split(":")[0].split(".")[0])
+        if installed != recorded["version"]:
+            log.warning("model %s v%d was trained with %s %s; %s is installed here", name, version,
+                        recorded["distribution"], recorded["version"], installed or "no version of it")
 
 
 def _why(revocation: dict) -> str:

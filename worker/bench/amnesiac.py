@@ -31,7 +31,7 @@ from worker.bench.rows import Splits, loaded_splits
 from worker.core.amnesiac import Amnesiac, storage
 from worker.core.base import DeletedSample, DeletionPlan, Predictor, TrainConfig, TrainingSet, TrainResult
 from worker.core.mia import membership_evidence
-from worker.core.nets import build_net
+from worker.core.networks import build
 from worker.core.training import fit
 
 TITLE = "Amnesiac: rollback vs retrain from scratch"
@@ -123,7 +123,7 @@ def storage_table(rows: Splits, config: TrainConfig, variants, workdir: Path) ->
 
 def plain_fit_seconds(rows: Splits, config: TrainConfig) -> float:
     """The same training without the update log (`config` resolved)."""
-    net = build_net(config, rows.train.input_shape, rows.train.num_classes, "plain")
+    net = build(config, rows.train.input_shape, rows.train.num_classes, "plain")
     started = time.perf_counter()
     fit(net, rows.train, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
         seed_parts=(config.seed, "plain"), optimizer="sgd", grouped=True)

@@ -29,7 +29,7 @@ from worker.bench.rows import loaded_splits
 from worker.core.amnesiac import NetPredictor
 from worker.core.arcane import Arcane
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet
-from worker.core.nets import build_net
+from worker.core.networks import build
 from worker.core.training import ADAMW, fit
 
 TITLE = "ARCANE: accuracy and single-row unlearning vs the monolith's retrain"
@@ -58,7 +58,7 @@ def with_public(train: TrainingSet, public: TrainingSet) -> TrainingSet:
 def train_monolith(rows: TrainingSet, config: TrainConfig) -> NetPredictor:
     """The reference users would otherwise retrain: one network, the standard recipe (AdamW)."""
     config = ADAMW.resolve(config, len(rows))
-    net = build_net(config, rows.input_shape, rows.num_classes, "monolith")
+    net = build(config, rows.input_shape, rows.num_classes, "monolith")
     fit(net, rows, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
         seed_parts=(config.seed, "monolith"))
     return NetPredictor(net)

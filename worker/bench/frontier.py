@@ -131,7 +131,7 @@ def measure(quick: bool, progress: Progress) -> dict[str, Any]:
             runtime.configure(device, threads=1)
             for setting in params.settings:
                 rows = loaded_splits(setting.dataset)
-                base = TrainConfig(architecture=setting.architecture, epochs=setting.epochs, seed=params.seed)
+                base = TrainConfig(network=setting.architecture, epochs=setting.epochs, seed=params.seed)
                 points = []
                 for s, method, shards, slices in grid:
                     if s != setting:

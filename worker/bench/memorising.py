@@ -36,7 +36,7 @@ from worker.bench.rows import loaded_splits
 from worker.core.amnesiac import Amnesiac, NetPredictor
 from worker.core.base import DeletedSample, Predictor, TrainConfig, TrainingSet
 from worker.core.mia import auc_high_score_is_member, erasure_evidence, lira, membership_evidence
-from worker.core.nets import build_net
+from worker.core.networks import build
 from worker.core.puma import Puma
 from worker.core.training import ADAMW, fit
 
@@ -67,7 +67,7 @@ def recipe(params: Params, **options: Any) -> TrainConfig:
 def trained_plainly(rows: TrainingSet, config: TrainConfig, *seed_parts: object) -> NetPredictor:
     """Shadow models and the gold-standard retrain: AdamW, as PUMA trains."""
     config = ADAMW.resolve(config, len(rows))
-    net = build_net(config, rows.input_shape, rows.num_classes, *seed_parts)
+    net = build(config, rows.input_shape, rows.num_classes, *seed_parts)
     fit(net, rows, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed_parts=seed_parts)
     return NetPredictor(net)
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, TypedDict
+from typing import Any, ClassVar, NotRequired, TypedDict
 
 import numpy as np
 import torch
@@ -52,7 +52,8 @@ from worker.core.base import (
     lineage_sha256,
     no_progress,
 )
-from worker.core.nets import FeatureScaling, build_net, load_tensors, scaling_of, state_tensors
+from worker.core import networks
+from worker.core.nets import FeatureScaling, load_tensors, scaling_of, state_tensors
 from worker.core.training import ParameterLayout, Recipe, fit, predict_proba
 
 # momentum-free SGD (see above); small nets and batches keep the update log and a subject's
@@ -166,6 +167,7 @@ class AmnesiacState(TypedDict):
     input_shape: list[int]
     num_classes: int
     scaling: dict[str, list[float]] | None
+    schema: NotRequired[dict[str, Any] | None]  # networks.schema_to_json of the rows' FeatureSchema
     trained_on: dict[str, Any]  # runtime.provenance() of the last full training
     layout: dict[str, list[int]]  # parameter name -> shape, in update-vector order
     initial_sha256: str
@@ -219,7 +221,7 @@ class Amnesiac:
     def train(self, data: TrainingSet, config: TrainConfig, store: TensorStore,
               progress: Progress = no_progress, public: TrainingSet | None = None) -> TrainResult[AmnesiacState]:
         """Train on `data`; `public` rows (never erasable), when given, set the feature statistics."""
-        scaling = FeatureScaling.of(public) if public is not None and len(public) else None
+        scaling = networks.input_scaling(config, public, getattr(data, "schema", None))
         return self._train(data, config, store, progress, scaling, generation=0, first_epoch=0)
 
     def plan(self, state: AmnesiacState, deleted: Sequence[DeletedSample]) -> DeletionPlan:
@@ -325,10 +327,13 @@ class Amnesiac:
             raise ValueError("data: Amnesiac needs at least one training row")
         options = AmnesiacOptions.from_config(config)
         config = RECIPE.resolve(config, len(data))
-        net = build_net(config, data.input_shape, data.num_classes, self.name, scaling=scaling)
+        schema = getattr(data, "schema", None)
+        net = networks.build(config, data.input_shape, data.num_classes, self.name, scaling=scaling, schema=schema,
+                             base=networks.base_tensors(config, store))
         if set(net.state_dict()) != {name for name, _ in net.named_parameters()}:
-            raise ValueError("config.architecture: Amnesiac rollback cannot revert buffers such as "
-                             "batch-norm running statistics; use a network without them")
+            raise networks.NetworkUnsupported(
+                f"network {config.network!r}: Amnesiac rollback cannot revert buffers such as batch-norm "
+                "running statistics; use a network without them")
         initial = store.put(state_tensors(net))
         layout = ParameterLayout.of(net)
         log = _UpdateLog(store, options, layout, data, first_epoch)
@@ -338,7 +343,8 @@ class Amnesiac:
         model = store.put(state_tensors(net))
         state = AmnesiacState(
             config=config.to_json(), input_shape=list(data.input_shape), num_classes=data.num_classes,
-            scaling=None if scaling is None else scaling.to_json(), trained_on=runtime.provenance(),
+            scaling=None if scaling is None else scaling.to_json(), schema=networks.schema_to_json(schema),
+            trained_on=runtime.provenance(),
             layout=_layout(layout), initial_sha256=initial, model_sha256=model,
             lineage_sha256=lineage_sha256(data.sample_ids), updates=log.updates, update_bytes=log.bytes,
             generation=generation, first_epoch=first_epoch, steps_trained=steps, steps_logged=steps, reverted=[],
@@ -355,7 +361,8 @@ class Amnesiac:
 
     def _load(self, state: AmnesiacState, store: TensorStore) -> nn.Module:
         config = TrainConfig.from_json(state["config"])
-        net = build_net(config, tuple(state["input_shape"]), state["num_classes"], self.name, scaling=scaling_of(state))
+        net = networks.build(config, tuple(state["input_shape"]), state["num_classes"], self.name,
+                             scaling=scaling_of(state), schema=networks.schema_from_json(state.get("schema")))
         return load_tensors(net, store.get(state["model_sha256"]))
 
     @staticmethod

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar, TypedDict
+from typing import Any, ClassVar, NotRequired, TypedDict
 
 import numpy as np
 from torch import nn
@@ -58,7 +58,8 @@ from worker.core.base import (
     lineage_sha256,
     no_progress,
 )
-from worker.core.nets import build_net, load_tensors, state_tensors
+from worker.core import networks
+from worker.core.nets import load_tensors, state_tensors
 from worker.core.placement import slice_of
 from worker.core.sisa import ShardRows, SliceCheckpoint, expected_deletions_until_full_retrain, first_changed_slice
 from worker.core.stored_rows import rows_from_tensors, rows_to_tensors
@@ -83,6 +84,7 @@ class ArcaneState(TypedDict):
     config: dict[str, Any]
     input_shape: list[int]
     num_classes: int
+    schema: NotRequired[dict[str, Any] | None]  # networks.schema_to_json of the rows' FeatureSchema
     keep_fraction: float
     public: PublicRows
     scorer_sha256: str | None  # reference network of the selection; None when every row is kept
@@ -187,22 +189,26 @@ class Arcane:
         if public.input_shape != data.input_shape:
             raise ValueError(f"public rows are shaped {public.input_shape}, training rows {data.input_shape}")
         fraction = keep_fraction(config)
+        schema = getattr(data, "schema", None)
+        base = networks.base_tensors(config, store)
         scorer_sha256 = None
         scorer = None
         if fraction < 1:
-            scorer = build_net(config, data.input_shape, data.num_classes, self.name, "scorer")
+            scorer = networks.build(config, data.input_shape, data.num_classes, self.name, "scorer", schema=schema,
+                                    base=base)
             fit(scorer, public, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                 seed_parts=(config.seed, self.name, "scorer"))
             scorer_sha256 = store.put(state_tensors(scorer))
         labels = range(data.num_classes)
         rows = {k: class_rows(data, k, config.slices, fraction, scorer) for k in labels}
-        checkpoints = self._train_stages(config, data.input_shape, public, rows, {k: 0 for k in labels},
+        checkpoints = self._train_stages(config, data.input_shape, schema, public, rows, {k: 0 for k in labels},
                                          {k: None for k in labels}, store, progress,
                                          f"ARCANE: training {data.num_classes} class model(s) x {config.slices} block(s)")
         state: ArcaneState = {
             "config": config.to_json(),
             "input_shape": list(data.input_shape),
             "num_classes": data.num_classes,
+            "schema": networks.schema_to_json(schema),
             "keep_fraction": fraction,
             "public": {"sha256": store.put(rows_to_tensors(public)), "lineage_sha256": lineage_sha256(public.sample_ids),
                        "rows": len(public)},
@@ -251,10 +257,11 @@ class Arcane:
         if any(not 0 <= k < state["num_classes"] for k in tainted):
             raise ValueError(f"plan work names classes {tainted}; this model has 0..{state['num_classes'] - 1}")
         public_rows = rows_from_tensors(store.get(state["public"]["sha256"]), state["num_classes"])
+        schema = networks.schema_from_json(state.get("schema"))
         scorer = None
         if state["scorer_sha256"] is not None:
-            scorer = load_tensors(build_net(config, input_shape, state["num_classes"], self.name, "scorer"),
-                                  store.get(state["scorer_sha256"]))
+            scorer = load_tensors(networks.build(config, input_shape, state["num_classes"], self.name, "scorer",
+                                                 schema=schema), store.get(state["scorer_sha256"]))
         old = {entry["label"]: entry for entry in state["classes"]}
         rows = {k: class_rows(remaining, k, config.slices, state["keep_fraction"], scorer) for k in tainted}
         # every checkpoint still matching (the erased rows were never selected) gives B: nothing to redo
@@ -262,8 +269,8 @@ class Arcane:
                                         config.slices) for k in tainted}
         start = {k: b for k, b in start.items() if b < config.slices}
         resume = {k: old[k]["checkpoints"][b - 1]["sha256"] if b > 0 else None for k, b in start.items()}
-        retrained = self._train_stages(config, input_shape, public_rows, {k: rows[k] for k in start}, start, resume,
-                                       store, progress, f"ARCANE: retraining {len(start)} class model(s)")
+        retrained = self._train_stages(config, input_shape, schema, public_rows, {k: rows[k] for k in start}, start,
+                                       resume, store, progress, f"ARCANE: retraining {len(start)} class model(s)")
         classes = []
         for label, entry in sorted(old.items()):
             if label not in tainted:
@@ -305,8 +312,10 @@ class Arcane:
 
     def predictor(self, state: ArcaneState, store: TensorStore) -> OneVsRest:
         config = TrainConfig.from_json(state["config"])
-        heads = [load_tensors(build_net(config, tuple(state["input_shape"]), 2, self.name, "class", c.meta["class"]),
-                              store.get(c.sha256)) for c in self.components(state)]
+        schema = networks.schema_from_json(state.get("schema"))
+        heads = [load_tensors(networks.build(config, tuple(state["input_shape"]), 2, self.name, "class",
+                                             c.meta["class"], schema=schema), store.get(c.sha256))
+                 for c in self.components(state)]
         return OneVsRest(heads)
 
     @staticmethod
@@ -322,17 +331,22 @@ class Arcane:
         return {"label": label, "rows": rows, "first_block_rows": int(np.sum(trained.slices == 0)),
                 "checkpoints": checkpoints}
 
-    def _train_stages(self, config: TrainConfig, input_shape: tuple[int, ...], public: TrainingSet,
-                      rows: dict[int, ShardRows], start: dict[int, int], resume: dict[int, str | None],
-                      store: TensorStore, progress: Progress, description: str) -> dict[int, list[dict[str, Any]]]:
-        """Train stages start[k]..B-1 of each class k, from checkpoint `resume[k]` or a fresh head."""
+    def _train_stages(self, config: TrainConfig, input_shape: tuple[int, ...], schema: Any | None,
+                      public: TrainingSet, rows: dict[int, ShardRows], start: dict[int, int],
+                      resume: dict[int, str | None], store: TensorStore, progress: Progress,
+                      description: str) -> dict[int, list[dict[str, Any]]]:
+        """Train stages start[k]..B-1 of each class k, from checkpoint `resume[k]` or a fresh class
+        model: the base weights without their head when the config has them (a class model is a
+        one-vs-rest classifier; the base's head answers another question)."""
+        base = networks.base_tensors(config, store) if None in resume.values() else None
         stages = [(k, b) for k in sorted(start) for b in range(start[k], config.slices)]
         public_blocks = np.array([slice_of(s, config.slices) for s in public.sample_ids], dtype=np.int64)
         checkpoints: dict[int, list[dict[str, Any]]] = {k: [] for k in start}
         head = None
         for k, b in progress(stages, description=description, total=len(stages)):
             if b == start[k]:
-                head = build_net(config, input_shape, 2, self.name, "class", k)
+                head = networks.build(config, input_shape, 2, self.name, "class", k, schema=schema,
+                                      base=None if resume[k] is not None else base, base_head=False)
                 if resume[k] is not None:
                     load_tensors(head, store.get(resume[k]))
             block = rows[k].rows.select(rows[k].slices == b)

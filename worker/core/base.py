@@ -9,6 +9,8 @@ touches none of the other three. Methods keep their files in a `TensorStore` (th
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
@@ -18,6 +20,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 T = TypeVar("T")
 # a method's state: a JSON-serialisable TypedDict, stored in the version's manifest
 S = TypeVar("S")
@@ -123,9 +126,17 @@ class TrainConfig:
     (`worker.core.training.Recipe`): a method resolves them once, when it trains, and keeps the
     resolved config in its state, so every later retrain uses exactly the same values.
     `epochs` is the budget of a monolith: methods that train in stages spread it over them.
+
+    `network` names the network factory (`worker.core.networks`): `mlp` (tabular rows) or `cnn`
+    (images), an entry point of group `unlearning_worker.networks`, or `package.module:callable`;
+    `network_args` are its keyword arguments (JSON values). `base_weights`: the sha256, in the
+    model's TensorStore, of pretrained weights every network starts from instead of its seeded
+    initialisation (the adapter verifies and stores the file; see README, Training).
     """
 
-    architecture: str = "mlp"  # "mlp" for tabular rows, "cnn" for images
+    network: str = "mlp"
+    network_args: dict[str, Any] = field(default_factory=dict)
+    base_weights: str | None = None
     hidden: tuple[int, ...] | None = None
     epochs: int | None = None
     batch_size: int | None = None
@@ -136,8 +147,19 @@ class TrainConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.architecture not in {"mlp", "cnn"}:
-            raise ValueError(f"architecture must be 'mlp' or 'cnn', not {self.architecture!r}")
+        if not isinstance(self.network, str) or not self.network.strip():
+            raise ValueError(f"network must name a network factory, not {self.network!r}")
+        if not isinstance(self.network_args, dict) or not all(isinstance(k, str) for k in self.network_args):
+            raise ValueError("network_args must be a dict with string keys")
+        reserved = sorted(set(self.network_args) & {"input_shape", "num_classes", "schema", "scaling"})
+        if reserved:
+            raise ValueError(f"network_args cannot set {', '.join(reserved)}: the worker passes them")
+        try:
+            json.dumps(self.network_args, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"network_args must be JSON values: {exc}") from None
+        if self.base_weights is not None and not SHA256.match(str(self.base_weights)):
+            raise ValueError(f"base_weights must be the sha256 of stored weights, not {self.base_weights!r}")
         for name in ("epochs", "batch_size", "shards", "slices"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -159,15 +181,21 @@ class TrainConfig:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "architecture": self.architecture, "hidden": None if self.hidden is None else list(self.hidden),
+            "network": self.network, "network_args": dict(self.network_args), "base_weights": self.base_weights,
+            "hidden": None if self.hidden is None else list(self.hidden),
             "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed,
             "shards": self.shards, "slices": self.slices, "options": dict(self.options),
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Also reads configs written before networks were named (`architecture`: mlp or cnn)."""
+        data = dict(data)
+        if "architecture" in data:
+            data["network"] = data.pop("architecture")
         hidden = data.get("hidden")
         return cls(**{**data, "hidden": None if hidden is None else tuple(hidden),
+                      "network_args": dict(data.get("network_args", {})),
                       "options": dict(data.get("options", {}))})
 
 

@@ -1,14 +1,15 @@
 """The S3T network: a frozen base network plus a stack of L low-rank adapter layers.
 
-The base (an `MLP` or `SmallCNN` from `worker.core.nets`, trained only on public rows) is cut
-into a trunk and its final linear head W (classes, d), b (classes,):
+The base (any network of `worker.core.networks` whose last nn.Linear is its final operation,
+trained only on public rows or loaded from base weights) is cut into a trunk and that linear
+head W (classes, d), b (classes,):
 
     x (n, *input_shape) --trunk--> h_0 (n, d) --blocks 1..p--> h_p (n, d)
     logits (n, classes) = h_p @ (W + Σ_{i<=p} head_up_i @ head_down_i).T + b
 
-where d is the width of the base's last hidden layer (`config.hidden[-1]` for the MLP, or the
-input width when it has no hidden layer; `config.hidden[0]` or 64 for the CNN). Adapter layer
-i, of rank r, is a residual bottleneck block plus a LoRA update of the head:
+where d is the head's input width (for the MLP `config.hidden[-1]`, or the input width when it
+has no hidden layer; for the CNN `config.hidden[0]` or 64). Adapter layer i, of rank r, is a
+residual bottleneck block plus a LoRA update of the head:
 
     h_i = h_{i-1} + relu(h_{i-1} @ down_i.T + down_bias_i) @ up_i.T
     down_i: (r, d), down_bias_i: (r,), up_i: (d, r), head_down_i: (r, d), head_up_i: (classes, r)
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from worker.core.nets import MLP, SmallCNN, derive_seed
+from worker.core import networks
+from worker.core.nets import derive_seed
 
 
 class AdapterLayer(nn.Module):
@@ -88,17 +90,13 @@ class AdaptedNet(nn.Module):
         return self.top(self.trunk(x))
 
 
-def split_base(base: nn.Module) -> tuple[nn.Module, nn.Linear, int]:
-    """(trunk, head, d): the base without its last linear layer, that layer, and its input width."""
-    if isinstance(base, MLP):
-        layers = list(base.layers)
-        trunk: nn.Module = nn.Sequential(*layers[:-1])
-        head = layers[-1]
-    elif isinstance(base, SmallCNN):
-        trunk = nn.Sequential(base.features, *list(base.head)[:-1])
-        head = base.head[-1]
-    else:
-        raise ValueError(f"S3T adapts an MLP or SmallCNN base, not {type(base).__name__}")
+def split_base(base: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.Module, nn.Linear, int]:
+    """(trunk, head, d): the base up to its head, the head (its last nn.Linear, which must be its
+    final operation: `worker.core.networks.head_of`), and the head's input width."""
+    try:
+        trunk, head = networks.without_head(base, input_shape)
+    except networks.NetworkUnsupported as exc:
+        raise networks.NetworkUnsupported(f"S3T adapts the head of its base network: {exc}") from None
     return trunk, head, head.in_features
 
 

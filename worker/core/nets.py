@@ -1,4 +1,5 @@
-"""The networks the methods train: an MLP for tabular rows, a small CNN for images.
+"""The built-in networks: an MLP for tabular rows, a small CNN for images (factories `mlp` and
+`cnn`; `worker.core.networks` builds them, and a team's own, from `TrainConfig.network`).
 
 Initialisation is seeded from explicit parts (never the model's name), so the same rows,
 options and seed give bit-identical weights in any process with the same thread count.
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from worker.core.base import TrainConfig, TrainingSet
+from worker.core.base import TrainingSet
 
 # a feature (or channel) with less spread than this in the reference rows is only centred
 MIN_STD = 1e-3
@@ -122,19 +123,16 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def build_net(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int,
-              *seed_parts: object, scaling: FeatureScaling | None = None) -> nn.Module:
-    """A freshly initialised network (on the CPU), seeded from (config.seed, *seed_parts).
+def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...],
+        scaling: FeatureScaling | None = None) -> MLP:
+    """The built-in network `mlp` (a factory, see `worker.core.networks`)."""
+    return MLP(tuple(input_shape), num_classes, tuple(hidden), scaling)
 
-    `config.hidden` must be resolved (see `TrainConfig`); `scaling` standardises the input.
-    """
-    if config.hidden is None:
-        raise ValueError("config.hidden is not resolved: a method sets it from its recipe before building nets")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(config.seed, "init", *seed_parts))
-        if config.architecture == "cnn":
-            return SmallCNN(input_shape, num_classes, config.hidden, scaling)
-        return MLP(input_shape, num_classes, config.hidden, scaling)
+
+def cnn(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...],
+        scaling: FeatureScaling | None = None) -> SmallCNN:
+    """The built-in network `cnn` (a factory, see `worker.core.networks`)."""
+    return SmallCNN(tuple(input_shape), num_classes, tuple(hidden), scaling)
 
 
 def scaling_of(state: Mapping[str, Any]) -> FeatureScaling | None:

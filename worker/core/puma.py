@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypedDict
+from typing import Any, ClassVar, NotRequired, TypedDict
 
 import numpy as np
 import torch
@@ -58,7 +58,8 @@ from worker.core.base import (
     no_progress,
 )
 from worker.core.amnesiac import NetPredictor
-from worker.core.nets import build_net, derive_seed, load_tensors, state_tensors
+from worker.core import networks
+from worker.core.nets import derive_seed, load_tensors, state_tensors
 from worker.core.stored_rows import ids_from_tensor, ids_to_tensor
 from worker.core.training import Recipe, fit, predict_proba
 
@@ -73,6 +74,7 @@ class PumaState(TypedDict):
     config: dict[str, Any]
     input_shape: list[int]
     num_classes: int
+    schema: NotRequired[dict[str, Any] | None]  # networks.schema_to_json of the rows' FeatureSchema
     model_sha256: str
     factors_sha256: str  # per-row linear-layer factors at the current parameters (see module docstring)
     lineage_sha256: str  # of the rows the current parameters stand for
@@ -124,6 +126,35 @@ class LayerFactors:
 
 def linear_layers(net: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in net.named_modules() if isinstance(m, nn.Linear)}
+
+
+def check_network(net: nn.Module, input_shape: tuple[int, ...], name: str) -> None:
+    """Refuse a network PUMA cannot patch: it needs linear layers with a bias, each run once per
+    forward on (n, in) inputs (so a row's gradient is the outer product of two stored factors), the
+    last of them the network's final operation (its δ gives the erased rows' losses). Other
+    parameters (convolutions, embeddings, norms) are kept as trained."""
+    try:
+        networks.head_of(net, input_shape)
+    except networks.NetworkUnsupported as exc:
+        raise networks.NetworkUnsupported(f"network {name!r}: PUMA needs linear layers ending in a head: "
+                                          f"{exc}") from None
+    layers = linear_layers(net)
+    no_bias = sorted(n for n, layer in layers.items() if layer.bias is None)
+    calls: dict[str, list[int]] = {n: [] for n in layers}
+    handles = [layer.register_forward_hook(lambda module, args, output, n=n: calls[n].append(args[0].dim()))
+               for n, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(2, *input_shape))
+    finally:
+        for handle in handles:
+            handle.remove()
+    unfit = sorted(n for n, dims in calls.items() if dims != [2])
+    if no_bias or unfit:
+        raise networks.NetworkUnsupported(
+            f"network {name!r}: PUMA patches every nn.Linear, each of which must have a bias "
+            f"(without: {', '.join(no_bias) or 'none'}) and run once per forward on (n, in) inputs "
+            f"(not so: {', '.join(unfit) or 'none'})")
 
 
 def layer_factors(net: nn.Module, features: np.ndarray, labels: np.ndarray) -> dict[str, LayerFactors]:
@@ -284,9 +315,10 @@ class Puma:
             raise ValueError("data: PUMA needs at least one training row")
         config = RECIPE.resolve(config, len(data))
         PumaOptions.from_config(config)
-        net = build_net(config, data.input_shape, data.num_classes, self.name)
-        if not linear_layers(net):
-            raise ValueError("config.architecture: PUMA patches linear layers and this network has none")
+        schema = getattr(data, "schema", None)
+        net = networks.build(config, data.input_shape, data.num_classes, self.name, schema=schema,
+                             base=networks.base_tensors(config, store))
+        check_network(net, data.input_shape, config.network)
         for stage in progress(("train", "record"), description="PUMA: training, then recording gradient factors",
                               total=2):
             if stage == "train":
@@ -298,6 +330,7 @@ class Puma:
             "config": config.to_json(),
             "input_shape": list(data.input_shape),
             "num_classes": data.num_classes,
+            "schema": networks.schema_to_json(schema),
             "model_sha256": store.put(state_tensors(net)),
             "factors_sha256": store.put(factors_to_tensors(data.sample_ids, factors)),
             "lineage_sha256": lineage_sha256(data.sample_ids),
@@ -383,7 +416,8 @@ class Puma:
 
     def _load(self, state: PumaState, store: TensorStore) -> nn.Module:
         config = TrainConfig.from_json(state["config"])
-        net = build_net(config, tuple(state["input_shape"]), state["num_classes"], self.name)
+        net = networks.build(config, tuple(state["input_shape"]), state["num_classes"], self.name,
+                             schema=networks.schema_from_json(state.get("schema")))
         return load_tensors(net, store.get(state["model_sha256"]))
 
     @staticmethod

@@ -1,9 +1,10 @@
 """S3T: Sequence-aware Sharded Sliced Training (Chowdhury et al., ICLR 2025).
 
 A frozen base network is trained once on `public` rows, which no data subject owns and no
-erasure can touch. Each shard then trains, for each of B slice orders (π_0..π_{L-1}), a stack of
-L low-rank adapters (`worker.core.lora`): adapter i is trained on slices π_0..π_i together, with
-the base and adapters 0..i-1 frozen. Adapter i has therefore seen exactly the slices π_0..π_i.
+erasure can touch (or loaded from base weights that never saw an erasable row, see `S3T.train`).
+Each shard then trains, for each of B slice orders (π_0..π_{L-1}), a stack of L low-rank adapters
+(`worker.core.lora`): adapter i is trained on slices π_0..π_i together, with the base and
+adapters 0..i-1 frozen. Adapter i has therefore seen exactly the slices π_0..π_i.
 
 Erasing a row of slice s deactivates, in every order of its shard, the adapters from the
 position of s onward; nothing is trained. Each shard serves the order with the longest intact
@@ -59,7 +60,8 @@ from worker.core.lora import (
     new_adapter,
     split_base,
 )
-from worker.core.nets import FeatureScaling, build_net, load_tensors, scaling_of, state_tensors
+from worker.core import networks
+from worker.core.nets import load_tensors, scaling_of, state_tensors
 from worker.core.placement import place, shard_of, slice_of
 from worker.core.sisa import epochs_per_slice, expected_deletions_until_full_retrain, resolve, stack_width
 from worker.core.training import ADAMW, Lane, fit, fit_lanes
@@ -90,9 +92,10 @@ class ShardState(TypedDict):
 
 class BaseState(TypedDict):
     sha256: str
-    lineage_sha256: str
+    lineage_sha256: str  # of the public rows it was trained on (none: loaded whole from base weights)
     rows: int
     epochs: int
+    pretrained: NotRequired[str | None]  # config.base_weights it started from
 
 
 class S3TState(TypedDict):
@@ -100,7 +103,8 @@ class S3TState(TypedDict):
     aggregation: str
     input_shape: list[int]
     num_classes: int
-    scaling: dict[str, list[float]]
+    scaling: dict[str, list[float]] | None
+    schema: NotRequired[dict[str, Any] | None]  # networks.schema_to_json of the rows' FeatureSchema
     rank: int
     orders: list[list[int]]  # B orders of the L slices
     epochs_per_slice: int
@@ -235,23 +239,45 @@ class S3T:
 
     def train(self, data: TrainingSet, config: TrainConfig, store: TensorStore,
               progress: Progress = no_progress, public: TrainingSet | None = None) -> TrainResult[S3TState]:
-        """Train the base on `public`, then every shard's B orders of L adapters on `data`."""
+        """Make the frozen base, then train every shard's B orders of L adapters on `data`.
+
+        The base is trained on `public` rows; or, with `config.base_weights`, loaded from them. Base
+        weights without the head (a pretrained backbone) get their head fitted on `public` rows,
+        the trunk frozen: the model with every adapter switched off is then a real classifier, and
+        still one no erasable row reached. Base weights with a head are the base as they are.
+        """
         aggregation = check_rule(config.options.get("aggregation", "mean"))
         orders, rank = orders_for(config), rank_of(config)
-        public = self._check_public(public, data)
         config = resolve(config, len(data))
-        scaling = FeatureScaling.of(public)
-        base = build_net(config, data.input_shape, data.num_classes, "s3t", "base", scaling=scaling)
-        epochs = base_epochs(config, len(public))
-        steps = fit(base, public, epochs=epochs, batch_size=config.batch_size, lr=config.lr,
-                    seed_parts=(config.seed, "s3t", "base"), progress=progress, description="S3T: training the base")
+        schema = getattr(data, "schema", None)
+        pretrained = networks.base_tensors(config, store)
+        scaling = networks.input_scaling(config, public, schema)
+        base = networks.build(config, data.input_shape, data.num_classes, "s3t", "base", scaling=scaling,
+                              schema=schema, base=pretrained)
+        trunk, head, _ = split_base(base, data.input_shape)  # refuses a network S3T cannot cut, before training
+        fitted = pretrained is None or not networks.base_has_head(base, pretrained, data.input_shape)
+        public = self._check_public(public, data, required=fitted)
+        fitted_on = public.sample_ids if fitted else ()
+        epochs = base_epochs(config, len(public)) if fitted else 0
+        if pretrained is None:
+            steps = fit(base, public, epochs=epochs, batch_size=config.batch_size, lr=config.lr,
+                        seed_parts=(config.seed, "s3t", "base"), progress=progress,
+                        description="S3T: training the base")
+        elif fitted:
+            steps = fit(head, replace(public, features=hidden_features(trunk, public.features)), epochs=epochs,
+                        batch_size=config.batch_size, lr=config.lr, seed_parts=(config.seed, "s3t", "base", "head"),
+                        progress=progress, description="S3T: fitting the head of the base weights")
+        else:
+            steps = 0
         state = S3TState(
             config=config.to_json(), aggregation=aggregation, input_shape=list(data.input_shape),
-            num_classes=data.num_classes, scaling=scaling.to_json(), rank=rank, orders=orders,
+            num_classes=data.num_classes, scaling=None if scaling is None else scaling.to_json(),
+            schema=networks.schema_to_json(schema), rank=rank, orders=orders,
             epochs_per_slice=epochs_per_slice(config), stack=stack_width(config, len(orders)),
             trained_on=runtime.provenance(),
-            base=BaseState(sha256=store.put(state_tensors(base)), lineage_sha256=lineage_sha256(public.sample_ids),
-                           rows=len(public), epochs=epochs),
+            base=BaseState(sha256=store.put(state_tensors(base)),
+                           lineage_sha256=lineage_sha256(fitted_on), rows=len(fitted_on), epochs=epochs,
+                           pretrained=config.base_weights),
             shards=[],
         )
         for k in range(config.shards):
@@ -344,7 +370,8 @@ class S3T:
         config = TrainConfig.from_json(state["config"])
         if not 0 <= shard < config.shards:
             raise ValueError(f"shard {shard} is outside 0..{config.shards - 1}")
-        if public is not None and lineage_sha256(public.sample_ids) != state["base"]["lineage_sha256"]:
+        base_lineage = state["base"]["lineage_sha256"]
+        if public is not None and state["base"]["rows"] and lineage_sha256(public.sample_ids) != base_lineage:
             raise ValueError("public rows differ from the rows the S3T base was trained on")
         self._check_rows(state, remaining)
         entry, steps = self._train_shard(state, self._base(state, store), remaining, shard, store, progress,
@@ -427,7 +454,7 @@ class S3T:
         """Per serving shard, the base with its served order's active adapters; shards that need
         retraining are left out. With no serving shard, the public base alone answers."""
         base = self._base(state, store)
-        trunk, head, _ = split_base(base)
+        trunk, head, _ = split_base(base, tuple(state["input_shape"]))
         nets, weights = [], []
         for entry in state["shards"]:
             if entry["status"] != SERVING:
@@ -505,7 +532,9 @@ class S3T:
         return sorted({name for name, _ in old ^ new})
 
     @staticmethod
-    def _check_public(public: TrainingSet | None, data: TrainingSet) -> TrainingSet:
+    def _check_public(public: TrainingSet | None, data: TrainingSet, required: bool = True) -> TrainingSet | None:
+        if not required and (public is None or len(public) == 0):
+            return None
         if public is None or len(public) == 0:
             raise ValueError("S3T needs `public` rows (split 'public', never erasable) to train its frozen base; "
                              "load a dataset with `unlearn data load` and pass its public split")
@@ -525,8 +554,8 @@ class S3T:
     @staticmethod
     def _base(state: S3TState, store: TensorStore):
         config = TrainConfig.from_json(state["config"])
-        base = build_net(config, tuple(state["input_shape"]), int(state["num_classes"]), "s3t", "base",
-                         scaling=scaling_of(state))
+        base = networks.build(config, tuple(state["input_shape"]), int(state["num_classes"]), "s3t", "base",
+                              scaling=scaling_of(state), schema=networks.schema_from_json(state.get("schema")))
         return freeze(load_tensors(base, store.get(state["base"]["sha256"])))
 
     @staticmethod
@@ -543,8 +572,8 @@ class S3T:
         trained = set(range(len(state["orders"]))) if orders is None else set(orders)
         orders = state["orders"]
         depth = config.slices if depth is None else depth
-        trunk, head, features = split_base(base)
         freeze(base)
+        trunk, head, features = split_base(base, tuple(state["input_shape"]))
         rows = data.select(np.array([shard_of(s, config.shards) == shard for s in data.sample_ids], dtype=bool))
         slice_index = np.array([slice_of(s, config.slices) for s in rows.sample_ids], dtype=np.int64)
         # the trunk is frozen: compute its (n, d) features once and train adapters on them

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, TypedDict
+from typing import Any, ClassVar, NotRequired, TypedDict
 
 import numpy as np
 from scipy import integrate
@@ -45,7 +45,8 @@ from worker.core.base import (
     lineage_sha256,
     no_progress,
 )
-from worker.core.nets import FeatureScaling, build_net, load_tensors, scaling_of, state_tensors
+from worker.core import networks
+from worker.core.nets import load_tensors, scaling_of, state_tensors
 from worker.core.placement import place, shard_of, slice_of
 from worker.core.training import ADAMW, Lane, fit_lanes
 
@@ -82,6 +83,7 @@ class SisaState(TypedDict):
     input_shape: list[int]
     num_classes: int
     scaling: dict[str, list[float]] | None
+    schema: NotRequired[dict[str, Any] | None]  # networks.schema_to_json of the rows' FeatureSchema
     epochs_per_slice: int
     stack: int  # lanes per stack: 1 = one shard at a time
     trained_on: dict[str, Any]  # runtime.provenance() of the full training
@@ -239,10 +241,12 @@ class Sisa:
         feature statistics and the validation rows of the learning curve; SISA never trains on them."""
         aggregation = check_rule(config.options.get("aggregation", "mean"))
         config = resolve(config, len(data))
-        scaling = FeatureScaling.of(public) if public is not None and len(public) else None
+        schema = getattr(data, "schema", None)
+        scaling = networks.input_scaling(config, public, schema)
         state = SisaState(
             config=config.to_json(), aggregation=aggregation, input_shape=list(data.input_shape),
             num_classes=data.num_classes, scaling=None if scaling is None else scaling.to_json(),
+            schema=networks.schema_to_json(schema),
             epochs_per_slice=epochs_per_slice(config), stack=stack_width(config, config.shards),
             trained_on=runtime.provenance(), shards=[], curve=None,
         )
@@ -435,7 +439,8 @@ class Sisa:
         for shard, checkpoint in checkpoints:
             if checkpoint["n_seen"] == 0:
                 continue
-            net = build_net(config, input_shape, num_classes, "shard", shard, scaling=scaling_of(state))
+            net = networks.build(config, input_shape, num_classes, "shard", shard, scaling=scaling_of(state),
+                                 schema=networks.schema_from_json(state.get("schema")))
             nets.append(load_tensors(net, store.get(checkpoint["sha256"])))
             weights.append(float(checkpoint["n_seen"]))
         return Ensemble(nets, weights, state["aggregation"])
@@ -444,9 +449,12 @@ class Sisa:
     def _train_stages(state: SisaState, rows: dict[int, ShardRows], start: dict[int, int], resume: dict[int, str],
                       store: TensorStore, progress: Progress, description: str) -> list[RetrainedShard]:
         """Train stages start[k]..R-1 of each shard k, from checkpoint `resume[k]` (or a fresh
-        net), stack by stack: shard k is lane k mod G of stack k // G, the other lanes idle."""
+        net, from the base weights when the config has them), stack by stack: shard k is lane k mod G
+        of stack k // G, the other lanes idle."""
         config = TrainConfig.from_json(state["config"])
         input_shape, num_classes = tuple(state["input_shape"]), int(state["num_classes"])
+        schema = networks.schema_from_json(state.get("schema"))
+        base = networks.base_tensors(config, store) if set(start) - set(resume) else None
         width, epochs = state["stack"], state["epochs_per_slice"]
         rule = ADAMW.update(config.lr)
         stacks = sorted({k // width for k in start})
@@ -460,7 +468,8 @@ class Sisa:
                     lanes.append(None)
                     continue
                 if r == start[k]:
-                    nets[k] = build_net(config, input_shape, num_classes, "shard", k, scaling=scaling_of(state))
+                    nets[k] = networks.build(config, input_shape, num_classes, "shard", k, scaling=scaling_of(state),
+                                             schema=schema, base=None if k in resume else base)
                     if k in resume:
                         load_tensors(nets[k], store.get(resume[k]))
                 lanes.append(Lane(nets[k], rows[k].up_to(r), (config.seed, "sisa", "shard", k, "slice", r)))

@@ -239,10 +239,22 @@ def fit_lanes(lanes: Sequence[Lane | None], *, epochs: int, batch_size: int, rul
     features, labels, plan = _gather_plan(lanes, schedules, active, None if len(lanes) == 1 else batch_size)
     steps = progress(list(enumerate(plan)), description=description, total=len(plan))
     if len(lanes) == 1:
-        _fit_alone(lanes[0].net, features, labels, steps, schedules[0], rule, on_step)
+        with _seeded_draws(lanes[0].seed_parts):
+            _fit_alone(lanes[0].net, features, labels, steps, schedules[0], rule, on_step)
     else:
         _fit_stacked(lanes, active, features, labels, steps, totals, rule)
     return totals
+
+
+@contextmanager
+def _seeded_draws(seed_parts: tuple[object, ...]) -> Iterator[None]:
+    """Random numbers a network draws while it trains (dropout, say) come from a generator seeded
+    by the lane's seed parts, so a retrain draws what training from scratch drew (the built-in
+    networks draw none). A stack trains under vmap, which refuses random draws."""
+    device = runtime.current().device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(derive_seed(*seed_parts, "draws"))
+        yield
 
 
 # told of every optimizer step `fit_lanes` takes, alone or stacked (`observing_steps`)
@@ -354,17 +366,24 @@ def _fit_stacked(lanes: Sequence[Lane | None], active: list[int], features: torc
         return functional_call(model, {**params, **fixed}, (x,))
 
     batched = vmap(forward)
-    for t, (index, mask) in steps:
-        index, mask = index.to(device), mask.to(device)
-        # leaves sharing memory with `flat`: gradients per parameter, no (G, P) zeros per slice
-        leaves = {name: view.detach().requires_grad_(True) for name, view in layout.views(flat).items()}
-        logits = batched(leaves, frozen, features[index])  # (G, B, classes)
-        losses = nn.functional.cross_entropy(logits.flatten(0, 1), labels[index].flatten(), reduction="none")
-        lane_loss = (losses.view(mask.shape) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        grads = torch.autograd.grad(lane_loss.sum(), list(leaves.values()))
-        with torch.no_grad():
-            rule.step_lanes(flat, torch.cat([g.reshape(width, -1) for g in grads], dim=1), moments, t + 1, rates[t])
-        _stepped()
+    try:
+        for t, (index, mask) in steps:
+            index, mask = index.to(device), mask.to(device)
+            # leaves sharing memory with `flat`: gradients per parameter, no (G, P) zeros per slice
+            leaves = {name: view.detach().requires_grad_(True) for name, view in layout.views(flat).items()}
+            logits = batched(leaves, frozen, features[index])  # (G, B, classes)
+            losses = nn.functional.cross_entropy(logits.flatten(0, 1), labels[index].flatten(), reduction="none")
+            lane_loss = (losses.view(mask.shape) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+            grads = torch.autograd.grad(lane_loss.sum(), list(leaves.values()))
+            with torch.no_grad():
+                grad = torch.cat([g.reshape(width, -1) for g in grads], dim=1)
+                rule.step_lanes(flat, grad, moments, t + 1, rates[t])
+            _stepped()
+    except RuntimeError as exc:  # vmap's refusal of a random draw: say what to do about it
+        if "random operation" not in str(exc):
+            raise
+        raise ValueError("the network draws random numbers in training (dropout?), which a stack (torch.func.vmap) "
+                         "refuses: train one network at a time (--option stack=1)") from exc
     result = flat.cpu()
     for i in active:
         layout.load(lanes[i].net, result[i])

@@ -281,7 +281,8 @@ def _full_retrain(conn: psycopg.Connection, method, store: ArtifactStore, snapsh
         components_changed=[c.name for c in trained.components],
         verification={"kind": "exact", "method": method.name, "reason": "full_retrain",
                       "rows_trained": len(snapshot.remaining)},
-        removed_artifacts=sorted(before - recording.written),
+        # the base weights are the model's starting point, not something it learnt: they stay
+        removed_artifacts=sorted(before - recording.written - {config.base_weights}),
         placements=trained.placements,
         batches=trained.batches,
         optimizer_steps=int(trained.metrics.get("optimizer_steps", trained.metrics.get("steps", 0))),
