@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -93,6 +96,31 @@ def test_each_layer_is_one_stored_file_of_lora_tensors_that_saw_its_slice_prefix
             assert tensors["classifier.lora_A.weight"].shape == (2, 32)
             saw = [s for s in rows.sample_ids if slice_of(s, SLICES) in order[:i + 1]]
             assert layer["lineage_sha256"] == lineage_sha256(saw) and layer["rows"] == len(saw)
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch, transformers and PEFT: ~10 s on a busy CPU
+def test_another_process_trains_bit_identical_files(trained, tmp_path):
+    # Given the same rows, config and seed in a fresh process (one thread, as here)
+    script = (
+        "import json, sys\n"
+        "from worker.core import runtime\n"
+        "runtime.configure('cpu', threads=1)\n"
+        "import test_s3t_lora as t\n"
+        "from worker.artifacts import ArtifactStore\n"
+        "result = t.S3T(network=t.tiny_bert).train(t.token_rows(36), t.CONFIG, ArtifactStore(sys.argv[1], 'text'))\n"
+        "print(json.dumps({'base': result.state['base'], 'shards': result.state['shards']}))\n"
+    )
+    path = os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    # When it trains
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=300)
+
+    # Then the base and every layer file are byte for byte this process's (same sha256)
+    assert run.returncode == 0, run.stderr[-2000:]
+    state = trained[0].state
+    assert json.loads(run.stdout.splitlines()[-1]) == {"base": state["base"], "shards": state["shards"]}
 
 
 def test_switching_a_layer_off_equals_never_attaching_it(rows):
