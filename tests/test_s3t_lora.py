@@ -245,6 +245,8 @@ def test_targets_that_match_no_module_are_refused(rows, tmp_path):
     wrong = replace(CONFIG, options={**CONFIG.options, "lora_targets": ["qkv", "value"]})
     with pytest.raises(ValueError, match=r"\['qkv'\] match no module .*'query'"):
         S3T(network=tiny_bert).train(rows, wrong, store)
+    with pytest.raises(ValueError, match=r"\['LayerNorm'\]: PEFT cannot adapt them: Target module LayerNorm"):
+        resolve_targets(tiny_bert((T,), CLASSES), ["LayerNorm"], CLASSES)
     with pytest.raises(ValueError, match="factory"):
         S3T().train(rows, CONFIG, store)
     assert resolve_targets(tiny_bert((T,), CLASSES), ["query", "classifier"], CLASSES) == ("query", "classifier")

@@ -33,7 +33,8 @@ What stays ours, and why:
 - the frozen network runs in eval mode even while an adapter trains (`LoraNet.train`): its
   dropout would draw from the global generator, so training would not be reproducible, and a
   frozen base has nothing to regularise. LoRA's own dropout is 0 (exactness);
-- checking that every target names a module: PEFT only fails when none matches.
+- checking that every target names a module (PEFT only fails when none matches), before any
+  training, with a message that names them.
 
 Training runs the whole network forward and backward: LoRA inside the network changes its
 features, so, unlike `worker.core.lora`, nothing can be computed once. It reuses
@@ -43,6 +44,7 @@ other adapters.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -92,7 +94,8 @@ def head_of(network: nn.Module, num_classes: int) -> str | None:
 
 def resolve_targets(network: nn.Module, targets: Sequence[str], num_classes: int) -> tuple[str, ...]:
     """`targets` checked against the network, plus its classifier head when it has one and no target
-    names it. Raises a ValueError naming the targets that match no module, and the modules there are."""
+    names it. Raises a ValueError naming the targets that match no module (and the modules there
+    are), or that match modules PEFT cannot adapt."""
     if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"lora_targets must be a non-empty list of module names, not {targets!r}")
     names = [name for name, _ in network.named_modules() if name]
@@ -103,9 +106,13 @@ def resolve_targets(network: nn.Module, targets: Sequence[str], num_classes: int
         raise ValueError(f"lora_targets {missing} match no module of {type(network).__name__}; "
                          f"its linear modules are named {linear}")
     head = head_of(network, num_classes)
-    if head is None or any(matches(head, t) for t in targets):
-        return tuple(targets)
-    return (*targets, head)
+    resolved = tuple(targets) if head is None or any(matches(head, t) for t in targets) else (*targets, head)
+    try:  # a trial injection into a copy: PEFT adapts only some module types (Linear, Embedding, Conv...)
+        with torch.random.fork_rng(devices=[]):
+            inject_adapter_in_model(LoraSpec(resolved, 1, 1.0).config(), copy.deepcopy(network), low_cpu_mem_usage=True)
+    except ValueError as exc:
+        raise ValueError(f"lora_targets {list(targets)}: PEFT cannot adapt them: {str(exc).splitlines()[0]}") from exc
+    return resolved
 
 
 class LoraNet(nn.Module):
