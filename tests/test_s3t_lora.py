@@ -203,6 +203,9 @@ def test_an_erasure_switches_layers_off_without_a_step_and_equals_training_witho
     expected = predict_proba(scratch_model(state, rows.without([erased]), served, layers), rows.features)
     served_proba = S3T(network=tiny_bert).predictor(unlearned.state, store).predict_proba(rows.features)
     assert np.array_equal(served_proba, expected.astype(np.float64))
+    # and its files are those S3T itself trains from scratch on the rows left
+    fresh = S3T(network=tiny_bert).train(rows.without([erased]), CONFIG, ArtifactStore(tmp_path / "fresh", "text"))
+    assert fresh.state["shards"][0]["orders"][served]["layers"][:layers] == entry["orders"][served]["layers"]
 
 
 def test_the_predictor_from_stored_files_equals_the_model_in_training(rows, trained):
