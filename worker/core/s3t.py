@@ -20,20 +20,33 @@ per adapter layer). With option `stack` > 1 (the default on CUDA: all B) the ord
 train their layer i together as lanes of one stack (`worker.core.training.fit_lanes`); a shard
 retrain runs at the same width, so it equals a from-scratch run of the same model.
 
+LoRA inside a pretrained network (option `lora_targets`, the paper's own setting): the base is
+the network a factory builds (`S3T(network=...)`, e.g. a transformer with pretrained weights),
+frozen and never trained, and adapter layer i is a PEFT LoRA adapter on the named modules (e.g.
+attention `query` and `value`) and on the classifier head (`worker.core.peft_adapters`). The
+adapters change the network's own features, so no trunk features are computed once: every step
+runs the whole network, and the orders of a shard train one after another (`stack` 1). The state
+gains `lora`; planning, switching off, files, components and the budget are the same. PEFT is an
+optional dependency (the `examples` extra), imported only by models with LoRA targets.
+
 Options (`config.options`): `orders` (B, 1..L, default min(3, L)), `deletion_prior` (L per-slice
 probabilities: BMS), `rank` (adapter rank, default 16), `base_epochs` (see `base_epochs`),
-`aggregation` (`mean`, `vote` or `weighted` by rows, default `mean`), `stack`, `epochs_per_slice`.
+`aggregation` (`mean`, `vote` or `weighted` by rows, default `mean`), `stack`, `epochs_per_slice`,
+`lora_targets` (module names), `lora_alpha` (LoRA's alpha, default the rank: updates scaled by 1).
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, ClassVar, NotRequired, TypedDict
+from typing import TYPE_CHECKING, Any, ClassVar, NotRequired, TypedDict
 
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
+from torch import nn
 
 from worker.core import runtime
 from worker.core.aggregate import Ensemble, check_rule
@@ -61,14 +74,19 @@ from worker.core.lora import (
     split_base,
 )
 from worker.core import networks
-from worker.core.nets import load_tensors, scaling_of, state_tensors
+from worker.core.nets import derive_seed, load_tensors, scaling_of, state_tensors
 from worker.core.placement import place, shard_of, slice_of
 from worker.core.sisa import epochs_per_slice, expected_deletions_until_full_retrain, resolve, stack_width
 from worker.core.training import ADAMW, Lane, fit, fit_lanes
 
+if TYPE_CHECKING:
+    from worker.core.peft_adapters import LoraSpec
+
 DEFAULT_RANK = 16
 BASE_STEPS = 2000
 SERVING, NEEDS_RETRAIN = "serving", "needs_retrain"
+# (input_shape, num_classes) -> a network with its starting (pretrained) weights: the base of LoRA targets
+NetworkFactory = Callable[[tuple[int, ...], int], nn.Module]
 
 
 class LayerState(TypedDict):
@@ -98,12 +116,17 @@ class BaseState(TypedDict):
     pretrained: NotRequired[str | None]  # config.base_weights it started from
 
 
+class LoraState(TypedDict):
+    targets: list[str]  # module names as PEFT matches them, the classifier head included
+    alpha: float
+
+
 class S3TState(TypedDict):
     config: dict[str, Any]  # TrainConfig.to_json(), resolved
     aggregation: str
     input_shape: list[int]
     num_classes: int
-    scaling: dict[str, list[float]] | None
+    scaling: dict[str, list[float]] | None  # None: a LoRA network takes its inputs as they are
     schema: NotRequired[dict[str, Any] | None]  # networks.schema_to_json of the rows' FeatureSchema
     rank: int
     orders: list[list[int]]  # B orders of the L slices
@@ -112,6 +135,7 @@ class S3TState(TypedDict):
     trained_on: dict[str, Any]  # runtime.provenance() of the full training
     base: BaseState
     shards: list[ShardState]
+    lora: NotRequired[LoraState]  # adapters are PEFT LoRA inside the network (option lora_targets)
 
 
 def cyclic_orders(slices: int, budget: int) -> list[list[int]]:
@@ -237,6 +261,9 @@ class S3T:
 
     name: ClassVar[str] = "s3t"
 
+    def __init__(self, network: NetworkFactory | None = None):
+        self.network = network  # the base of a model with option lora_targets
+
     def train(self, data: TrainingSet, config: TrainConfig, store: TensorStore,
               progress: Progress = no_progress, public: TrainingSet | None = None) -> TrainResult[S3TState]:
         """Make the frozen base, then train every shard's B orders of L adapters on `data`.
@@ -245,7 +272,11 @@ class S3T:
         weights without the head (a pretrained backbone) get their head fitted on `public` rows,
         the trunk frozen: the model with every adapter switched off is then a real classifier, and
         still one no erasable row reached. Base weights with a head are the base as they are.
+        With option `lora_targets` the base is the network itself with its base weights, frozen,
+        the adapters sit inside it, and `public` is not used.
         """
+        if "lora_targets" in config.options:
+            return self._train_lora(data, config, store, progress)
         aggregation = check_rule(config.options.get("aggregation", "mean"))
         orders, rank = orders_for(config), rank_of(config)
         config = resolve(config, len(data))
@@ -280,6 +311,12 @@ class S3T:
                            pretrained=config.base_weights),
             shards=[],
         )
+        return self._train_shards(state, base, data, store, progress, steps)
+
+    def _train_shards(self, state: S3TState, base: nn.Module, data: TrainingSet, store: TensorStore,
+                      progress: Progress, steps: int) -> TrainResult[S3TState]:
+        """Every shard's adapters on `base` (`steps`: those the base took)."""
+        config = TrainConfig.from_json(state["config"])
         for k in range(config.shards):
             shard_state, shard_steps = self._train_shard(state, base, data, k, store, progress)
             state["shards"].append(shard_state)
@@ -371,6 +408,7 @@ class S3T:
         if not 0 <= shard < config.shards:
             raise ValueError(f"shard {shard} is outside 0..{config.shards - 1}")
         base_lineage = state["base"]["lineage_sha256"]
+        # a base loaded whole from base weights, or a LoRA network's, saw no rows at all
         if public is not None and state["base"]["rows"] and lineage_sha256(public.sample_ids) != base_lineage:
             raise ValueError("public rows differ from the rows the S3T base was trained on")
         self._check_rows(state, remaining)
@@ -453,6 +491,8 @@ class S3T:
     def predictor(self, state: S3TState, store: TensorStore) -> Ensemble:
         """Per serving shard, the base with its served order's active adapters; shards that need
         retraining are left out. With no serving shard, the public base alone answers."""
+        if "lora" in state:
+            return self._lora_predictor(state, store)
         base = self._base(state, store)
         trunk, head, _ = split_base(base, tuple(state["input_shape"]))
         nets, weights = [], []
@@ -551,8 +591,10 @@ class S3T:
             raise ValueError(f"remaining rows are {rows.input_shape} with {rows.num_classes} classes; the model "
                              f"was trained on {tuple(state['input_shape'])} with {state['num_classes']}")
 
-    @staticmethod
-    def _base(state: S3TState, store: TensorStore):
+    def _base(self, state: S3TState, store: TensorStore) -> nn.Module:
+        """The frozen base network of `state`, from its stored tensors."""
+        if "lora" in state:
+            return self._lora_base(state, store)
         config = TrainConfig.from_json(state["config"])
         base = networks.build(config, tuple(state["input_shape"]), int(state["num_classes"]), "s3t", "base",
                               scaling=scaling_of(state), schema=networks.schema_from_json(state.get("schema")))
@@ -567,6 +609,8 @@ class S3T:
         state entry and the optimizer steps taken. Adapter i of order b sees slices π_0..π_i;
         layer i of the orders of one stack trains at once (an order not trained is an idle lane,
         which changes nothing for the others)."""
+        if "lora" in state:
+            return _train_lora_shard(state, base, data, shard, store, progress, orders, depth)
         config = TrainConfig.from_json(state["config"])
         rank, width = int(state["rank"]), state["stack"]
         trained = set(range(len(state["orders"]))) if orders is None else set(orders)
@@ -606,3 +650,107 @@ class S3T:
             orders=[OrderState(layers=order_layers) for order_layers in layers],
         )
         return entry, steps
+
+    # LoRA inside the network (option lora_targets): see the module docstring
+
+    def _train_lora(self, data: TrainingSet, config: TrainConfig, store: TensorStore,
+                    progress: Progress) -> TrainResult[S3TState]:
+        aggregation = check_rule(config.options.get("aggregation", "mean"))
+        orders, rank = orders_for(config), rank_of(config)
+        config = resolve(config, len(data))
+        schema = getattr(data, "schema", None)
+        network = self._network(config, data.input_shape, data.num_classes, store, schema)
+        from worker.core.peft_adapters import resolve_targets
+        targets = resolve_targets(network, config.options["lora_targets"], data.num_classes)
+        alpha = config.options.get("lora_alpha", rank)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"option lora_alpha must be a positive number, not {alpha!r}")
+        if config.options.get("stack", 1) != 1:
+            raise ValueError("with lora_targets the orders of a shard train one after another: option stack must be 1")
+        state = S3TState(
+            config=config.to_json(), aggregation=aggregation, input_shape=list(data.input_shape),
+            num_classes=data.num_classes, scaling=None, schema=networks.schema_to_json(schema), rank=rank,
+            orders=orders, epochs_per_slice=epochs_per_slice(config), stack=1, trained_on=runtime.provenance(),
+            # the base never sees a row of ours: its weights are the factory's (pretrained) ones
+            base=BaseState(sha256=store.put(state_tensors(network)), lineage_sha256=lineage_sha256([]), rows=0,
+                           epochs=0, pretrained=config.base_weights),
+            shards=[], lora=LoraState(targets=list(targets), alpha=float(alpha)),
+        )
+        return self._train_shards(state, network, data, store, progress, 0)
+
+    def _network(self, config: TrainConfig, input_shape: tuple[int, ...], num_classes: int, store: TensorStore,
+                 schema: Any | None = None, pretrained: bool = True) -> nn.Module:
+        """A fresh network for LoRA targets, seeded as every network is: the factory given to
+        `S3T(network=...)`, else the one the config names (`networks.build`) with its base weights
+        (`pretrained`), never standardised (it takes its inputs as they are, e.g. token ids)."""
+        if self.network is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(config.seed, "init", "s3t", "base"))
+                return self.network(tuple(input_shape), num_classes)
+        base = networks.base_tensors(config, store) if pretrained else None
+        return networks.build(config, input_shape, num_classes, "s3t", "base", schema=schema, base=base)
+
+    def _lora_base(self, state: S3TState, store: TensorStore) -> nn.Module:
+        # the stored base is the whole network: its base weights need not be read first
+        network = self._network(TrainConfig.from_json(state["config"]), tuple(state["input_shape"]),
+                                int(state["num_classes"]), store, networks.schema_from_json(state.get("schema")),
+                                pretrained=False)
+        return freeze(load_tensors(network, store.get(state["base"]["sha256"])))
+
+    def _lora_predictor(self, state: S3TState, store: TensorStore) -> Ensemble:
+        """One network for every shard: each serving shard's served layers are adapters of their own
+        (`shard{k}_layer{i}`), and its member of the ensemble activates them before it runs."""
+        from worker.core.peft_adapters import ActivePrefix, LoraNet, layer_names
+        net = LoraNet(self._base(state, store), lora_spec(state))
+        members, weights = [], []
+        for entry in state["shards"]:
+            if entry["status"] != SERVING:
+                continue
+            layers = entry["orders"][entry["served"]]["layers"]
+            names = [f"shard{entry['shard']}_{name}" for name in layer_names(len(layers))]
+            for name, layer in zip(names, layers):
+                net.attach_tensors(name, store.get(layer["sha256"]))
+            members.append(ActivePrefix(net, names))
+            weights.append(float(sum(entry["slice_rows"])))
+        if not members:
+            return Ensemble([ActivePrefix(net, [])], [1.0], "mean")
+        return Ensemble(members, weights, state["aggregation"])
+
+
+def lora_spec(state: S3TState) -> LoraSpec:
+    from worker.core.peft_adapters import LoraSpec
+    return LoraSpec(tuple(state["lora"]["targets"]), int(state["rank"]), float(state["lora"]["alpha"]))
+
+
+def _train_lora_shard(state: S3TState, network: nn.Module, data: TrainingSet, shard: int, store: TensorStore,
+                      progress: Progress, orders: Sequence[int] | None, depth: int | None) -> tuple[ShardState, int]:
+    """`S3T._train_shard` for LoRA inside the network: order b's layer i is adapter `layer{i}` of
+    a copy of the frozen network, trained with `layer0..layer{i-1}` active and frozen, on slices
+    π_0..π_i, with the whole network running forward and backward at every step."""
+    from worker.core.peft_adapters import LoraNet, layer_names, train_layer
+    config = TrainConfig.from_json(state["config"])
+    spec = lora_spec(state)
+    trained = range(len(state["orders"])) if orders is None else sorted(orders)
+    depth = config.slices if depth is None else depth
+    rows = data.select(np.array([shard_of(s, config.shards) == shard for s in data.sample_ids], dtype=bool))
+    slice_index = np.array([slice_of(s, config.slices) for s in rows.sample_ids], dtype=np.int64)
+    layers: list[list[LayerState]] = [[] for _ in state["orders"]]
+    names = layer_names(depth)
+    stages = [(b, i) for b in trained for i in range(depth)]
+    steps = 0
+    for b, i in progress(stages, description=f"S3T: shard {shard} LoRA adapters", total=len(stages)):
+        if i == 0:  # each order adapts a copy of its own
+            net = LoraNet(copy.deepcopy(network), spec)
+        parts = (config.seed, "s3t", "shard", shard, "order", b, "layer", i)
+        net.attach(names[i], *parts)
+        seen = rows.select(np.isin(slice_index, state["orders"][b][:i + 1]))
+        steps += train_layer(net, names[:i + 1], seen, epochs=state["epochs_per_slice"],
+                             batch_size=config.batch_size, lr=config.lr, seed_parts=parts)
+        layers[b].append(LayerState(sha256=store.put(net.tensors(names[i])),
+                                    lineage_sha256=lineage_sha256(seen.sample_ids), rows=len(seen)))
+    entry = ShardState(
+        shard=shard, status=SERVING, served=0,
+        slice_rows=np.bincount(slice_index, minlength=config.slices).tolist(),
+        orders=[OrderState(layers=order_layers) for order_layers in layers],
+    )
+    return entry, steps
