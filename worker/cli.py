@@ -80,6 +80,62 @@ def data_load(dataset: str, rows: int | None) -> None:
         click.echo(f"loaded {loaded.rows} {dataset} rows ({splits}) owned by {loaded.subjects} subjects")
 
 
+def _shape(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated sizes such as 1,8,8, not {value!r}") from None
+
+
+@data.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dataset", required=True, help="Dataset to create, or to append the rows to.")
+@click.option("--mapping", "mapping_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A TOML mapping of columns (see README); the flags below override it.")
+@click.option("--sample-id", help="Column of the sample ids [default: sample_id].")
+@click.option("--subject-id", help="Column of the subject ids, empty for public rows only [default: subject_id].")
+@click.option("--label", help="Column of the labels [default: label].")
+@click.option("--split", help="Column of the splits (train, holdout, public) [default: derived from the sample id].")
+@click.option("--features", "features", multiple=True,
+              help="One list column, or each feature column in order (repeatable) [default: features].")
+@click.option("--categorical", multiple=True, help="A feature column holding categories (repeatable).")
+@click.option("--shape", callback=_shape, help="Shape a model sees a row in, e.g. 1,8,8 [default: flat].")
+@click.option("--scale", type=float, help="Divisor of raw feature values [default: 1].")
+@click.option("--num-classes", type=int, help="Integer labels: how many classes [default: largest label + 1].")
+def data_import(file: Path, dataset: str, mapping_file: Path | None, **flags) -> None:
+    """Import a team's rows from FILE (Parquet, CSV or JSON Lines) into DATASET, in one transaction.
+
+    Rows of erased subjects and samples are left out (and counted); an error names the file, row
+    and column and imports nothing. Importing into a dataset that exists appends to it: models
+    trained before keep training on the rows they had.
+    """
+    from rich.progress import track
+
+    from worker import data as datasets
+    from worker import db as database
+    from worker.data import mapping, sources
+
+    try:
+        columns = mapping.build(mapping_file, **flags)
+        batches, rows = sources.open_file(file, columns)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    url = get_settings().database_url
+    database.ensure_database(url)
+    database.migrate(url)
+    with database.connect(url) as conn:
+        try:
+            imported = datasets.import_rows(conn, dataset, batches, columns, source=str(file), progress=track,
+                                            total=None if rows is None else -(-rows // sources.BATCH_ROWS))
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+    splits = ", ".join(f"{split} {count}" for split, count in sorted(imported.by_split.items())) or "none"
+    click.echo(f"imported {imported.rows} rows into {dataset} (generation {imported.generation}: {splits}); "
+               f"{imported.skipped_erased} rows of erased subjects or samples left out")
+
+
 def _hidden_sizes(ctx, param, value: str | None) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -130,7 +186,7 @@ class MethodChoice(click.Choice):
 @click.option("--model", "name", required=True, help="Name of the new model (never reused).")
 @click.option("--method", required=True, type=MethodChoice(), help="How the model unlearns (a module of worker/core).")
 @click.option("--dataset", default="letter", show_default=True,
-              type=click.Choice(["digits", "letter", "mnist5k", "synthetic"]))
+              help="A dataset in the database: loaded (`data load`) or imported (`data import`).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shards", type=int, help="SISA/S3T shards S (default 1).")
 @click.option("--slices", type=int, help="SISA/S3T slices R per shard, ARCANE blocks per class (default 1).")
@@ -164,14 +220,15 @@ def train_cmd(name: str, method: str, dataset: str, seed: int, options: dict, ag
 
     if aggregation is not None:
         options["aggregation"] = aggregation
-    if architecture is None:
-        architecture = "cnn" if len(datasets.spec(dataset).input_shape) == 3 else "mlp"
     settings = get_settings()
     try:
         runtime.configure(settings.device, settings.threads)
-        config = TrainConfig(architecture=architecture, seed=seed, options=options,
-                             **{key: value for key, value in hyper.items() if value is not None})
         with database.connect(settings.database_url) as conn:
+            if architecture is None:
+                architecture = "cnn" if len(datasets.spec(conn, dataset).input_shape) == 3 else "mlp"
+                conn.commit()
+            config = TrainConfig(architecture=architecture, seed=seed, options=options,
+                                 **{key: value for key, value in hyper.items() if value is not None})
             version = registry.train_model(conn, settings, name, method, dataset, config, progress=track)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None

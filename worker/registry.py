@@ -149,11 +149,13 @@ def train_model(conn: psycopg.Connection, settings: Settings, name: str, method:
         with conn.transaction():
             if conn.execute("SELECT 1 FROM models WHERE name = %s", (name,)).fetchone():
                 raise ModelExists(f"model {name!r} already exists; choose another name")
-            rows = data.read_training_set(conn, dataset, "train")
-            public = data.read_training_set(conn, dataset, "public")
-            holdout = data.read_training_set(conn, dataset, "holdout")
+            # the dataset's rows as of now: rows imported later never enter this model, retrains included
+            generation = data.spec(conn, dataset).generation
+            rows = data.read_training_set(conn, dataset, "train", generation)
+            public = data.read_training_set(conn, dataset, "public", generation)
+            holdout = data.read_training_set(conn, dataset, "holdout", generation)
         if len(rows) == 0:
-            raise ValueError(f"dataset {dataset!r} has no training rows in PostgreSQL; run `unlearn data load {dataset}`")
+            raise ValueError(f"dataset {dataset!r} has no training rows left in PostgreSQL")
         store = ArtifactStore(settings.artifact_dir, name)
         result = implementation.train(rows, config, store, progress, public if len(public) else None)
         unlearned = UnlearnResult(
@@ -164,7 +166,7 @@ def train_model(conn: psycopg.Connection, settings: Settings, name: str, method:
         lineage = {
             "dataset": dataset, "split": "train", "train_rows": len(rows),
             "train_lineage_sha256": lineage_sha256(rows.sample_ids), "public_rows": len(public),
-            "seed": config.seed,
+            "seed": config.seed, "data_generation": generation,
         }
         staged = _stage(conn, settings, implementation, model=name, dataset=dataset, parent=None,
                         result=unlearned, lineage=lineage, request_ids=[], holdout=holdout,
@@ -173,8 +175,9 @@ def train_model(conn: psycopg.Connection, settings: Settings, name: str, method:
             with conn.transaction():
                 try:
                     conn.execute(
-                        "INSERT INTO models (name, method, dataset, seed, options) VALUES (%s, %s, %s, %s, %s)",
-                        (name, method, dataset, config.seed, Jsonb(config.to_json())),
+                        "INSERT INTO models (name, method, dataset, seed, options, data_generation)"
+                        " VALUES (%s, %s, %s, %s, %s, %s)",
+                        (name, method, dataset, config.seed, Jsonb(config.to_json()), generation),
                     )
                 except psycopg.errors.UniqueViolation:
                     raise ModelExists(f"model {name!r} already exists; choose another name") from None
@@ -206,9 +209,9 @@ def stage_version(conn: psycopg.Connection, settings: Settings, parent: ModelVer
     `full_retrain`: the result replaces every component, placement and batch.
     """
     implementation = method_for(parent.method)()
-    dataset = _dataset(conn, parent.model)
+    dataset, generation = model_rows(conn, parent.model)
     if holdout is None:
-        holdout = data.read_training_set(conn, dataset, "holdout")
+        holdout = data.read_training_set(conn, dataset, "holdout", generation)
     conn.commit()
     lineage = {
         "parent_version": parent.version,
@@ -385,8 +388,12 @@ def training_config(conn: psycopg.Connection, model: str) -> TrainConfig:
     return TrainConfig.from_json(row[0])
 
 
-def _dataset(conn: psycopg.Connection, model: str) -> str:
-    return conn.execute("SELECT dataset FROM models WHERE name = %s", (model,)).fetchone()[0]
+def model_rows(conn: psycopg.Connection, model: str) -> tuple[str, int]:
+    """The dataset a model trains on, and the last of its generations the model holds: every read of
+    the model's rows (a retrain, its holdout) takes the rows of generations up to that one."""
+    dataset, generation = conn.execute(
+        "SELECT dataset, data_generation FROM models WHERE name = %s", (model,)).fetchone()
+    return dataset, generation
 
 
 def _check_unpublished(conn: psycopg.Connection, model: str, version: int) -> None:
@@ -406,7 +413,8 @@ def _stage(conn: psycopg.Connection, settings: Settings, implementation: Unlearn
     version = 1 if parent is None else parent.version + 1
     _check_unpublished(conn, model, version)
     store = ArtifactStore(settings.artifact_dir, model)
-    spec = data.spec(dataset)
+    spec = data.spec(conn, dataset)
+    conn.commit()
     budget = implementation.budget(result.state)
     if predictor is None and len(holdout):
         predictor = implementation.predictor(result.state, store)
@@ -426,7 +434,8 @@ def _stage(conn: psycopg.Connection, settings: Settings, implementation: Unlearn
              "lineage_sha256": c.lineage_sha256}
             for c in result.components
         ],
-        "input": {"dataset": dataset, "shape": list(spec.input_shape), "scale": spec.scale},
+        "input": {"dataset": dataset, "shape": list(spec.input_shape), "scale": spec.scale,
+                  **spec.schema.to_json(), "class_names": None if spec.class_names is None else list(spec.class_names)},
         "lineage": lineage,
         "state": result.state,
         "erasure_request_ids": request_ids,

@@ -1,5 +1,6 @@
 """Step one of an erasure, in one PostgreSQL transaction: find the subject's rows, note every model
-that trained on them (placement and batch log), queue their unlearning, delete the rows.
+that trained on them (placement and batch log), queue their unlearning, delete the rows and
+tombstone the subject and samples (`worker.data.tombstones`) so no import brings them back.
 
 Every model that trained on a deleted row must unlearn it: the request's `models` list can add
 models to watch but never exempt one. The models still carry the rows' influence after this step;
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from worker.config import Settings
+from worker.data import tombstones
 from worker.pipeline import ledger, receipts
 
 
@@ -68,6 +70,8 @@ def delete_rows(conn: psycopg.Connection, settings: Settings, request_id: uuid.U
             )
         conn.execute("DELETE FROM sample_placement WHERE sample_id = ANY(%s)", (sample_ids,))
         conn.execute("DELETE FROM training_samples WHERE sample_id = ANY(%s)", (sample_ids,))
+        tombstones.record(conn, tombstones.load_key(settings), request.subject_id,
+                          sorted(set(request.sample_ids or []) | set(sample_ids)))
         models = sorted({model for model, _ in pending})
         conn.execute(
             "UPDATE erasure_requests SET status = 'rows_deleted', rows_deleted = %s, subject_id = NULL,"
