@@ -31,9 +31,9 @@ def open_file(path: Path, mapping: Mapping) -> tuple[Batches, int | None]:
     """A way to read the file's mapped columns batch by batch, and its row count when known
     without reading it (Parquet). A column the mapping names and the file lacks is a SourceError."""
     path = Path(path)
+    kind = file_format(path)
     if not path.is_file():
         raise SourceError(f"{path}: no such file")
-    kind = file_format(path)
     if kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -53,7 +53,7 @@ def open_file(path: Path, mapping: Mapping) -> tuple[Batches, int | None]:
         # ids and categories stay text ("007" is not 7); an empty cell is a missing value
         text = [mapping.sample_id, mapping.subject_id, *([mapping.split] if mapping.split else []),
                 *mapping.categorical]
-        convert = csv.ConvertOptions(include_columns=mapping.columns, strings_can_be_null=True,
+        convert = csv.ConvertOptions(include_columns=mapping.columns, strings_can_be_null=True, null_values=[""],
                                      column_types={name: pa.string() for name in text})
 
         def csv_rows() -> Iterator[pa.RecordBatch]:
