@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -197,6 +198,16 @@ def test_an_append_that_does_not_fit_the_dataset_is_refused(conn, tmp_path, case
     with pytest.raises(data.ImportRefused, match=rf"more\.jsonl: {message}"):
         import_file(conn, "images", write(tmp_path / "more.jsonl", columns), ARRAY)
     assert everything(conn) == before
+
+
+def test_an_empty_file_or_another_shape_is_refused(conn, tmp_path):
+    empty = write(tmp_path / "empty.parquet", {k: pa.array([], type=pa.array(v).type) for k, v in pixels().items()})
+    with pytest.raises(data.ImportRefused, match=r"empty\.parquet: no rows to import"):
+        import_file(conn, "images", empty, ARRAY)
+    import_file(conn, "images", write(tmp_path / "first.parquet", pixels()), ARRAY)
+    with pytest.raises(data.ImportRefused, match=r"more\.parquet: shape \[4\] differs from dataset images's \[1, 2, 2\]"):
+        import_file(conn, "images", write(tmp_path / "more.parquet", pixels(range(8, 10))),
+                    replace(ARRAY, shape=(4,)))
 
 
 def test_a_missing_column_or_unknown_format_is_named(tmp_path):

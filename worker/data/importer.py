@@ -87,6 +87,9 @@ class _Rows:
         declared = existing.categories if existing else mapping.categories
         self.categories = {c: _Vocabulary(list(declared.get(c, ())), existing is not None or c in declared)
                            for c in mapping.categorical}
+        if existing and mapping.shape is not None and tuple(mapping.shape) != existing.input_shape:
+            raise ImportRefused(f"{source}: shape {list(mapping.shape)} differs from dataset {name}'s "
+                                f"{list(existing.input_shape)}")
         if existing and set(existing.categories) != set(mapping.categorical):
             raise ImportRefused(f"{source}: categorical features {sorted(mapping.categorical)} differ from "
                                 f"dataset {name}'s {sorted(existing.categories)}")
@@ -230,6 +233,8 @@ class _Rows:
     def record(self, conn: psycopg.Connection, generation: int, builtin: bool) -> None:
         """Write the dataset's record: new, or the existing one appended to. `rows_loaded` counts
         the rows read, erased ones left out included."""
+        if self.offset == 0:
+            raise ImportRefused(f"{self.source}: no rows to import")
         categories = Jsonb({c: v.items for c, v in self.categories.items()})
         class_names = None if self.classes is None else self.classes.items
         if self.existing is not None:
@@ -294,7 +299,7 @@ def _copy_text(name: str, generation: int, samples: list[str], subjects: list[st
     the slow part. Whole-number features are written as integers."""
     whole = features.astype(np.int64)
     values = whole.tolist() if (whole == features).all() else features.tolist()
-    tail = f"\t{generation}\n"
+    name, tail = name.translate(_ESCAPES), f"\t{generation}\n"
     if _ESCAPED.search("".join(samples)) or _ESCAPED.search("".join(s for s in subjects if s is not None)):
         samples = [s.translate(_ESCAPES) for s in samples]
         subjects = [None if s is None else s.translate(_ESCAPES) for s in subjects]
