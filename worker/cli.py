@@ -89,21 +89,31 @@ def _shape(ctx, param, value: str | None) -> tuple[int, ...] | None:
         raise click.BadParameter(f"expected comma-separated sizes such as 1,8,8, not {value!r}") from None
 
 
+def _mapping_options(command):
+    """The column mapping's flags, shared by `data import` and `data register`."""
+    options = [
+        click.option("--mapping", "mapping_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="A TOML mapping of columns (see README); the flags below override it."),
+        click.option("--sample-id", help="Column of the sample ids [default: sample_id]."),
+        click.option("--subject-id", help="Column of the subject ids, empty for public rows only [default: subject_id]."),
+        click.option("--label", help="Column of the labels [default: label]."),
+        click.option("--split", help="Column of the splits (train, holdout, public) [default: derived from the sample id]."),
+        click.option("--features", "features", multiple=True,
+                     help="One list column, or each feature column in order (repeatable) [default: features]."),
+        click.option("--categorical", multiple=True, help="A feature column holding categories (repeatable)."),
+        click.option("--shape", callback=_shape, help="Shape a model sees a row in, e.g. 1,8,8 [default: flat]."),
+        click.option("--scale", type=float, help="Divisor of raw feature values [default: 1]."),
+        click.option("--num-classes", type=int, help="Integer labels: how many classes [default: largest label + 1]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @data.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--dataset", required=True, help="Dataset to create, or to append the rows to.")
-@click.option("--mapping", "mapping_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A TOML mapping of columns (see README); the flags below override it.")
-@click.option("--sample-id", help="Column of the sample ids [default: sample_id].")
-@click.option("--subject-id", help="Column of the subject ids, empty for public rows only [default: subject_id].")
-@click.option("--label", help="Column of the labels [default: label].")
-@click.option("--split", help="Column of the splits (train, holdout, public) [default: derived from the sample id].")
-@click.option("--features", "features", multiple=True,
-              help="One list column, or each feature column in order (repeatable) [default: features].")
-@click.option("--categorical", multiple=True, help="A feature column holding categories (repeatable).")
-@click.option("--shape", callback=_shape, help="Shape a model sees a row in, e.g. 1,8,8 [default: flat].")
-@click.option("--scale", type=float, help="Divisor of raw feature values [default: 1].")
-@click.option("--num-classes", type=int, help="Integer labels: how many classes [default: largest label + 1].")
+@_mapping_options
 def data_import(file: Path, dataset: str, mapping_file: Path | None, **flags) -> None:
     """Import a team's rows from FILE (Parquet, CSV or JSON Lines) into DATASET, in one transaction.
 
@@ -134,6 +144,36 @@ def data_import(file: Path, dataset: str, mapping_file: Path | None, **flags) ->
     splits = ", ".join(f"{split} {count}" for split, count in sorted(imported.by_split.items())) or "none"
     click.echo(f"imported {imported.rows} rows into {dataset} (generation {imported.generation}: {splits}); "
                f"{imported.skipped_erased} rows of erased subjects or samples left out")
+
+
+@data.command("register")
+@click.option("--dataset", required=True, help="Name of the new dataset.")
+@click.option("--table", required=True, help="The table or view holding the rows: NAME or SCHEMA.NAME.")
+@_mapping_options
+def data_register(dataset: str, table: str, mapping_file: Path | None, **flags) -> None:
+    """Register rows that already live in a table or view of the same PostgreSQL as DATASET.
+
+    Nothing is copied: training reads the table and erasures delete from it (a view must be
+    updatable). Every row is checked first; rows of subjects or samples erased before are deleted.
+    """
+    from worker import db as database
+    from worker.data import mapping, register
+
+    try:
+        columns = mapping.build(mapping_file, **flags)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    url = get_settings().database_url
+    database.ensure_database(url)
+    database.migrate(url)
+    with database.connect(url) as conn:
+        try:
+            registered = register.register_table(conn, dataset, table, columns)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+    splits = ", ".join(f"{split} {count}" for split, count in sorted(registered.by_split.items()))
+    click.echo(f"registered {dataset}: {registered.rows} rows of {table} ({splits}); "
+               f"{registered.deleted_erased} rows of erased subjects or samples deleted from it")
 
 
 def _hidden_sizes(ctx, param, value: str | None) -> tuple[int, ...] | None:

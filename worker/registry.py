@@ -29,6 +29,7 @@ from psycopg.types.json import Jsonb
 
 import worker.core
 from worker import data
+from worker.data import rowsource
 from worker.artifacts import (
     NAMESPACE,
     ArtifactStore,
@@ -181,7 +182,7 @@ def train_model(conn: psycopg.Connection, settings: Settings, name: str, method:
                     )
                 except psycopg.errors.UniqueViolation:
                     raise ModelExists(f"model {name!r} already exists; choose another name") from None
-                _lock_rows_still_there(conn, rows.sample_ids)
+                _lock_rows_still_there(conn, dataset, rows.sample_ids)
                 return commit_version(conn, replace(staged, placements=result.placements, placement_shards=None,
                                                     batches=result.batches, replace_batch_log=True))
         except RowsErasedDuringTraining:
@@ -190,9 +191,9 @@ def train_model(conn: psycopg.Connection, settings: Settings, name: str, method:
     raise RowsErasedDuringTraining(f"model {name!r}: training rows kept being erased while it trained; try again")
 
 
-def _lock_rows_still_there(conn: psycopg.Connection, sample_ids: Sequence[str]) -> None:
-    still = conn.execute(
-        "SELECT count(*) FROM (SELECT 1 FROM training_samples WHERE sample_id = ANY(%s) FOR KEY SHARE) AS kept",
+def _lock_rows_still_there(conn: psycopg.Connection, dataset: str, sample_ids: Sequence[str]) -> None:
+    still = conn.execute(rowsource.of(conn, dataset).query(
+        "SELECT count(*) FROM (SELECT 1 FROM {rows} WHERE sample_id = ANY(%s) FOR KEY SHARE) AS kept"),
         (list(sample_ids),),
     ).fetchone()[0]
     if still != len(sample_ids):
@@ -287,7 +288,7 @@ def commit_version(conn: psycopg.Connection, staged: StagedVersion) -> ModelVers
             (model, list(staged.removed_artifacts)),
         )
     if staged.placements is not None:
-        _write_placements(conn, model, staged.placements, staged.placement_shards)
+        _write_placements(conn, model, rowsource.of(conn, staged.dataset), staged.placements, staged.placement_shards)
     if staged.replace_batch_log:
         conn.execute("DELETE FROM batch_log WHERE model = %s", (model,))
     elif staged.removed_batches:
@@ -464,8 +465,8 @@ def _holdout_metrics(predictor: Predictor | None, holdout: TrainingSet) -> dict[
             "holdout_rows": float(len(holdout))}
 
 
-def _write_placements(conn: psycopg.Connection, model: str, placements: Iterable[Placement],
-                      shards: Sequence[int] | None) -> None:
+def _write_placements(conn: psycopg.Connection, model: str, rows: rowsource.RowSource,
+                      placements: Iterable[Placement], shards: Sequence[int] | None) -> None:
     """Make the model's placements in `shards` (all of them: None) exactly `placements`, leaving
     out rows erased since the work read them (their erasure already queued their unlearning; a
     placement would make them look present).
@@ -475,7 +476,7 @@ def _write_placements(conn: psycopg.Connection, model: str, placements: Iterable
     milliseconds."""
     if shards is None:
         conn.execute("DELETE FROM sample_placement WHERE model = %s", (model,))
-        _copy_placements(conn, model, placements)
+        _copy_placements(conn, model, rows, placements)
         return
     wanted = {p.sample_id: (p.shard, p.slice, p.position) for p in placements}
     held = {sample_id: (shard, slice_, position) for sample_id, shard, slice_, position in conn.execute(
@@ -487,17 +488,18 @@ def _write_placements(conn: psycopg.Connection, model: str, placements: Iterable
     moved = sorted(s for s, place in wanted.items() if held.get(s) != place)
     if moved:
         shard, slice_, position = (list(column) for column in zip(*(wanted[s] for s in moved)))
-        conn.execute(
+        conn.execute(rows.query(
             "INSERT INTO sample_placement (model, sample_id, shard, slice, position)"
             " SELECT %s, p.* FROM unnest(%s::text[], %s::int[], %s::int[], %s::int[]) AS p (sample_id, shard, slice, position)"
-            " JOIN training_samples t ON t.sample_id = p.sample_id"
+            " JOIN {rows} ON r.sample_id = p.sample_id"
             " ON CONFLICT (model, sample_id) DO UPDATE"
-            " SET shard = EXCLUDED.shard, slice = EXCLUDED.slice, position = EXCLUDED.position",
+            " SET shard = EXCLUDED.shard, slice = EXCLUDED.slice, position = EXCLUDED.position"),
             (model, moved, shard, slice_, position),
         )
 
 
-def _copy_placements(conn: psycopg.Connection, model: str, placements: Iterable[Placement]) -> None:
+def _copy_placements(conn: psycopg.Connection, model: str, rows: rowsource.RowSource,
+                     placements: Iterable[Placement]) -> None:
     """Write placements, leaving out rows erased since the work read them."""
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS placement_in (LIKE sample_placement) ON COMMIT DROP")
     with conn.cursor() as cur, cur.copy(
@@ -505,10 +507,8 @@ def _copy_placements(conn: psycopg.Connection, model: str, placements: Iterable[
     ) as copy:
         for p in placements:
             copy.write_row((model, p.sample_id, p.shard, p.slice, p.position))
-    conn.execute(
-        "INSERT INTO sample_placement SELECT p.* FROM placement_in p"
-        " JOIN training_samples t ON t.sample_id = p.sample_id"
-    )
+    conn.execute(rows.query(
+        "INSERT INTO sample_placement SELECT p.* FROM placement_in p JOIN {rows} ON r.sample_id = p.sample_id"))
     conn.execute("DROP TABLE placement_in")
 
 

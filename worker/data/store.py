@@ -15,6 +15,7 @@ import numpy as np
 import psycopg
 
 from worker.core.base import FeatureSchema, TrainingSet
+from worker.data import rowsource
 
 PUBLIC_PERCENT = 10
 HOLDOUT_PERCENT = 20
@@ -32,6 +33,7 @@ class DatasetSpec:
     class_names: tuple[str, ...] | None = None  # label i's name; None: labels are plain integers
     generation: int = 0  # the latest import's
     builtin: bool = False
+    table: tuple[str, ...] | None = None  # registered: the team's table or view holding the rows
 
     @property
     def width(self) -> int:
@@ -53,15 +55,16 @@ def names(conn: psycopg.Connection) -> list[str]:
 def spec(conn: psycopg.Connection, name: str) -> DatasetSpec:
     """The dataset's record; UnknownDataset (listing the present ones) when there is none."""
     row = conn.execute(
-        "SELECT num_classes, input_shape, scale, feature_names, categories, class_names, generation, builtin"
-        " FROM datasets WHERE name = %s", (name,)).fetchone()
+        "SELECT num_classes, input_shape, scale, feature_names, categories, class_names, generation, builtin,"
+        " source_table FROM datasets WHERE name = %s", (name,)).fetchone()
     if row is None or row[1] is None:
         present = ", ".join(names(conn)) or "none yet: `unlearn data load` or `unlearn data import` one"
         raise UnknownDataset(f"unknown dataset {name!r}; the database holds: {present}")
-    num_classes, shape, scale, feature_names, categories, class_names, generation, builtin = row
+    num_classes, shape, scale, feature_names, categories, class_names, generation, builtin, table = row
     return DatasetSpec(name, num_classes, tuple(shape), float(scale), tuple(feature_names),
                        {k: tuple(v) for k, v in categories.items()},
-                       None if class_names is None else tuple(class_names), generation, builtin)
+                       None if class_names is None else tuple(class_names), generation, builtin,
+                       None if table is None else tuple(table))
 
 
 def group_key(subject_id: str | None, sample_id: str) -> int:
@@ -87,10 +90,10 @@ def read_training_set(conn: psycopg.Connection, name: str, split: str = "train",
     dataset = spec(conn, name)
     if split not in SPLITS:
         raise ValueError(f"split must be train, holdout or public, not {split!r}")
-    rows = conn.execute(
-        "SELECT sample_id, subject_id, label, features FROM training_samples"
-        " WHERE dataset = %s AND split = %s AND (%s::int IS NULL OR generation <= %s) ORDER BY sample_id",
-        (name, split, generation, generation),
+    rows = conn.execute(rowsource.of(conn, name).query(
+        "SELECT sample_id, subject_id, label, features FROM {rows}"
+        " WHERE split = %s AND (%s::int IS NULL OR generation <= %s) ORDER BY sample_id"),
+        (split, generation, generation),
     ).fetchall()
     return shaped_rows(dataset, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
 

@@ -17,6 +17,7 @@ import numpy as np
 import psycopg
 
 from worker import data
+from worker.data import rowsource
 from worker.core.base import TrainingSet
 
 _cache: dict[tuple[str, str, str, int], TrainingSet] = {}
@@ -30,10 +31,10 @@ def read(conn: psycopg.Connection, dataset: str, split: str, generation: int) ->
     with _lock:
         cached = _cache.get(key)
     if cached is not None:
-        ids = conn.execute(
-            "SELECT coalesce(array_agg(sample_id ORDER BY sample_id), '{}') FROM training_samples"
-            " WHERE dataset = %s AND split = %s AND generation <= %s",
-            (dataset, split, generation),
+        ids = conn.execute(rowsource.of(conn, dataset).query(
+            "SELECT coalesce(array_agg(sample_id ORDER BY sample_id), '{{}}') FROM {rows}"
+            " WHERE split = %s AND generation <= %s"),
+            (split, generation),
         ).fetchone()[0]
         if len(ids) == len(cached) and ids == list(cached.sample_ids):
             return cached

@@ -9,7 +9,11 @@ ALTER TABLE datasets
     ADD COLUMN categories    jsonb NOT NULL DEFAULT '{}'::jsonb,  -- feature name -> vocabulary (code i = item i)
     ADD COLUMN class_names   text[],  -- label i's name when labels were text; NULL: integer labels
     ADD COLUMN generation    integer NOT NULL DEFAULT 0 CHECK (generation >= 0),
-    ADD COLUMN builtin       boolean NOT NULL DEFAULT false;
+    ADD COLUMN builtin       boolean NOT NULL DEFAULT false,
+    -- `unlearn data register`: the rows live in this table or view ([schema, name]), its columns
+    -- named by `source_columns` (worker.data.rowsource); NULL: in training_samples
+    ADD COLUMN source_table   text[],
+    ADD COLUMN source_columns jsonb;
 
 -- datasets loaded before this migration were the built-in ones
 UPDATE datasets d SET input_shape = b.shape, scale = b.scale, builtin = true,
