@@ -11,6 +11,7 @@ import threading
 from dataclasses import replace
 
 import numpy as np
+import psycopg
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -338,3 +339,36 @@ def test_cli_imports_with_a_mapping_file_and_reports_errors(database_url, tmp_pa
     assert flags.exit_code == 0 and "imported 12 rows into team" in flags.output, flags.output
     missing = runner.invoke(main, ["data", "import", str(tmp_path / "nope.csv"), "--dataset", "x"])
     assert missing.exit_code == 2 and "nope.csv: no such file" in missing.output
+
+
+def test_an_erasure_during_an_import_waits_for_it_and_then_finds_its_rows(conn, database_url, tmp_path, artifact_dir):
+    # Given an import that has written rows of person-0 and is still running
+    settings = get_settings()
+    table = pa.Table.from_pydict(tabular(range(1, 3)))
+    written, release = threading.Event(), threading.Event()
+
+    def batches():
+        yield table.to_batches()[0]
+        written.set()
+        release.wait(30)
+
+    def run_import():
+        with psycopg.connect(database_url) as importer_conn:
+            data.import_rows(importer_conn, "team", batches, TABULAR, source="held.parquet")
+
+    importing = threading.Thread(target=run_import)
+    with psycopg.connect(database_url) as other:
+        done = []
+        importing.start()
+        assert written.wait(30)
+        # When person-0's erasure starts meanwhile
+        erasing = threading.Thread(target=lambda: done.append(pipeline_steps.request(other, settings, ["person-0"])))
+        erasing.start()
+        erasing.join(1.0)
+        # Then it waits for the import, and once the import committed it deletes the imported rows
+        assert erasing.is_alive() and not done
+        release.set()
+        importing.join(30)
+        erasing.join(30)
+        assert done and not erasing.is_alive()
+    assert store_rows(conn, "team") == []

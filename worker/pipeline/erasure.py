@@ -54,6 +54,9 @@ def delete_rows(conn: psycopg.Connection, settings: Settings, request_id: uuid.U
             return RowsDeleted(request_id, request.rows_deleted or 0, models)
         if request.status != "received":
             return None
+        # before the lookup: an import running now (it holds the table in SHARE mode) commits first
+        # and its rows are found here, or starts after this commit and sees the tombstones
+        conn.execute("LOCK TABLE erasure_tombstones IN ROW EXCLUSIVE MODE")
         sources = rowsource.every(conn)
         found = {source: conn.execute(source.query(ROWS_OF), (request.subject_id, request.sample_ids)).fetchall()
                  for source in sources}
