@@ -372,3 +372,26 @@ def test_an_erasure_during_an_import_waits_for_it_and_then_finds_its_rows(conn, 
         erasing.join(30)
         assert done and not erasing.is_alive()
     assert store_rows(conn, "team") == []
+
+
+def test_a_mapping_file_is_checked_and_flags_override_it(tmp_path):
+    path = tmp_path / "mapping.toml"
+    path.write_text('[columns]\nsample_id = "id"\nfeatures = "embedding"\n[dataset]\nshape = [2, 2]\n')
+    built = mapping.build(path, label="target", features=())
+    assert (built.sample_id, built.label, built.features, built.shape) == ("id", "target", ("embedding",), (2, 2))
+    for text, message in (('[colums]\nlabel = "y"\n', r"unknown table\(s\) colums"),
+                          ('[columns]\nlabels = "y"\n', r"unknown key\(s\) in \[columns\]: labels"),
+                          ('[columns]\nfeatures = ["a"]\ncategorical = ["b"]\n', r"categorical column\(s\) b are not"),
+                          ('[columns]\nfeatures = ["a"]\ncategorical = ["a"]\n[dataset]\nscale = 2.0\n',
+                           "with categorical columns it must be 1"),
+                          ("[columns\n", r"mapping .*mapping\.toml")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            mapping.build(path)
+
+
+def test_train_takes_any_dataset_in_the_database_and_names_them_when_one_is_unknown(database_url, conn, tmp_path):
+    import_file(conn, "images", write(tmp_path / "images.parquet", pixels()), ARRAY)
+    refused = CliRunner().invoke(main, ["train", "--model", "m", "--method", "sisa", "--dataset", "nope"])
+    assert refused.exit_code == 1
+    assert "unknown dataset 'nope'; the database holds: images" in refused.output
