@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import time
@@ -22,6 +23,8 @@ import numpy as np
 import psycopg
 
 from worker.config import Settings
+
+log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
 KINDS = ("subject", "sample")
@@ -50,6 +53,8 @@ def load_key(settings: Settings) -> bytes:
             os.close(descriptor)
         try:
             os.link(draft, path)  # fails if another process linked its key first: that one wins
+            log.warning("created the erasure tombstone key %s: every process that erases or imports rows "
+                        "must read this same key (UNLEARN_TOMBSTONE_KEY_FILE)", path)
         except FileExistsError:
             pass
         finally:
