@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 import pipeline_steps
 from worker import data, registry
+from worker.artifacts import ArtifactStore, read_manifest
 from worker.cli import main
 from worker.config import get_settings
 from worker.core.base import TrainConfig
@@ -125,3 +126,37 @@ def test_cli_registers_a_table_and_refuses_importing_into_it(database_url, conn,
                    tmp_path / "more.parquet")
     refused = runner.invoke(main, ["data", "import", str(tmp_path / "more.parquet"), "--dataset", "team"])
     assert refused.exit_code == 1 and "dataset team is registered: its rows live in team.images" in refused.output
+
+
+def test_rows_added_to_a_registered_table_in_a_later_batch_stay_out_of_a_model_trained_before(
+        conn, team_table, artifact_dir, ctx, tmp_path):
+    settings = get_settings()
+    # Given the table with a batch column, registered, and a model trained on batch 0
+    conn.execute("ALTER TABLE team.images ADD COLUMN batch integer NOT NULL DEFAULT 0")
+    conn.commit()
+    columns = Mapping(**{**COLUMNS.__dict__, "generation": "batch"})
+    register.register_table(conn, "team", "team.images", columns)
+    config = TrainConfig(architecture="mlp", hidden=(16,), epochs=1, batch_size=32, seed=2, shards=2, slices=2)
+    registry.train_model(conn, settings, "team-sisa", "sisa", "team", config)
+
+    # When the team adds rows as batch 1 and a subject of batch 0 is erased
+    more = data.prepare_rows("digits")[400:500]
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO team.images VALUES (%s, %s, %s, %s, %s, 1)",
+                        [(f"t-{r[0]}", r[1] and f"t-{r[1]}", r[3], r[4], r[5]) for r in more])
+    conn.commit()
+    assert data.spec(conn, "team").generation == 1
+    subject = conn.execute("SELECT owner FROM team.images WHERE part = 'train' AND batch = 0"
+                           " ORDER BY owner LIMIT 1").fetchone()[0]
+    conn.commit()
+    pipeline_steps.request(conn, settings, [subject])
+    assert pipeline_steps.run_passes(ctx, "team-sisa").version == 2
+
+    # Then the unlearned model equals training from scratch on batch 0 less the erased rows
+    remaining = data.read_training_set(conn, "team", "train", generation=0)
+    public = data.read_training_set(conn, "team", "public", generation=0)
+    conn.commit()
+    scratch = registry.method_for("sisa")().train(remaining, config, ArtifactStore(tmp_path / "s", "x"), public=public)
+    current = registry.current_version(conn, "team-sisa")
+    manifest = read_manifest(settings.artifact_dir, "team-sisa", 2, current.manifest_sha256)
+    assert [c["sha256"] for c in manifest["components"]] == [c.sha256 for c in scratch.components]

@@ -118,6 +118,8 @@ def data_import(file: Path, dataset: str, mapping_file: Path | None, **flags) ->
 @data.command("register")
 @click.option("--dataset", required=True, help="Name of the new dataset.")
 @click.option("--table", required=True, help="The table or view holding the rows: NAME or SCHEMA.NAME.")
+@click.option("--generation", help="An integer column numbering each row's batch: a model keeps to the batches "
+                                   "present when it trained [default: none; the table must then only lose rows].")
 @_mapping_options
 def data_register(dataset: str, table: str, mapping_file: Path | None, **flags) -> None:
     """Register rows that already live in a table or view of the same PostgreSQL as DATASET.

@@ -87,6 +87,8 @@ class _Rows:
         declared = existing.categories if existing else mapping.categories
         self.categories = {c: _Vocabulary(list(declared.get(c, ())), existing is not None or c in declared)
                            for c in mapping.categorical}
+        if mapping.generation is not None:
+            raise ImportRefused(f"{source}: a generation column is for registered tables; an import is a generation")
         if existing and existing.table is not None:
             raise ImportRefused(f"{source}: dataset {name} is registered: its rows live in {'.'.join(existing.table)}")
         if existing and mapping.shape is not None and tuple(mapping.shape) != existing.input_shape:

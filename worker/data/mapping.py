@@ -9,6 +9,7 @@ and/or a TOML file (flags win).
     features = "embedding"        # one list column, or a list of numeric/categorical columns:
     # features = ["age", "income", "plan"]
     categorical = ["plan"]        # encoded as codes of a vocabulary stored with the dataset
+    generation = "batch"          # `data register` only: a model keeps to the batches present when it trained
 
     [dataset]                     # all optional
     shape = [16]                  # as a model sees a row (default: the number of features)
@@ -41,6 +42,7 @@ class Mapping:
     num_classes: int | None = None
     classes: tuple[str, ...] | None = None
     categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    generation: str | None = None  # registered tables only: an integer column numbering the row's batch
 
     def __post_init__(self) -> None:
         if not self.features:
@@ -63,7 +65,8 @@ class Mapping:
     @property
     def columns(self) -> list[str]:
         """Every column the mapping reads."""
-        named = [self.sample_id, self.subject_id, self.label, *([self.split] if self.split else []), *self.features]
+        named = [self.sample_id, self.subject_id, self.label, *([self.split] if self.split else []), *self.features,
+                 *([self.generation] if self.generation else [])]
         return list(dict.fromkeys(named))
 
 
@@ -78,7 +81,7 @@ def from_toml(path: Path) -> dict[str, Any]:
         raise ValueError(f"mapping {path}: unknown table(s) {', '.join(sorted(unknown))}; "
                          "expected [columns], [dataset], [categories]")
     settings: dict[str, Any] = {}
-    allowed = {"columns": {"sample_id", "subject_id", "label", "split", "features", "categorical"},
+    allowed = {"columns": {"sample_id", "subject_id", "label", "split", "features", "categorical", "generation"},
                "dataset": {"shape", "scale", "num_classes", "classes"}}
     for table, keys in allowed.items():
         values = document.get(table, {})

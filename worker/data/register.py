@@ -61,7 +61,7 @@ def register_table(conn: psycopg.Connection, name: str, table: str, mapping: Map
         types = _column_types(conn, qualified, where)
         _check_types(where, types, mapping)
         source = rowsource.RowSource(qualified, mapping.sample_id, mapping.subject_id, mapping.split, mapping.label,
-                                     tuple(mapping.features))
+                                     tuple(mapping.features), generation=mapping.generation)
         width, num_classes, by_split = _check_rows(conn, source, mapping, where)
         deleted = _delete_erased(conn, source, settings or get_settings())
         for split, count in _erased_by_split(deleted).items():
@@ -95,8 +95,9 @@ def _check_types(where: str, types: dict[str, str], mapping: Mapping) -> None:
     if missing:
         raise RegisterRefused(f"{where}: column(s) {', '.join(repr(c) for c in missing)} named by the mapping "
                               f"are missing; it has {', '.join(repr(c) for c in types)}")
-    if types[mapping.label] not in INTEGER:
-        raise RegisterRefused(f"{where}, column {mapping.label!r}: labels must be integers, not {types[mapping.label]}")
+    for column, what in ((mapping.label, "labels"), (mapping.generation, "generations")):
+        if column is not None and types[column] not in INTEGER:
+            raise RegisterRefused(f"{where}, column {column!r}: {what} must be integers, not {types[column]}")
     features = mapping.features
     if len(features) == 1:
         kind = types[features[0]]
@@ -119,6 +120,7 @@ def _check_rows(conn: psycopg.Connection, source: rowsource.RowSource, mapping: 
         (mapping.subject_id, "non-public rows without a subject, or public rows with one",
          "(subject_id IS NULL OR subject_id = '') <> (split = 'public')"),
         (mapping.label, "rows without a label or with a negative one", "label IS NULL OR label < 0"),
+        (mapping.generation, "rows without a generation or with a negative one", "generation IS NULL OR generation < 0"),
         (", ".join(mapping.features), "rows with a missing, NaN or infinite feature",
          "features IS NULL OR EXISTS (SELECT 1 FROM unnest(features) AS v"
          " WHERE v IS NULL OR v IN ('NaN', 'Infinity', '-Infinity'))"),
@@ -126,6 +128,8 @@ def _check_rows(conn: psycopg.Connection, source: rowsource.RowSource, mapping: 
     if not conn.execute(source.query("SELECT EXISTS (SELECT 1 FROM {rows})")).fetchone()[0]:
         raise RegisterRefused(f"{where}: no rows")
     for column, what, condition in checks:
+        if column is None:
+            continue
         bad = conn.execute(source.query(f"SELECT count(*) FROM {{rows}} WHERE {condition}")).fetchone()[0]
         if bad:
             raise RegisterRefused(f"{where}, column {column!r}: {bad} {what}")

@@ -62,7 +62,7 @@ class RowSource:
 
     def to_json(self) -> dict[str, Any]:
         return {"sample_id": self.sample_id, "subject_id": self.subject_id, "split": self.split,
-                "label": self.label, "features": list(self.features)}
+                "label": self.label, "features": list(self.features), "generation": self.generation}
 
 
 def imported(dataset: str) -> RowSource:
@@ -82,7 +82,7 @@ def of(conn: psycopg.Connection, dataset: str) -> RowSource:
 
 def registered(table: list[str], columns: dict[str, Any]) -> RowSource:
     return RowSource(tuple(table), columns["sample_id"], columns["subject_id"], columns["split"], columns["label"],
-                     tuple(columns["features"]))
+                     tuple(columns["features"]), generation=columns.get("generation"))
 
 
 def every(conn: psycopg.Connection) -> list[RowSource]:

@@ -61,6 +61,9 @@ def spec(conn: psycopg.Connection, name: str) -> DatasetSpec:
         present = ", ".join(names(conn)) or "none yet: `unlearn data load` or `unlearn data import` one"
         raise UnknownDataset(f"unknown dataset {name!r}; the database holds: {present}")
     num_classes, shape, scale, feature_names, categories, class_names, generation, builtin, table = row
+    if table is not None:  # a registered table numbers its rows' batches itself, if at all
+        generation = conn.execute(rowsource.of(conn, name).query(
+            "SELECT coalesce(max(generation), 0) FROM {rows}")).fetchone()[0]
     return DatasetSpec(name, num_classes, tuple(shape), float(scale), tuple(feature_names),
                        {k: tuple(v) for k, v in categories.items()},
                        None if class_names is None else tuple(class_names), generation, builtin,
