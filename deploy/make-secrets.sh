@@ -31,4 +31,5 @@ for who in worker serve; do
 done
 put serve_token "$(random)"
 put grafana_admin_password "$(random)"
+put tombstone_key "$(random)"  # keys the erasure tombstones; lose it and erased rows could be imported again
 echo "secrets written under $(pwd)/secrets (the model server's bearer token: secrets/serve_token)"

@@ -37,9 +37,21 @@ def test_every_subject_owns_several_rows():
     assert np.mean(list(counts.values())) > 4
 
 
-def test_unknown_dataset_is_a_clear_error():
+def test_unknown_builtin_dataset_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown dataset 'cifar'.*digits"):
-        data.spec("cifar")
+        data.builtin_spec("cifar")
+
+
+@pytest.mark.services
+def test_unknown_dataset_names_the_ones_the_database_holds(conn):
+    with pytest.raises(data.UnknownDataset, match="unknown dataset 'cifar'; the database holds: none yet"):
+        data.spec(conn, "cifar")
+    data.load_into_postgres(conn, "digits")
+    with pytest.raises(data.UnknownDataset, match="unknown dataset 'cifar'; the database holds: digits$"):
+        data.spec(conn, "cifar")
+    digits = data.spec(conn, "digits")
+    assert (digits.input_shape, digits.scale, digits.num_classes, digits.builtin) == ((1, 8, 8), 16.0, 10, True)
+    assert digits.feature_names[:2] == ("features[0]", "features[1]") and len(digits.feature_names) == 64
 
 
 @pytest.mark.services

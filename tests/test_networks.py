@@ -12,7 +12,6 @@ import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from worker.config import get_settings
 from worker.core import networks, nets
 from worker.core.amnesiac import Amnesiac
 from worker.core.arcane import Arcane
-from worker.core.base import DeletedSample, TrainConfig, TrainingSet
+from worker.core.base import DeletedSample, FeatureSchema, TrainConfig, TrainingSet
 from worker.core.nets import FeatureScaling, derive_seed, state_tensors
 from worker.core.placement import shard_of, slice_of
 from worker.core.puma import Puma
@@ -129,7 +128,7 @@ def test_a_team_network_is_standardised_on_its_numeric_features_unless_it_opts_o
     import teamnet
 
     _, public = rows
-    schema = SimpleNamespace(names=tuple(f"f{i}" for i in range(64)), categories={"f3": ("a", "b"), "f9": ("x",)})
+    schema = FeatureSchema(tuple(f"f{i}" for i in range(64)), {"f3": ("a", "b"), "f9": ("x",)})
     plain = FeatureScaling.of(public)
     scaling = networks.input_scaling(CONFIG, public, schema)
     assert (scaling.mean[3], scaling.std[3], scaling.mean[9], scaling.std[9]) == (0.0, 1.0, 0.0, 1.0)

@@ -62,7 +62,7 @@ def test_a_model_name_is_never_reused(conn, trained):
 def test_unknown_method_and_dataset_are_clear_errors(conn, artifact_dir):
     with pytest.raises(ValueError, match="method must be one of .*not 'magic'"):
         registry.train_model(conn, get_settings(), "m", "magic", "digits", CONFIG)
-    with pytest.raises(ValueError, match="no training rows"):
+    with pytest.raises(ValueError, match="unknown dataset .letter.; the database holds: none yet"):
         registry.train_model(conn, get_settings(), "m", "sisa", "letter", CONFIG)
 
 

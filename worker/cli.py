@@ -6,12 +6,16 @@ from pathlib import Path
 
 import click
 
+from worker.cli_data import data
 from worker.config import get_settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Erase data subjects' rows and their influence on trained models."""
+
+
+main.add_command(data)
 
 
 @main.command("config")
@@ -39,45 +43,6 @@ def db_migrate() -> None:
             click.echo(f"applied {migration.version:03d}_{migration.name}")
     else:
         click.echo("schema is up to date")
-
-
-@main.group()
-def data() -> None:
-    """Training datasets."""
-
-
-@data.command("load")
-@click.argument("dataset", type=click.Choice(["digits", "letter", "mnist5k", "synthetic"]))
-@click.option("--rows", type=int, help="Rows to generate: synthetic only, and required for it (1 to 10,000,000).")
-def data_load(dataset: str, rows: int | None) -> None:
-    """Load DATASET into Postgres as training rows, each owned by a data subject (once).
-
-    digits, letter and mnist5k are real and offline; synthetic is a seeded Gaussian mixture of
-    --rows rows for scale tests (row i is the same in every load). A database holds one load of
-    each: loading synthetic again with another --rows is refused.
-    """
-    from rich.progress import track
-
-    from worker import data as datasets
-    from worker import db as database
-
-    try:
-        datasets.check_rows(dataset, rows)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    url = get_settings().database_url
-    database.ensure_database(url)
-    database.migrate(url)
-    with database.connect(url) as conn:
-        try:
-            loaded = datasets.load_into_postgres(conn, dataset, rows, progress=track)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
-    splits = ", ".join(f"{split} {count}" for split, count in sorted(loaded.by_split.items()))
-    if loaded.already_loaded:
-        click.echo(f"{dataset} was loaded before; left as it is ({loaded.rows} rows now: {splits})")
-    else:
-        click.echo(f"loaded {loaded.rows} {dataset} rows ({splits}) owned by {loaded.subjects} subjects")
 
 
 def _hidden_sizes(ctx, param, value: str | None) -> tuple[int, ...] | None:
@@ -130,7 +95,7 @@ class MethodChoice(click.Choice):
 @click.option("--model", "name", required=True, help="Name of the new model (never reused).")
 @click.option("--method", required=True, type=MethodChoice(), help="How the model unlearns (a module of worker/core).")
 @click.option("--dataset", default="letter", show_default=True,
-              type=click.Choice(["digits", "letter", "mnist5k", "synthetic"]))
+              help="A dataset in the database: loaded (`data load`) or imported (`data import`).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shards", type=int, help="SISA/S3T shards S (default 1).")
 @click.option("--slices", type=int, help="SISA/S3T slices R per shard, ARCANE blocks per class (default 1).")
@@ -175,13 +140,15 @@ def train_cmd(name: str, method: str, dataset: str, seed: int, options: dict, ag
         options["aggregation"] = aggregation
     if network is not None and architecture is not None:
         raise click.UsageError("give --network or --architecture, not both (--architecture X is --network X)")
-    network = network or architecture or ("cnn" if len(datasets.spec(dataset).input_shape) == 3 else "mlp")
     settings = get_settings()
     try:
         runtime.configure(settings.device, settings.threads)
-        config = TrainConfig(network=network, network_args=network_args, seed=seed, options=options,
-                             **{key: value for key, value in hyper.items() if value is not None})
         with database.connect(settings.database_url) as conn:
+            if network is None and architecture is None:
+                architecture = "cnn" if len(datasets.spec(conn, dataset).input_shape) == 3 else "mlp"
+                conn.commit()
+            config = TrainConfig(network=network or architecture, network_args=network_args, seed=seed,
+                                 options=options, **{key: value for key, value in hyper.items() if value is not None})
             version = registry.train_model(conn, settings, name, method, dataset, config, progress=track,
                                            base_weights=base_weights)
     except (ValueError, ImportError) as exc:  # ImportError: NetworkUnavailable

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # loopback by default; a container sets 0.0.0.0 so Prometheus can scrape it
     metrics_addr: str = "127.0.0.1"
     stack_dir: Path = Path(".stack")
+    # the secret keying erasure tombstones (worker.data.tombstones); unset: $UNLEARN_STACK_DIR/tombstone.key,
+    # created once. Every process that erases or imports must read the same key.
+    tombstone_key_file: Path | None = None
     # `unlearn intake | worker | serve` log lines: rich text for a terminal, or one JSON object each
     log_format: Literal["text", "json"] = "text"
     # `unlearn serve`: where it listens, and how often it re-checks that its version is not revoked

@@ -27,10 +27,11 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-import worker.core
-from worker import data
 from safetensors.torch import load as load_safetensors
 
+import worker.core
+from worker import data
+from worker.data import rowsource
 from worker.artifacts import (
     NAMESPACE,
     ArtifactStore,
@@ -163,11 +164,13 @@ def train_model(conn: psycopg.Connection, settings: Settings, name: str, method:
         with conn.transaction():
             if conn.execute("SELECT 1 FROM models WHERE name = %s", (name,)).fetchone():
                 raise ModelExists(f"model {name!r} already exists; choose another name")
-            rows = data.read_training_set(conn, dataset, "train")
-            public = data.read_training_set(conn, dataset, "public")
-            holdout = data.read_training_set(conn, dataset, "holdout")
+            # the dataset's rows as of now: rows imported later never enter this model, retrains included
+            generation = data.spec(conn, dataset).generation
+            rows = data.read_training_set(conn, dataset, "train", generation)
+            public = data.read_training_set(conn, dataset, "public", generation)
+            holdout = data.read_training_set(conn, dataset, "holdout", generation)
         if len(rows) == 0:
-            raise ValueError(f"dataset {dataset!r} has no training rows in PostgreSQL; run `unlearn data load {dataset}`")
+            raise ValueError(f"dataset {dataset!r} has no training rows left in PostgreSQL")
         store = ArtifactStore(settings.artifact_dir, name)
         result = implementation.train(rows, config, store, progress, public if len(public) else None)
         unlearned = UnlearnResult(
@@ -178,7 +181,7 @@ def train_model(conn: psycopg.Connection, settings: Settings, name: str, method:
         lineage = {
             "dataset": dataset, "split": "train", "train_rows": len(rows),
             "train_lineage_sha256": lineage_sha256(rows.sample_ids), "public_rows": len(public),
-            "seed": config.seed,
+            "seed": config.seed, "data_generation": generation,
         }
         if source is not None:
             lineage["base_weights"] = source
@@ -189,12 +192,13 @@ def train_model(conn: psycopg.Connection, settings: Settings, name: str, method:
             with conn.transaction():
                 try:
                     conn.execute(
-                        "INSERT INTO models (name, method, dataset, seed, options) VALUES (%s, %s, %s, %s, %s)",
-                        (name, method, dataset, config.seed, Jsonb(config.to_json())),
+                        "INSERT INTO models (name, method, dataset, seed, options, data_generation)"
+                        " VALUES (%s, %s, %s, %s, %s, %s)",
+                        (name, method, dataset, config.seed, Jsonb(config.to_json()), generation),
                     )
                 except psycopg.errors.UniqueViolation:
                     raise ModelExists(f"model {name!r} already exists; choose another name") from None
-                _lock_rows_still_there(conn, rows.sample_ids)
+                _lock_rows_still_there(conn, dataset, rows.sample_ids)
                 return commit_version(conn, replace(staged, placements=result.placements, placement_shards=None,
                                                     batches=result.batches, replace_batch_log=True))
         except RowsErasedDuringTraining:
@@ -221,9 +225,9 @@ def _file_base_weights(config: TrainConfig, uri: str, store: ArtifactStore) -> t
     return replace(config, base_weights=digest), {"uri": uri, "file_sha256": sha256_bytes(raw), "sha256": digest}
 
 
-def _lock_rows_still_there(conn: psycopg.Connection, sample_ids: Sequence[str]) -> None:
-    still = conn.execute(
-        "SELECT count(*) FROM (SELECT 1 FROM training_samples WHERE sample_id = ANY(%s) FOR KEY SHARE) AS kept",
+def _lock_rows_still_there(conn: psycopg.Connection, dataset: str, sample_ids: Sequence[str]) -> None:
+    still = conn.execute(rowsource.of(conn, dataset).query(
+        "SELECT count(*) FROM (SELECT 1 FROM {rows} WHERE sample_id = ANY(%s) FOR KEY SHARE) AS kept"),
         (list(sample_ids),),
     ).fetchone()[0]
     if still != len(sample_ids):
@@ -240,9 +244,9 @@ def stage_version(conn: psycopg.Connection, settings: Settings, parent: ModelVer
     `full_retrain`: the result replaces every component, placement and batch.
     """
     implementation = method_for(parent.method)()
-    dataset = _dataset(conn, parent.model)
+    dataset, generation = model_rows(conn, parent.model)
     if holdout is None:
-        holdout = data.read_training_set(conn, dataset, "holdout")
+        holdout = data.read_training_set(conn, dataset, "holdout", generation)
     conn.commit()
     lineage = {
         "parent_version": parent.version,
@@ -319,7 +323,7 @@ def commit_version(conn: psycopg.Connection, staged: StagedVersion) -> ModelVers
             (model, list(staged.removed_artifacts)),
         )
     if staged.placements is not None:
-        _write_placements(conn, model, staged.placements, staged.placement_shards)
+        _write_placements(conn, model, rowsource.of(conn, staged.dataset), staged.placements, staged.placement_shards)
     if staged.replace_batch_log:
         conn.execute("DELETE FROM batch_log WHERE model = %s", (model,))
     elif staged.removed_batches:
@@ -420,8 +424,12 @@ def training_config(conn: psycopg.Connection, model: str) -> TrainConfig:
     return TrainConfig.from_json(row[0])
 
 
-def _dataset(conn: psycopg.Connection, model: str) -> str:
-    return conn.execute("SELECT dataset FROM models WHERE name = %s", (model,)).fetchone()[0]
+def model_rows(conn: psycopg.Connection, model: str) -> tuple[str, int]:
+    """The dataset a model trains on, and the last of its generations the model holds: every read of
+    the model's rows (a retrain, its holdout) takes the rows of generations up to that one."""
+    dataset, generation = conn.execute(
+        "SELECT dataset, data_generation FROM models WHERE name = %s", (model,)).fetchone()
+    return dataset, generation
 
 
 def _check_unpublished(conn: psycopg.Connection, model: str, version: int) -> None:
@@ -441,7 +449,8 @@ def _stage(conn: psycopg.Connection, settings: Settings, implementation: Unlearn
     version = 1 if parent is None else parent.version + 1
     _check_unpublished(conn, model, version)
     store = ArtifactStore(settings.artifact_dir, model)
-    spec = data.spec(dataset)
+    spec = data.spec(conn, dataset)
+    conn.commit()
     budget = implementation.budget(result.state)
     if predictor is None and len(holdout):
         predictor = implementation.predictor(result.state, store)
@@ -462,7 +471,8 @@ def _stage(conn: psycopg.Connection, settings: Settings, implementation: Unlearn
              "lineage_sha256": c.lineage_sha256}
             for c in result.components
         ],
-        "input": {"dataset": dataset, "shape": list(spec.input_shape), "scale": spec.scale},
+        "input": {"dataset": dataset, "shape": list(spec.input_shape), "scale": spec.scale,
+                  **spec.schema.to_json(), "class_names": None if spec.class_names is None else list(spec.class_names)},
         # what `serving.load_version` rebuilds the network from (the state's config names it too)
         "network": {**networks.describe(config.network, config.network_args), "base_weights": config.base_weights},
         "lineage": lineage,
@@ -493,8 +503,8 @@ def _holdout_metrics(predictor: Predictor | None, holdout: TrainingSet) -> dict[
             "holdout_rows": float(len(holdout))}
 
 
-def _write_placements(conn: psycopg.Connection, model: str, placements: Iterable[Placement],
-                      shards: Sequence[int] | None) -> None:
+def _write_placements(conn: psycopg.Connection, model: str, rows: rowsource.RowSource,
+                      placements: Iterable[Placement], shards: Sequence[int] | None) -> None:
     """Make the model's placements in `shards` (all of them: None) exactly `placements`, leaving
     out rows erased since the work read them (their erasure already queued their unlearning; a
     placement would make them look present).
@@ -504,7 +514,7 @@ def _write_placements(conn: psycopg.Connection, model: str, placements: Iterable
     milliseconds."""
     if shards is None:
         conn.execute("DELETE FROM sample_placement WHERE model = %s", (model,))
-        _copy_placements(conn, model, placements)
+        _copy_placements(conn, model, rows, placements)
         return
     wanted = {p.sample_id: (p.shard, p.slice, p.position) for p in placements}
     held = {sample_id: (shard, slice_, position) for sample_id, shard, slice_, position in conn.execute(
@@ -516,17 +526,18 @@ def _write_placements(conn: psycopg.Connection, model: str, placements: Iterable
     moved = sorted(s for s, place in wanted.items() if held.get(s) != place)
     if moved:
         shard, slice_, position = (list(column) for column in zip(*(wanted[s] for s in moved)))
-        conn.execute(
+        conn.execute(rows.query(
             "INSERT INTO sample_placement (model, sample_id, shard, slice, position)"
             " SELECT %s, p.* FROM unnest(%s::text[], %s::int[], %s::int[], %s::int[]) AS p (sample_id, shard, slice, position)"
-            " JOIN training_samples t ON t.sample_id = p.sample_id"
+            " JOIN {rows} ON r.sample_id = p.sample_id"
             " ON CONFLICT (model, sample_id) DO UPDATE"
-            " SET shard = EXCLUDED.shard, slice = EXCLUDED.slice, position = EXCLUDED.position",
+            " SET shard = EXCLUDED.shard, slice = EXCLUDED.slice, position = EXCLUDED.position"),
             (model, moved, shard, slice_, position),
         )
 
 
-def _copy_placements(conn: psycopg.Connection, model: str, placements: Iterable[Placement]) -> None:
+def _copy_placements(conn: psycopg.Connection, model: str, rows: rowsource.RowSource,
+                     placements: Iterable[Placement]) -> None:
     """Write placements, leaving out rows erased since the work read them."""
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS placement_in (LIKE sample_placement) ON COMMIT DROP")
     with conn.cursor() as cur, cur.copy(
@@ -534,10 +545,8 @@ def _copy_placements(conn: psycopg.Connection, model: str, placements: Iterable[
     ) as copy:
         for p in placements:
             copy.write_row((model, p.sample_id, p.shard, p.slice, p.position))
-    conn.execute(
-        "INSERT INTO sample_placement SELECT p.* FROM placement_in p"
-        " JOIN training_samples t ON t.sample_id = p.sample_id"
-    )
+    conn.execute(rows.query(
+        "INSERT INTO sample_placement SELECT p.* FROM placement_in p JOIN {rows} ON r.sample_id = p.sample_id"))
     conn.execute("DROP TABLE placement_in")
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 
 from worker.core.base import TrainingSet
-from worker.data import prepare_rows, shaped_rows, spec
+from worker.data import builtin_spec, prepare_rows, shaped_rows
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class Splits:
 
 def loaded_splits(name: str) -> Splits:
     """The same rows, splits and subjects `unlearn data load` writes to Postgres."""
-    dataset = spec(name)
+    dataset = builtin_spec(name)
     rows = prepare_rows(name)
 
     def split(which: str) -> TrainingSet:

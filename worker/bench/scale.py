@@ -79,10 +79,10 @@ sampler = threading.Thread(target=sample)
 sampler.start()
 with psycopg.connect(sys.argv[1]) as conn:
     started = time.perf_counter()
-    rows = sum(len(rowcache.read(conn, "synthetic", split)) for split in ("train", "public", "holdout"))
+    rows = sum(len(rowcache.read(conn, "synthetic", split, 0)) for split in ("train", "public", "holdout"))
     first = time.perf_counter() - started
     started = time.perf_counter()
-    rowcache.read(conn, "synthetic", "train")
+    rowcache.read(conn, "synthetic", "train", 0)
     again = time.perf_counter() - started
 reading = False
 sampler.join()

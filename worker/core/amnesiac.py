@@ -221,7 +221,7 @@ class Amnesiac:
     def train(self, data: TrainingSet, config: TrainConfig, store: TensorStore,
               progress: Progress = no_progress, public: TrainingSet | None = None) -> TrainResult[AmnesiacState]:
         """Train on `data`; `public` rows (never erasable), when given, set the feature statistics."""
-        scaling = networks.input_scaling(config, public, getattr(data, "schema", None))
+        scaling = networks.input_scaling(config, public, data.schema)
         return self._train(data, config, store, progress, scaling, generation=0, first_epoch=0)
 
     def plan(self, state: AmnesiacState, deleted: Sequence[DeletedSample]) -> DeletionPlan:
@@ -327,7 +327,7 @@ class Amnesiac:
             raise ValueError("data: Amnesiac needs at least one training row")
         options = AmnesiacOptions.from_config(config)
         config = RECIPE.resolve(config, len(data))
-        schema = getattr(data, "schema", None)
+        schema = data.schema
         net = networks.build(config, data.input_shape, data.num_classes, self.name, scaling=scaling, schema=schema,
                              base=networks.base_tensors(config, store))
         if set(net.state_dict()) != {name for name, _ in net.named_parameters()}:

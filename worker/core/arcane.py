@@ -189,7 +189,7 @@ class Arcane:
         if public.input_shape != data.input_shape:
             raise ValueError(f"public rows are shaped {public.input_shape}, training rows {data.input_shape}")
         fraction = keep_fraction(config)
-        schema = getattr(data, "schema", None)
+        schema = data.schema
         base = networks.base_tensors(config, store)
         scorer_sha256 = None
         scorer = None

@@ -64,6 +64,24 @@ def lineage_sha256(sample_ids: Iterable[str]) -> str:
 
 
 @dataclass(frozen=True)
+class FeatureSchema:
+    """What a row's features are: their names, in order, and for each categorical feature its
+    vocabulary (the feature holds code i for `categories[name][i]`, as a float)."""
+
+    names: tuple[str, ...]
+    categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"feature_names": list(self.names),
+                "categories": {name: list(vocabulary) for name, vocabulary in self.categories.items()}}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> FeatureSchema:
+        return cls(tuple(value["feature_names"]),
+                   {name: tuple(vocabulary) for name, vocabulary in value.get("categories", {}).items()})
+
+
+@dataclass(frozen=True)
 class TrainingSet:
     """Rows to train on, sorted by sample id so every run sees them in the same order.
 
@@ -77,6 +95,7 @@ class TrainingSet:
     labels: np.ndarray
     num_classes: int
     groups: np.ndarray | None = None
+    schema: FeatureSchema | None = None  # names and vocabularies of the features, when known
 
     def __post_init__(self) -> None:
         n = len(self.sample_ids)
@@ -91,7 +110,8 @@ class TrainingSet:
 
     @classmethod
     def build(cls, sample_ids: Sequence[str], features: np.ndarray, labels: np.ndarray,
-              num_classes: int, groups: np.ndarray | None = None) -> TrainingSet:
+              num_classes: int, groups: np.ndarray | None = None,
+              schema: FeatureSchema | None = None) -> TrainingSet:
         order = np.argsort(np.asarray(sample_ids, dtype=object), kind="stable")
         return cls(
             tuple(sample_ids[i] for i in order),
@@ -99,6 +119,7 @@ class TrainingSet:
             np.ascontiguousarray(np.asarray(labels, dtype=np.int64)[order]),
             int(num_classes),
             None if groups is None else np.ascontiguousarray(np.asarray(groups, dtype=np.int64)[order]),
+            schema,
         )
 
     def __len__(self) -> int:
@@ -111,7 +132,7 @@ class TrainingSet:
     def select(self, mask: np.ndarray) -> TrainingSet:
         ids = tuple(s for s, keep in zip(self.sample_ids, mask) if keep)
         groups = None if self.groups is None else self.groups[mask]
-        return TrainingSet(ids, self.features[mask], self.labels[mask], self.num_classes, groups)
+        return TrainingSet(ids, self.features[mask], self.labels[mask], self.num_classes, groups, self.schema)
 
     def without(self, sample_ids: Iterable[str]) -> TrainingSet:
         drop = set(sample_ids)

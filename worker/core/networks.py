@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.core.base import TensorStore, TrainConfig, TrainingSet
+from worker.core.base import FeatureSchema, TensorStore, TrainConfig, TrainingSet
 from worker.core.nets import FeatureScaling, Standardize, derive_seed
 
 GROUP = "unlearning_worker.networks"
@@ -116,7 +116,7 @@ def distribution_of(package: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def input_scaling(config: TrainConfig, public: TrainingSet | None, schema: Any | None = None) -> FeatureScaling | None:
+def input_scaling(config: TrainConfig, public: TrainingSet | None, schema: FeatureSchema | None = None) -> FeatureScaling | None:
     """Fixed standardisation from `public` rows (never erased), or None: without public rows, or
     for a factory with `standardize_input = False`. Features the schema calls categorical get mean 0
     and std 1, unless the factory declares `scaling` (it then gets every feature's statistics and
@@ -146,7 +146,7 @@ class Standardized(nn.Module):
 
 
 def build(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int, *seed_parts: object,
-          scaling: FeatureScaling | None = None, schema: Any | None = None,
+          scaling: FeatureScaling | None = None, schema: FeatureSchema | None = None,
           base: Mapping[str, torch.Tensor] | None = None, base_head: bool = True) -> nn.Module:
     """A freshly initialised network (on the CPU), seeded from (config.seed, "init", *seed_parts),
     with `base` (the tensors of `config.base_weights`) loaded over it. `base_head=False` loads the
@@ -261,19 +261,13 @@ def base_has_head(net: nn.Module, base: Mapping[str, torch.Tensor], input_shape:
     return f"{name}.weight" in base
 
 
-def schema_to_json(schema: Any | None) -> dict[str, Any] | None:
+def schema_to_json(schema: FeatureSchema | None) -> dict[str, Any] | None:
     """A FeatureSchema as JSON (a method's state keeps it: the network is rebuilt from it)."""
-    if schema is None:
-        return None
-    return {"names": list(schema.names), "categories": {k: list(v) for k, v in schema.categories.items()}}
+    return None if schema is None else schema.to_json()
 
 
-def schema_from_json(data: Mapping[str, Any] | None) -> Any | None:
-    if data is None:
-        return None
-    from worker.core.base import FeatureSchema  # type: ignore[attr-defined]
-
-    return FeatureSchema(tuple(data["names"]), {k: tuple(v) for k, v in data["categories"].items()})
+def schema_from_json(data: Mapping[str, Any] | None) -> FeatureSchema | None:
+    return None if data is None else FeatureSchema.from_json(data)
 
 
 @functools.lru_cache(maxsize=4)

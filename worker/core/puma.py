@@ -315,7 +315,7 @@ class Puma:
             raise ValueError("data: PUMA needs at least one training row")
         config = RECIPE.resolve(config, len(data))
         PumaOptions.from_config(config)
-        schema = getattr(data, "schema", None)
+        schema = data.schema
         net = networks.build(config, data.input_shape, data.num_classes, self.name, schema=schema,
                              base=networks.base_tensors(config, store))
         check_network(net, data.input_shape, config.network)

@@ -280,7 +280,7 @@ class S3T:
         aggregation = check_rule(config.options.get("aggregation", "mean"))
         orders, rank = orders_for(config), rank_of(config)
         config = resolve(config, len(data))
-        schema = getattr(data, "schema", None)
+        schema = data.schema
         pretrained = networks.base_tensors(config, store)
         scaling = networks.input_scaling(config, public, schema)
         base = networks.build(config, data.input_shape, data.num_classes, "s3t", "base", scaling=scaling,
@@ -658,7 +658,7 @@ class S3T:
         aggregation = check_rule(config.options.get("aggregation", "mean"))
         orders, rank = orders_for(config), rank_of(config)
         config = resolve(config, len(data))
-        schema = getattr(data, "schema", None)
+        schema = data.schema
         network = self._network(config, data.input_shape, data.num_classes, store, schema)
         from worker.core.peft_adapters import resolve_targets
         targets = resolve_targets(network, config.options["lora_targets"], data.num_classes)

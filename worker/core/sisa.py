@@ -241,7 +241,7 @@ class Sisa:
         feature statistics and the validation rows of the learning curve; SISA never trains on them."""
         aggregation = check_rule(config.options.get("aggregation", "mean"))
         config = resolve(config, len(data))
-        schema = getattr(data, "schema", None)
+        schema = data.schema
         scaling = networks.input_scaling(config, public, schema)
         state = SisaState(
             config=config.to_json(), aggregation=aggregation, input_shape=list(data.input_shape),

@@ -1,5 +1,6 @@
 """Step one of an erasure, in one PostgreSQL transaction: find the subject's rows, note every model
-that trained on them (placement and batch log), queue their unlearning, delete the rows.
+that trained on them (placement and batch log), queue their unlearning, delete the rows and
+tombstone the subject and samples (`worker.data.tombstones`) so no import brings them back.
 
 Every model that trained on a deleted row must unlearn it: the request's `models` list can add
 models to watch but never exempt one. The models still carry the rows' influence after this step;
@@ -14,12 +15,15 @@ from dataclasses import dataclass, field
 import psycopg
 
 from worker.config import Settings
+from worker.data import rowsource, tombstones
 from worker.pipeline import ledger, receipts
 
 
-# The lookups of one erasure, by itself (`unlearn bench --only scale` times each of them)
-SUBJECT_ROWS = ("SELECT sample_id, label, features FROM training_samples"
-                " WHERE (subject_id = %s OR sample_id = ANY(%s)) AND split <> 'public' FOR UPDATE")
+# The lookups of one erasure, by itself (`unlearn bench --only scale` times each of them); the rows
+# are looked up (and deleted) in `training_samples` and in every registered table (`rowsource`)
+ROWS_OF = ("SELECT sample_id, label, features FROM {rows}"
+           " WHERE (subject_id = %s OR sample_id = ANY(%s)) AND split <> 'public' FOR UPDATE")
+SUBJECT_ROWS = rowsource.IMPORTED_ROWS.query(ROWS_OF)
 PLACEMENTS_OF = "SELECT model, sample_id, shard, slice FROM sample_placement WHERE sample_id = ANY(%s)"
 # models that log batches (Amnesiac): which of the rows any of their steps held
 BATCH_LOG_HOLDERS = ("SELECT DISTINCT b.model, s.id FROM batch_log b, unnest(b.sample_ids) AS s(id)"
@@ -50,7 +54,13 @@ def delete_rows(conn: psycopg.Connection, settings: Settings, request_id: uuid.U
             return RowsDeleted(request_id, request.rows_deleted or 0, models)
         if request.status != "received":
             return None
-        rows = conn.execute(SUBJECT_ROWS, (request.subject_id, request.sample_ids)).fetchall()
+        # before the lookup: an import running now (it holds the table in SHARE mode) commits first
+        # and its rows are found here, or starts after this commit and sees the tombstones
+        conn.execute("LOCK TABLE erasure_tombstones IN ROW EXCLUSIVE MODE")
+        sources = rowsource.every(conn)
+        found = {source: conn.execute(source.query(ROWS_OF), (request.subject_id, request.sample_ids)).fetchall()
+                 for source in sources}
+        rows = [row for source_rows in found.values() for row in source_rows]
         sample_ids = [r[0] for r in rows]
         row_of = {r[0]: r for r in rows}
         pending: dict[tuple[str, str], tuple[int | None, int | None]] = {}
@@ -67,7 +77,11 @@ def delete_rows(conn: psycopg.Connection, settings: Settings, request_id: uuid.U
                  for (model, sample_id), (shard, slice_) in pending.items()],
             )
         conn.execute("DELETE FROM sample_placement WHERE sample_id = ANY(%s)", (sample_ids,))
-        conn.execute("DELETE FROM training_samples WHERE sample_id = ANY(%s)", (sample_ids,))
+        for source, source_rows in found.items():
+            if source_rows:
+                source.delete(conn, [r[0] for r in source_rows])
+        tombstones.record(conn, tombstones.load_key(settings), request.subject_id,
+                          sorted(set(request.sample_ids or []) | set(sample_ids)))
         models = sorted({model for model, _ in pending})
         conn.execute(
             "UPDATE erasure_requests SET status = 'rows_deleted', rows_deleted = %s, subject_id = NULL,"

@@ -141,7 +141,7 @@ def run_part(ctx: Context, conn: psycopg.Connection, part_id: uuid.UUID, method:
         # read after the lock is held: a part finished by its last holder is seen as done
         found = conn.execute(
             "SELECT p.model, p.base_version, p.shard, p.start_slice, p.sample_ids, v.manifest_sha256, m.dataset,"
-            " m.method"
+            " m.data_generation, m.method"
             " FROM pass_parts p JOIN models m ON m.name = p.model"
             " JOIN model_versions v ON v.model = p.model AND v.version = p.base_version"
             " WHERE p.part_id = %s AND p.status = 'pending'", (part_id,),
@@ -149,13 +149,13 @@ def run_part(ctx: Context, conn: psycopg.Connection, part_id: uuid.UUID, method:
         if found is None:
             conn.commit()
             return False
-        model, version, shard, start, sample_ids, manifest_sha256, dataset, method_name = found
+        model, version, shard, start, sample_ids, manifest_sha256, dataset, generation, method_name = found
         conn.execute("UPDATE pass_parts SET attempts = attempts + 1 WHERE part_id = %s", (part_id,))
         conn.commit()  # no transaction stays open: the blocks below must commit, not be savepoints
         if method is None:
             method = registry.method_for(method_name)()
             state = registry.load_state(ctx.settings, model, version, manifest_sha256)
-        rows = _rows(conn, dataset, sample_ids)
+        rows = _rows(conn, dataset, generation, sample_ids)
         started = time.perf_counter()
         [retrained] = method.retrain_shards(state, {shard: start}, rows, ArtifactStore(ctx.settings.artifact_dir, model),
                                             progress or failpoints.progress_hitting("mid_part"))
@@ -167,10 +167,10 @@ def run_part(ctx: Context, conn: psycopg.Connection, part_id: uuid.UUID, method:
         return True
 
 
-def _rows(conn: psycopg.Connection, dataset: str, sample_ids: Sequence[str]) -> TrainingSet:
+def _rows(conn: psycopg.Connection, dataset: str, generation: int, sample_ids: Sequence[str]) -> TrainingSet:
     """The part's rows still in the store (one snapshot: the cached split's ids read at once)."""
     with conn.transaction():
-        present = rowcache.read(conn, dataset, "train")
+        present = rowcache.read(conn, dataset, "train", generation)
     wanted = set(sample_ids)
     return present.select(np.fromiter((s in wanted for s in present.sample_ids), dtype=bool, count=len(present)))
 

@@ -70,7 +70,7 @@ class Snapshot:
     model: str
     status: str  # models.status
     current: registry.ModelVersion
-    dataset: str
+    dataset: data.DatasetSpec
     pending: list[PendingRow]
     steps: dict[str, list[tuple[int, int, int]]]  # sample id -> (shard, epoch, step) of its batches
     remaining: TrainingSet
@@ -187,10 +187,11 @@ def _snapshot(conn: psycopg.Connection, model: str, max_requests: int) -> Snapsh
     conn.isolation_level, conn.read_only = psycopg.IsolationLevel.REPEATABLE_READ, True
     try:
         with conn.transaction():
-            row = conn.execute("SELECT status, dataset FROM models WHERE name = %s", (model,)).fetchone()
+            row = conn.execute("SELECT status, dataset, data_generation FROM models WHERE name = %s",
+                               (model,)).fetchone()
             if row is None:
                 return None
-            status, dataset = row
+            status, dataset, generation = row
             # the oldest requests first, at most `max_requests` of them; the rest wait for the next pass
             pending = [PendingRow(*r) for r in conn.execute(
                 "SELECT request_id, sample_id, shard, slice, label, features FROM pending_unlearning"
@@ -208,12 +209,13 @@ def _snapshot(conn: psycopg.Connection, model: str, max_requests: int) -> Snapsh
                 for sample_id in wanted.intersection(members):
                     steps[sample_id].append((shard, epoch, step))
             current = registry.current_version(conn, model)
-            remaining = rowcache.read(conn, dataset, "train")
-            public = rowcache.read(conn, dataset, "public")
-            holdout = rowcache.read(conn, dataset, "holdout")
+            remaining = rowcache.read(conn, dataset, "train", generation)
+            public = rowcache.read(conn, dataset, "public", generation)
+            holdout = rowcache.read(conn, dataset, "holdout", generation)
+            spec = data.spec(conn, dataset)
     finally:
         conn.isolation_level, conn.read_only = None, False
-    return Snapshot(model, status, current, dataset, pending, dict(steps), remaining,
+    return Snapshot(model, status, current, spec, pending, dict(steps), remaining,
                     public if len(public) else None, holdout)
 
 
@@ -459,9 +461,9 @@ def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard
                     not quick and s3t.complete(state, shard)):
                 conn.commit()
                 return None
-            dataset = conn.execute("SELECT dataset FROM models WHERE name = %s", (model,)).fetchone()[0]
-            rows = rowcache.read(conn, dataset, "train")
-            public = rowcache.read(conn, dataset, "public")
+            dataset, generation = registry.model_rows(conn, model)
+            rows = rowcache.read(conn, dataset, "train", generation)
+            public = rowcache.read(conn, dataset, "public", generation)
             conn.commit()
             method = registry.method_for(current.method)()
             started = time.perf_counter()
@@ -474,7 +476,7 @@ def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard
                     if not latest.servable or (quick and not s3t.is_lost(latest_state, shard)):
                         _discard(store, method, written, latest_state)
                         return None
-                    present = set(rowcache.read(conn, dataset, "train").sample_ids)
+                    present = set(rowcache.read(conn, dataset, "train", generation).sample_ids)
                     conn.commit()
                     erased = [DeletedSample(p.sample_id, p.shard, p.slice, ())
                               for p in result.placements or [] if p.sample_id not in present]
@@ -515,11 +517,11 @@ def _membership_evidence(predictor, snapshot: Snapshot, request_id: uuid.UUID) -
     `insufficient_rows` when the request erased too few rows to say anything)."""
     from worker.core import mia
 
-    spec = data.spec(snapshot.dataset)
+    spec = snapshot.dataset
     rows = [p for p in snapshot.pending if p.request_id == request_id]
-    features = np.array([r.features for r in rows], dtype=np.float32).reshape(len(rows), -1) / spec.scale
-    erased = TrainingSet.build([r.sample_id for r in rows], features.reshape(len(rows), *spec.input_shape),
-                               np.array([r.label for r in rows], dtype=np.int64), spec.num_classes)
+    features = data.shaped_features(spec, np.array([r.features for r in rows], dtype=np.float32).reshape(len(rows), -1))
+    erased = TrainingSet.build([r.sample_id for r in rows], features, np.array([r.label for r in rows], dtype=np.int64),
+                               spec.num_classes, schema=spec.schema)
     return {"membership_inference": mia.erasure_evidence(predictor, erased, snapshot.holdout)}
 
 
