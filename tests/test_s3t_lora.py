@@ -19,18 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import text_lora  # the example package (`make install` installs it, with the [examples] extra: PEFT)
 import torch
 
-pytest.importorskip("peft")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "text_lora"))
-text_lora = pytest.importorskip("text_lora")
-
-from worker.artifacts import ArtifactStore  # noqa: E402
-from worker.core.base import DeletedSample, TrainConfig, TrainingSet, lineage_sha256  # noqa: E402
-from worker.core.peft_adapters import LoraNet, LoraSpec, resolve_targets, train_layer  # noqa: E402
-from worker.core.placement import slice_of  # noqa: E402
-from worker.core.s3t import S3T, lost_shards  # noqa: E402
-from worker.core.training import observing_steps, predict_proba  # noqa: E402
+from worker.artifacts import ArtifactStore
+from worker.core.base import DeletedSample, TrainConfig, TrainingSet, lineage_sha256
+from worker.core.peft_adapters import LoraNet, LoraSpec, resolve_targets, train_layer
+from worker.core.placement import slice_of
+from worker.core.s3t import S3T, lost_shards
+from worker.core.training import observing_steps, predict_proba
 
 T, CLASSES, VOCAB = 8, 2, 200
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB,

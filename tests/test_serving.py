@@ -7,6 +7,8 @@ registry writes them (a manifest, its revocation record), so the files under tes
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -205,3 +207,20 @@ def test_predict_refuses_hostile_input_without_echoing_it_and_within_its_limits(
     answer = TestClient(create_app(labels)).post("/predict", json={"instances": holdout.features[:2].tolist()}).json()
     assert "probabilities" not in answer and len(answer["predictions"]) == 2
     assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 404
+
+
+def test_rows_by_feature_name_are_encoded_with_the_vocabulary_the_manifest_records():
+    from worker.serving import LoadedVersion
+
+    manifest = {"input": {"shape": [3], "feature_names": ["age", "plan", "income"],
+                          "categories": {"plan": ["basic", "pro"]}, "class_names": ["no", "yes"]}}
+    loaded = LoadedVersion("m", 1, manifest, predictor=None)
+    rows = loaded.encode([{"age": 30, "plan": "pro", "income": 1.5}, {"income": 0, "plan": "basic", "age": 41}])
+    assert rows.tolist() == [[30.0, 1.0, 1.5], [41.0, 0.0, 0.0]] and loaded.class_names == ["no", "yes"]
+    for bad, says in (({"age": 30, "plan": "gold-secret", "income": 1}, "feature 'plan': not one of its 2"),
+                      ({"age": 30, "plan": "pro"}, "missing income"),
+                      ({"age": 30, "plan": "pro", "income": 1, "ssn": "x"}, "1 unknown feature name(s)"),
+                      ({"age": "thirty", "plan": "pro", "income": 1}, "feature 'age': a number belongs here")):
+        with pytest.raises(ValueError, match=re.escape(says)) as refused:
+            loaded.encode([bad])
+        assert "gold-secret" not in str(refused.value) and "thirty" not in str(refused.value)

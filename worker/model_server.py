@@ -6,7 +6,8 @@ event names the model), then hot-swaps to each version as it is published, re-ch
 few seconds that the version it serves has not been revoked since. `worker.serving.ServedModel`
 decides which version may answer; this module is its HTTP face and its Kafka feed:
 
-    POST /predict   {"instances": [[...], ...]} -> predictions and probabilities, and the version
+    POST /predict   {"instances": [[...], ...]} (or rows by feature name, {"age": 39, "workclass": "Private"})
+                    -> predictions (and labels, for text classes) and probabilities, and the version
                     (a bearer token when UNLEARN_SERVE_TOKEN_FILE is set; bodies over
                     UNLEARN_SERVE_MAX_BODY_BYTES get 413; bad input a 422 that never echoes it)
     GET  /version   the version served (or why none is), the newest published, the revoked ones
@@ -236,17 +237,23 @@ def create_app(served: ServedModel, follower: VersionFollower | None = None) -> 
         loaded = served.current  # one read: the whole request uses one version
         if loaded is None:
             raise HTTPException(503, detail=served.state().problem, headers={"Retry-After": "5"})
+        by_name = any(isinstance(row, dict) for row in request.instances)
         try:
-            features = np.asarray(request.instances, dtype=np.float32)
-        except (ValueError, TypeError, OverflowError):
-            raise HTTPException(422, detail="instances: every feature must be a number, in rows of equal length") from None
+            features = loaded.encode(request.instances) if by_name else np.asarray(request.instances, dtype=np.float32)
+        except (ValueError, TypeError, OverflowError) as exc:
+            # numpy's own messages quote the input; ours (by name) never do
+            detail = str(exc) if by_name else "every feature must be a number, in rows of equal length"
+            raise HTTPException(422, detail=f"instances: {detail}") from None
         if not np.isfinite(features).all():
             raise HTTPException(422, detail="instances: every feature must be a finite number (no NaN, Infinity or overflow)")
         try:
             probabilities = loaded.predict_proba(features)
         except ValueError as exc:
             raise HTTPException(422, detail=f"instances: {exc}") from None
-        answer = {"model": loaded.model, "version": loaded.version, "predictions": probabilities.argmax(axis=1).tolist()}
+        predictions = probabilities.argmax(axis=1).tolist()
+        answer = {"model": loaded.model, "version": loaded.version, "predictions": predictions}
+        if loaded.class_names is not None:
+            answer["labels"] = [loaded.class_names[k] for k in predictions]
         if not settings.serve_labels_only:
             answer["probabilities"] = probabilities.tolist()
         return answer

@@ -70,6 +70,42 @@ class LoadedVersion:
         """(n, ...) -> (n,) class indices."""
         return self.predict_proba(features).argmax(axis=1)
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """The label vocabulary of a dataset whose labels were text (class i is `class_names[i]`)."""
+        return self.manifest["input"].get("class_names")
+
+    def encode(self, records: list[dict[str, Any]]) -> np.ndarray:
+        """Rows given by feature name, {"age": 39, "workclass": "State-gov", ...}, as the (n, d)
+        features a model takes: categorical values are encoded with the vocabulary the manifest
+        records, numbers taken as they are. Every feature must be there and nothing else; an
+        unknown category is a ValueError that names the feature, never the value."""
+        names = self.manifest["input"].get("feature_names")
+        if not names or len(self.input_shape) != 1:
+            raise ValueError("this model takes rows as arrays of numbers, not objects by feature name")
+        codes = {name: {value: code for code, value in enumerate(vocabulary)}
+                 for name, vocabulary in self.manifest["input"].get("categories", {}).items()}
+        rows = np.empty((len(records), len(names)), dtype=np.float32)
+        for i, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise ValueError(f"row {i}: give every row as an object by feature name, or every row as an array")
+            if set(record) != set(names):
+                missing, extra = sorted(set(names) - set(record)), sorted(set(record) - set(names))
+                raise ValueError(f"row {i}: " + "; ".join(
+                    ([f"missing {', '.join(missing[:5])}"] if missing else [])
+                    + ([f"{len(extra)} unknown feature name(s)"] if extra else [])))
+            for j, name in enumerate(names):
+                value = record[name]
+                if name in codes:
+                    if not isinstance(value, str) or value not in codes[name]:
+                        raise ValueError(f"row {i}, feature {name!r}: not one of its {len(codes[name])} categories")
+                    rows[i, j] = codes[name][value]
+                elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"row {i}, feature {name!r}: a number belongs here")
+                else:
+                    rows[i, j] = value
+        return rows
+
 
 class _VerifiedComponents:
     """The store as a predictor sees it: the component files `load_version` has already read and
