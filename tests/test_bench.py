@@ -172,7 +172,7 @@ def test_memorising_figures_are_sane(quick_report):
 def test_an_unknown_benchmark_is_refused_by_name(tmp_path):
     result = CliRunner().invoke(main, ["bench", "--only", "sisa,nope", "--out", str(tmp_path)])
     assert result.exit_code == 2
-    assert "nope" in result.output and "sisa, frontier, amnesiac, s3t, budget, arcane, puma, memorising, e2e, fanout, intake, reliability, scale" in result.output
+    assert "nope" in result.output and "sisa, frontier, amnesiac, s3t, budget, arcane, puma, memorising, e2e, fanout, intake, reliability, scale, examples" in result.output
     assert not (tmp_path / "report.md").exists()
 
 
@@ -222,3 +222,26 @@ def test_scale_quick_run_measures_each_size(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "## Scale:" in report and "per 10x rows" in report and "B per training row per epoch" in report
     assert (tmp_path / "scale.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_examples_quick_run_measures_both_examples_against_their_monolith(tmp_path):
+    # Given a quick run of the two examples (imported through the real import path)
+    result = CliRunner().invoke(main, ["bench", "--quick", "--only", "examples", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    figures = json.loads((tmp_path / "examples.json").read_text())
+
+    # Then the Adult network is measured as the monolith, SISA and Amnesiac, each erasing a person
+    adult = figures["adult"]
+    assert adult["train_rows"] + adult["holdout_rows"] == 2000
+    assert [m["method"] for m in adult["methods"]] == ["SISA", "Amnesiac"]
+    assert adult["monolith"]["accuracy"] > 0.7  # the majority class alone is 0.76 of the people
+    assert all(m["accuracy"] > 0.7 and m["unlearn_seconds"] > 0 for m in adult["methods"])
+    assert adult["methods"][0]["verification"] == "exact"
+    # And MiniLM with LoRA: the base alone, the monolith's adapter and S3T, whose erasures took no step
+    text = figures["text"]
+    assert all(_fraction(text[k]["accuracy"]) for k in ("monolith", "s3t")) and _fraction(text["base_accuracy"])
+    assert text["s3t"]["erasures_tried"] >= 1 and text["monolith"]["retrain_seconds"] > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "MiniLM-L6 with LoRA" in report and (tmp_path / "examples.png").read_bytes().startswith(PNG_MAGIC)

@@ -24,7 +24,7 @@ from types import ModuleType
 import torch
 
 from worker.bench import (
-    amnesiac, arcane, budget, e2e, fanout, frontier, intake, memorising, puma, reliability, s3t, scale, sisa,
+    amnesiac, arcane, budget, e2e, examples, fanout, frontier, intake, memorising, puma, reliability, s3t, scale, sisa,
 )
 from worker.bench.base import Skipped
 from worker.core import runtime
@@ -32,7 +32,7 @@ from worker.core import runtime
 BENCHMARKS: dict[str, ModuleType] = {"sisa": sisa, "frontier": frontier, "amnesiac": amnesiac, "s3t": s3t,
                                      "budget": budget, "arcane": arcane, "puma": puma, "memorising": memorising,
                                      "e2e": e2e, "fanout": fanout, "intake": intake, "reliability": reliability,
-                                     "scale": scale}
+                                     "scale": scale, "examples": examples}
 
 # progress(benchmark, done, total, note)
 SuiteProgress = Callable[[str, float, float, str], None]
