@@ -65,8 +65,11 @@ def test_a_model_that_cannot_unlearn_is_withdrawn_and_retry_completes_it(conn, d
     for version in (1, 2):
         with pytest.raises(serving.VersionRevoked):
             serving.load_version("m", version, settings=digits)
-    # And the deletions it owes are still pending: nothing was thrown away
+    # And the deletions it owes are still pending: nothing was thrown away but the erased rows'
+    # features, which only a pass's membership evidence needed
     assert conn.execute("SELECT count(*) FROM pending_unlearning WHERE model = 'm'").fetchone()[0] > 0
+    assert conn.execute("SELECT count(*) FROM pending_unlearning WHERE model = 'm'"
+                        " AND (features IS NOT NULL OR label IS NOT NULL)").fetchone()[0] == 0
 
     # When another erasure touches the withdrawn model, it is answered failed at once
     second = steps.request(conn, digits, steps.subjects(conn, 1, offset=1))
@@ -194,3 +197,50 @@ def test_status_shows_a_withdrawn_model_and_overdue_requests(conn, digits, ctx):
     assert "nothing (v2 withdrawn)" in shown.output
     overdue = runner.invoke(main, ["status", "--overdue"], terminal_width=200)
     assert overdue.exit_code == 0 and str(late) in overdue.output and "3d" in overdue.output
+
+
+def test_erasing_every_row_left_empties_the_models_and_completes_the_request(conn, artifact_dir, ctx):
+    """Found: a request erasing every remaining row of a dataset left its models withdrawn for
+    ever, each `retry` adding another `failed` receipt, and the rows' features stayed stored."""
+    import pyarrow as pa
+
+    from worker import data
+    from worker.config import get_settings
+
+    # Given a dataset of three people and a SISA and an Amnesiac model trained on it
+    settings = get_settings()
+    people = [f"person-{i // 4}" for i in range(12)]
+    table = pa.table({"sample_id": [f"row-{i:02d}" for i in range(12)], "subject_id": people,
+                      "split": ["holdout" if i % 4 == 0 else "train" for i in range(12)],
+                      "label": [i % 2 for i in range(12)], "features": [[float(i), float(i % 3)] for i in range(12)]})
+    mapping = data.Mapping(split="split")
+    data.import_rows(conn, "tiny", lambda: iter(table.to_batches()), mapping, source="tiny", settings=settings)
+    conn.commit()
+    for method in ("sisa", "amnesiac"):
+        registry.train_model(conn, settings, method, method, "tiny", CONFIG if method == "sisa" else
+                             TrainConfig(epochs=1, hidden=(4,), batch_size=4))
+    files_before = ArtifactStore(settings.artifact_dir, "sisa").digests()
+
+    # When one request erases every one of them
+    request_id = steps.request(conn, settings, ["person-0", "person-1", "person-2"])
+    for model in ("sisa", "amnesiac"):
+        steps.run_passes(ctx, model)
+
+    # Then each model is empty: a version that serves nothing revokes the one that held the rows
+    for model in ("sisa", "amnesiac"):
+        assert conn.execute("SELECT status FROM models WHERE name = %s", (model,)).fetchone() == ("empty",)
+        current = registry.current_version(conn, model)
+        assert (current.version, current.servable) == (2, False)
+        for version in (1, 2):
+            with pytest.raises(serving.VersionRevoked):
+                serving.load_version(model, version, settings=settings)
+    # And the request is completed (once), verifiable, and nothing of the rows is kept
+    [receipt] = receipts.all_for(conn, request_id)
+    assert receipt.status == "completed"
+    assert sorted(v["model"] for v in receipt.body["model_versions"]) == ["amnesiac", "sisa"]
+    assert all(check.passed for check in verify_request(conn, settings, request_id)), verify_request(
+        conn, settings, request_id)
+    assert conn.execute("SELECT count(*) FROM pending_unlearning").fetchone()[0] == 0
+    assert files_before and not (files_before & ArtifactStore(settings.artifact_dir, "sisa").digests())
+    # And another pass has nothing to do
+    assert unlearning.unlearn_until_idle(ctx, "sisa") == []

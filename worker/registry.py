@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 METHOD_INTERFACE = ("train", "plan", "apply", "budget", "predictor")
 # training again when rows were erased while it ran; more than this means erasures keep racing it
 TRAIN_ATTEMPTS = 3
+# the code of a marker version whose model has no training rows left (`stage_withdrawal`)
+EMPTIED = "no_rows_left"
 
 
 class ModelExists(ValueError):
@@ -268,29 +270,43 @@ def stage_version(conn: psycopg.Connection, settings: Settings, parent: ModelVer
                    removed_batches=list(result.removed_batches))
 
 
-def stage_withdrawal(conn: psycopg.Connection, settings: Settings, parent: ModelVersion, code: str) -> StagedVersion:
+def stage_withdrawal(conn: psycopg.Connection, settings: Settings, parent: ModelVersion, code: str,
+                     request_ids: Sequence[str] = ()) -> StagedVersion:
     """A withdrawal marker: the next version of a model that could not unlearn. It keeps the
     parent's state (the next pass needs its configuration) but serves nothing, and revokes the
-    parent, which still carries rows that were erased."""
+    parent, which still carries rows that were erased.
+
+    `code` EMPTIED: the model's dataset has no training rows left, so there is nothing to learn
+    and the marker is the version without the erased rows of `request_ids`: exact (nothing is
+    served), and every file the model trained is queued for purging (its base weights, learnt
+    from no row of ours, stay for a later retrain)."""
     manifest = read_manifest(settings.artifact_dir, parent.model, parent.version, parent.manifest_sha256)
     version = parent.version + 1
     _check_unpublished(conn, parent.model, version)
     created_at = _now()
+    emptied = code == EMPTIED
+    removed: list[str] = []
+    if emptied:
+        pretrained = TrainConfig.from_json(manifest["state"]["config"]).base_weights
+        removed = sorted(ArtifactStore(settings.artifact_dir, parent.model).digests() - {pretrained})
+    verification = {"kind": "exact", "emptied": code} if emptied else {"kind": "none", "withdrawn": code}
     body = {
         **{key: manifest[key] for key in ("model", "method", "aggregation", "input", "network", "state")
            if key in manifest},
         "version": version, "parent_version": parent.version, "created_at": rfc3339(created_at),
         "servable": False, "withdrawn": {"code": code}, "components": [],
         "lineage": {"parent_version": parent.version, "parent_manifest_sha256": parent.manifest_sha256,
-                    "verification": {"kind": "none", "withdrawn": code}, "removed_artifacts": []},
-        "erasure_request_ids": [], "revokes": [parent.version], "deletion_budget_remaining": 0.0, "metrics": {},
+                    "verification": verification, "removed_artifacts": removed},
+        "erasure_request_ids": list(request_ids), "revokes": [parent.version], "deletion_budget_remaining": 0.0,
+        "metrics": {},
     }
     uri, digest = write_manifest(settings.artifact_dir, parent.model, version, body)
     return StagedVersion(ModelVersion(
         model=parent.model, version=version, parent_version=parent.version, method=parent.method,
         manifest_uri=uri, manifest_sha256=digest, components_changed=[], deletion_budget_remaining=0.0,
-        metrics={}, revokes=[parent.version], created_at=rfc3339(created_at), servable=False,
-    ), dataset=manifest["input"]["dataset"])
+        metrics={}, revokes=[parent.version], created_at=rfc3339(created_at),
+        erasure_request_ids=list(request_ids), servable=False,
+    ), dataset=manifest["input"]["dataset"], removed_artifacts=removed)
 
 
 def commit_version(conn: psycopg.Connection, staged: StagedVersion) -> ModelVersion:

@@ -140,6 +140,8 @@ def unlearn_model(ctx: Context, conn: psycopg.Connection, model: str) -> Unlearn
         return None
     if snapshot.status == "needs_full_retrain":
         return withdraw(ctx, conn, model, FailureCode.MODEL_NEEDS_FULL_RETRAIN, "withdrawn earlier")
+    if len(snapshot.remaining) == 0:
+        return empty(ctx, conn, snapshot)
     try:
         started = time.perf_counter()
         staged, result, evidence = _compute(ctx, conn, snapshot)
@@ -321,6 +323,37 @@ def _publish(settings: Settings, conn: psycopg.Connection, snapshot: Snapshot, s
     return Unlearned(model, version.version, snapshot.request_ids, issued, seconds, retrain)
 
 
+def empty(ctx: Context, conn: psycopg.Connection, snapshot: Snapshot) -> Unlearned:
+    """The model's dataset has no training rows left (its last rows were erased): there is nothing
+    to learn and nothing to serve. An empty marker version revokes the one that held the erased
+    rows, the model is marked `empty`, its files are purged, and the requests it alone kept
+    waiting complete: their rows are in no model that is served."""
+    settings, model, current = ctx.settings, snapshot.model, snapshot.current
+    request_ids = [str(r) for r in snapshot.request_ids]
+    if current.servable:
+        staged = registry.stage_withdrawal(conn, settings, current, registry.EMPTIED, request_ids)
+    else:  # withdrawn earlier: its marker already serves nothing
+        staged = None
+    evidence = {"kind": "exact", "method": current.method, "reason": registry.EMPTIED}
+    with conn.transaction():
+        version = current.version
+        if staged is not None:
+            version = registry.commit_version(conn, staged).version
+            outbox.enqueue(conn, settings.topic_versions, version_event(settings, staged.version), key=model)
+        conn.execute("DELETE FROM pending_unlearning WHERE model = %s", (model,))
+        conn.execute("UPDATE models SET status = 'empty', failure_code = NULL WHERE name = %s", (model,))
+        fanout.forget_parts(conn, model)
+        issued = []
+        for request_id in snapshot.request_ids:
+            ledger.add_model_version(conn, request_id, model, version, evidence)
+        for request_id in snapshot.request_ids:
+            if not ledger.still_pending(conn, request_id):
+                issued.append(receipts.issue(conn, settings, request_id, "completed"))
+    after_commit(ctx, conn, issued, model)
+    log.warning("model %s has no training rows left: version %d serves nothing (model empty)", model, version)
+    return Unlearned(model, version, snapshot.request_ids, issued, 0.0)
+
+
 def withdraw(ctx: Context, conn: psycopg.Connection, model: str, code: FailureCode, cause: str) -> Unlearned:
     """Withdraw a model that cannot unlearn: publish a marker version revoking the one that still
     holds erased rows (unless withdrawn already), mark the model, keep its pending deletions, and
@@ -336,6 +369,9 @@ def withdraw(ctx: Context, conn: psycopg.Connection, model: str, code: FailureCo
             outbox.enqueue(conn, settings.topic_versions, version_event(settings, staged.version), key=model)
         conn.execute("UPDATE models SET status = 'needs_full_retrain', failure_code = %s WHERE name = %s",
                      (code.value, model))
+        # the erased rows' features served the membership evidence of a pass; a full retrain needs
+        # only which requests wait, so they go now
+        conn.execute("UPDATE pending_unlearning SET label = NULL, features = NULL WHERE model = %s", (model,))
         fanout.forget_parts(conn, model)
         waiting = ledger.open_requests_pending_on(conn, model)
         issued = []
@@ -518,8 +554,10 @@ def _membership_evidence(predictor, snapshot: Snapshot, request_id: uuid.UUID) -
     from worker.core import mia
 
     spec = snapshot.dataset
-    rows = [p for p in snapshot.pending if p.request_id == request_id]
-    features = data.shaped_features(spec, np.array([r.features for r in rows], dtype=np.float32).reshape(len(rows), -1))
+    # a withdrawn model's erased rows lost their features (kept only while a pass may need them)
+    rows = [p for p in snapshot.pending if p.request_id == request_id and p.features is not None]
+    raw = np.array([r.features for r in rows], dtype=np.float32).reshape(len(rows), spec.width)
+    features = data.shaped_features(spec, raw)
     erased = TrainingSet.build([r.sample_id for r in rows], features, np.array([r.label for r in rows], dtype=np.int64),
                                spec.num_classes, schema=spec.schema)
     return {"membership_inference": mia.erasure_evidence(predictor, erased, snapshot.holdout)}

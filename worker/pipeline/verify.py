@@ -119,6 +119,8 @@ def _served(conn: psycopg.Connection, settings: Settings, model: str, version: i
         " JOIN model_versions v ON v.model = m.name AND v.version = m.current_version WHERE m.name = %s",
         (model,),
     ).fetchone()
+    if current == version and not servable:
+        return Check(f"{label} files", True, f"serves nothing: {manifest.get('withdrawn', {}).get('code', 'withdrawn')}")
     if current == version:
         try:
             serving.load_version(model, version, settings=settings, expected_sha256=current_digest)
