@@ -22,7 +22,7 @@ from kafka import KafkaProducer
 
 from worker import events
 from worker import stack as local_stack
-from worker.config import get_settings
+from worker.config import Settings, get_settings
 from worker.drills import Observer, header, publish, request
 from worker.drills import Record as Published
 from worker.pipeline import ledger, tasks
@@ -50,12 +50,13 @@ def lane(database_url):
 def make_intake(lane):
     made = []
 
-    def make(max_forward_bytes: int | None = None, dispatch=None):
+    def make(max_forward_bytes: int | None = None, dispatch=None, allowed_sources: frozenset[str] = frozenset()):
         dispatched: list[str] = []
         letters = DeadLetters(lane.kafka_bootstrap, lane.topic_dlq)
         if max_forward_bytes is not None:
             letters.max_forward_bytes = max_forward_bytes
-        intake = Intake(make_consumer(lane), letters, Database(lane.database_url), dispatch or dispatched.extend)
+        intake = Intake(make_consumer(lane), letters, Database(lane.database_url), dispatch or dispatched.extend,
+                        allowed_sources=allowed_sources)
         made.append(intake)
         return intake, dispatched
 
@@ -137,6 +138,35 @@ def test_one_hostile_record_never_halts_the_intake(lane, make_intake):
     # And the 100,000-id list that overflowed the DLQ forward on main goes whole
     [listed] = [letters[p] for name, p in zip(CRASHERS, positions) if name == "100k-sample-ids"]
     assert header(listed, "dlq_stub") is None and listed.value == CRASHERS["100k-sample-ids"][0]
+
+
+def test_a_request_from_a_source_not_on_the_allow_list_is_dead_lettered_and_never_ledgered(lane, make_intake):
+    """Found: the intake erased on any schema-valid record, whoever published it."""
+    # Given the intake accepting requests from the CRM alone, and a request from elsewhere
+    stranger, crm = f"urn:attacker:{SECRET}", "urn:test:crm"
+    forged, genuine = request(stranger, subject_id="subject-9"), request(crm, subject_id="subject-9")
+    positions = publish(lane, [forged, genuine])
+    intake, dispatched = make_intake(allowed_sources=frozenset({crm, SOURCE}))
+    observer = Observer(lane)
+
+    # When the intake works through them
+    counts = drain(intake, observer, positions)
+
+    # Then the stranger's request is dead-lettered with its reason, never ledgered nor dispatched
+    letters = observer.dead_letters()
+    assert set(letters) == {positions[0]} and counts == Counter(invalid=1, accepted=1)
+    letter = letters[positions[0]]
+    assert header(letter, "dlq_reason") == "source_not_allowed"
+    assert SECRET not in header(letter, "dlq_error")
+    assert ledger_rows(lane, stranger) == [] and len(ledger_rows(lane, crm)) == 1
+    assert dispatched == [events.decode(genuine.value, genuine.headers).data["request_id"]]
+
+
+def test_the_allow_list_is_read_from_a_comma_separated_variable(monkeypatch):
+    monkeypatch.setenv("UNLEARN_ALLOWED_SOURCES", " urn:crm , urn:helpdesk,,")
+    assert Settings().allowed_source_set == {"urn:crm", "urn:helpdesk"}
+    monkeypatch.delenv("UNLEARN_ALLOWED_SOURCES")
+    assert Settings().allowed_source_set == frozenset()  # unset: the local stack accepts any source
 
 
 def test_a_record_the_kafka_client_cannot_parse_is_dead_lettered_and_stepped_over(lane, make_intake):

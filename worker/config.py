@@ -51,6 +51,15 @@ class Settings(BaseSettings):
     serve_token_file: Path | None = None
     serve_docs: bool = False
 
+    # Ed25519 keys (PEM) for what the worker publishes (worker.signing): the worker signs with the
+    # private key, servers and verifiers check with the public key(s). Unset on the local stack:
+    # both use $UNLEARN_STACK_DIR/signing.key, created once (0600). Paths only: never the keys.
+    signing_key_file: Path | None = None
+    verify_key_file: Path | None = None
+    # the CloudEvents sources the intake accepts erasure requests from, comma-separated; empty
+    # accepts any (the local stack, whose stand-ins use several); a deployment names its upstreams
+    allowed_sources: str = ""
+
     topic_requests: str = "erasure.requests"
     topic_dlq: str = "erasure.requests.dlq"
     topic_versions: str = "model.versions"
@@ -80,6 +89,10 @@ class Settings(BaseSettings):
         if "://" in value:
             split_s3_url(value)
         return value
+
+    @property
+    def allowed_source_set(self) -> frozenset[str]:
+        return frozenset(part.strip() for part in self.allowed_sources.split(",") if part.strip())
 
     def public_items(self) -> list[tuple[str, str]]:
         """`NAME=value` pairs for `unlearn config`, with any password masked."""

@@ -2,7 +2,7 @@
 
 One poll batch at a time, in four steps; the batch's offsets are committed once, at the end:
 1. every record is decoded and validated (`events.decode`, no I/O); one that fails, for whatever
-   reason, becomes a dead letter;
+   reason, or that comes from a source not on `UNLEARN_ALLOWED_SOURCES`, becomes a dead letter;
 2. the valid ones go into the ledger in one transaction (`ledger.record_many`, idempotent on
    (source, id)). A request id reused by another event becomes a dead letter. Should the database
    refuse a row all the same, the batch is redone row by row, each under a savepoint, and only the
@@ -69,8 +69,9 @@ def is_refusal(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.Error) and (exc.sqlstate or "")[:2] in _REFUSAL_SQLSTATES
 
 
-def check(record: ConsumerRecord) -> events.ValidatedEvent | DeadLetter:
-    """The record's erasure request, or the dead letter saying why it is none."""
+def check(record: ConsumerRecord, allowed_sources: frozenset[str] = frozenset()) -> events.ValidatedEvent | DeadLetter:
+    """The record's erasure request, or the dead letter saying why it is none. `allowed_sources`:
+    the event sources requests are accepted from (empty: any)."""
     try:
         event = events.decode(record.value, record.headers)
     except events.InvalidEvent as exc:
@@ -81,6 +82,8 @@ def check(record: ConsumerRecord) -> events.ValidatedEvent | DeadLetter:
         return DeadLetter(record, "undecodable", f"decoding failed ({exc.__class__.__name__})")
     if event.type != events.ERASURE_REQUESTED:
         return DeadLetter(record, "unexpected_type", f"type {event.type} does not belong on this topic")
+    if allowed_sources and event.source not in allowed_sources:
+        return DeadLetter(record, "source_not_allowed", "attribute source: not one of UNLEARN_ALLOWED_SOURCES")
     return event
 
 
@@ -140,11 +143,13 @@ class Database:
 
 class Intake:
     def __init__(self, consumer: KafkaConsumer, dead_letters: DeadLetters, database: Database,
-                 dispatch: Callable[[list[str]], None] = tasks.dispatch_many):
+                 dispatch: Callable[[list[str]], None] = tasks.dispatch_many,
+                 allowed_sources: frozenset[str] = frozenset()):
         self.consumer = consumer
         self.dead_letters = dead_letters
         self.database = database
         self.dispatch = dispatch
+        self.allowed_sources = allowed_sources
         self._retrying = until_available(self._on_outage)
 
     def poll_once(self, timeout_ms: int = 500) -> Counter[str]:
@@ -154,7 +159,7 @@ class Intake:
         records = [record for partition in batch.values() for record in partition]
         if not records:
             return Counter()
-        checked = [(record, check(record)) for record in records]
+        checked = [(record, check(record, self.allowed_sources)) for record in records]
         letters = [verdict for _, verdict in checked if isinstance(verdict, DeadLetter)]
         valid = [(record, verdict) for record, verdict in checked if isinstance(verdict, events.ValidatedEvent)]
         accepted = []
@@ -329,7 +334,7 @@ def run(settings: Settings, max_seconds: float | None = None) -> None:
     database = Database(settings.database_url)
     dead_letters = DeadLetters(settings.kafka_bootstrap, settings.topic_dlq)
     consumer = until_available()(make_consumer, settings)
-    intake = Intake(consumer, dead_letters, database)
+    intake = Intake(consumer, dead_letters, database, allowed_sources=settings.allowed_source_set)
     try:
         while deadline is None or time.monotonic() < deadline:
             intake.poll_once()
