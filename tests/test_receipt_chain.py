@@ -5,17 +5,19 @@ Kafka-compatible broker for the relay)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime, timedelta
 
 import psycopg
 import pytest
 from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kafka import KafkaConsumer
 
 import pipeline_steps as steps
 from conftest import MemoryPublisher
-from worker import events, registry
+from worker import events, registry, signing
 from worker.cli import main
 from worker.core.base import TrainConfig
 from worker.pipeline import outbox, receipts
@@ -167,3 +169,47 @@ def test_no_transaction_is_open_while_the_relay_waits_for_the_broker(conn, digit
     # Then no session sat in a transaction (holding outbox rows) while the broker was awaited
     assert sessions and ("idle in transaction",) not in sessions
     assert conn.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetchone() == (0,)
+
+
+def test_a_receipt_is_signed_and_a_third_party_checks_it_with_the_public_key_alone(conn, digits, ctx, tmp_path):
+    # Given a completed erasure
+    registry.train_model(conn, digits, "m", "sisa", "digits", CONFIG)
+    request_id = steps.request(conn, digits, steps.subjects(conn, 1))
+    steps.run_passes(ctx, "m")
+    [(payload,)] = conn.execute("SELECT payload FROM outbox WHERE event_id LIKE %s", (f"receipt-{request_id}-%",))
+    conn.commit()
+    runner = CliRunner()
+    public = tmp_path / "public.pem"
+    assert runner.invoke(main, ["keys", "public", "--out", str(public)]).exit_code == 0
+
+    # Then the receipt as published checks out with the public key alone
+    published = tmp_path / "receipt.json"
+    published.write_bytes(bytes(payload))
+    checked = runner.invoke(main, ["keys", "check", str(published), "--public-key", str(public)])
+    assert checked.exit_code == 0, checked.output
+    assert "ok   gdpr.erasure.completed.v1 signature: holds" in checked.output
+    # And one altered after publication does not, even with its receipt_sha256 recomputed
+    forged = json.loads(payload)
+    forged["data"]["rows_deleted"] += 1
+    forged["data"]["receipt_sha256"] = events.receipt_digest(forged["data"])
+    published.write_text(json.dumps(forged))
+    checked = runner.invoke(main, ["keys", "check", str(published), "--public-key", str(public)])
+    assert checked.exit_code == 1 and "FAIL gdpr.erasure.completed.v1 signature: bad_signature" in checked.output
+
+    # And `unlearn verify` checks the stored signature
+    seq = receipts.latest(conn, request_id).seq
+    checks = {c.name: c for c in verify_request(conn, digits, request_id)}
+    assert checks[f"receipt #{seq} signature"].passed and all(c.passed for c in checks.values())
+    # When the stored signature is replaced by another key's, or removed, verify fails
+    stranger = signing.Signer(Ed25519PrivateKey.generate())
+    body = receipts.latest(conn, request_id).body
+    for signature in (stranger.sign(signing.statement(events.ERASURE_COMPLETED, body)), None):
+        conn.execute("UPDATE receipts SET signature = %s WHERE seq = %s", (signature, seq))
+        check = {c.name: c for c in verify_request(conn, digits, request_id)}[f"receipt #{seq} signature"]
+        assert not check.passed
+        conn.rollback()
+    # And so does a receipt altered in the database together with its hash
+    conn.execute("UPDATE receipts SET body = jsonb_set(body, '{rows_deleted}', '99') WHERE seq = %s", (seq,))
+    altered = {c.name: c for c in verify_request(conn, digits, request_id)}
+    assert not altered[f"receipt #{seq} signature"].passed
+    conn.rollback()

@@ -14,11 +14,21 @@ import pytest
 from fastapi.testclient import TestClient
 
 from worker import data, registry
-from worker.artifacts import read_manifest, write_manifest, write_revocation
-from worker.config import get_settings
+from worker.artifacts import (
+    ArtifactIntegrityError,
+    open_root,
+    read_manifest,
+    read_manifest_signature,
+    sha256_bytes,
+    write_manifest,
+    write_manifest_signature,
+    write_revocation,
+)
+from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
 from worker.model_server import create_app
 from worker.serving import Announcement, ServedModel, VersionRevoked, load_version
+from worker.signing import write_signed_manifest
 
 pytestmark = pytest.mark.services
 
@@ -34,10 +44,12 @@ def model(conn, artifact_dir):
 
 
 def republish(version: int, **changes) -> str:
-    """Version `version` of `m`: version 1's manifest with `changes`; returns its sha256."""
-    root = get_settings().artifact_dir
-    manifest = {**read_manifest(root, "m", 1), "version": version, "parent_version": version - 1, **changes}
-    return write_manifest(root, "m", version, manifest)[1]
+    """Version `version` of `m`: version 1's manifest with `changes`, signed as the worker signs
+    it; returns its sha256."""
+    settings = get_settings()
+    manifest = {**read_manifest(settings.artifact_dir, "m", 1), "version": version, "parent_version": version - 1,
+                **changes}
+    return write_signed_manifest(settings, "m", version, manifest)[1]
 
 
 class Clock:
@@ -224,3 +236,43 @@ def test_rows_by_feature_name_are_encoded_with_the_vocabulary_the_manifest_recor
         with pytest.raises(ValueError, match=re.escape(says)) as refused:
             loaded.encode([bad])
         assert "gold-secret" not in str(refused.value) and "thirty" not in str(refused.value)
+
+
+def test_load_version_checks_a_manifest_against_the_digest_the_worker_signed(model):
+    """Found: `load_version` called directly took whatever manifest the store held."""
+    v1, holdout = model
+    settings = get_settings()
+    root = settings.artifact_dir
+    assert load_version("m", 1).predict(holdout.features[:2]).shape == (2,)  # signed by training
+    # When the manifest is altered after it was signed, it no longer loads (nor with its old digest)
+    manifest = read_manifest(root, "m", 1)
+    write_manifest(root, "m", 1, {**manifest, "metrics": {"holdout_accuracy": 1.0}})
+    for expected in (None, v1.manifest_sha256):
+        with pytest.raises(ArtifactIntegrityError, match="does not match its recorded sha256"):
+            load_version("m", 1, expected_sha256=expected)
+    # When a manifest has no signature, or one another key made, it does not load
+    write_manifest(root, "m", 2, {**manifest, "version": 2, "parent_version": 1})
+    with pytest.raises(ArtifactIntegrityError, match="m v2 is not signed"):
+        load_version("m", 2)
+    stranger = Settings(stack_dir=settings.stack_dir / "elsewhere", artifact_dir=str(root))
+    write_signed_manifest(stranger, "m", 3, {**manifest, "version": 3, "parent_version": 2})
+    with pytest.raises(ArtifactIntegrityError, match="m v3: its signature does not check out"):
+        load_version("m", 3)
+    # And a signature record pointing at another digest does not help
+    record = read_manifest_signature(root, "m", 1)
+    write_manifest_signature(root, "m", 1, {**record, "sha256": sha256_bytes(open_root(root).read("manifests/m/1.json"))})
+    with pytest.raises(ArtifactIntegrityError, match="m v1: its signature does not check out"):
+        load_version("m", 1)
+
+
+def test_why_nothing_is_served_never_shows_where_the_artifacts_are(model):
+    """Found: a record for version 999999 made /healthz answer 503 with the store's absolute path."""
+    settings = get_settings()
+    served = ServedModel("m", settings)
+    served.announce(Announcement(999999, "0" * 64))
+    served.settle()
+    client = TestClient(create_app(served))
+    for answer in (client.get("/healthz"), client.get("/version"), client.post("/predict", json={"instances": [[0]]})):
+        assert answer.status_code in (200, 503)
+        assert str(settings.artifact_dir) not in answer.text and "/manifests/" not in answer.text
+    assert "m v999999 cannot be loaded yet (its manifest is not in the artifact store)" in served.state().problem

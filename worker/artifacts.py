@@ -6,6 +6,7 @@ model servers on other hosts read the same files. Under that root:
 
     objects/<model>/<sha256>.safetensors       component files, one namespace per model
     manifests/<model>/<version>.json           a model version
+    manifests/<model>/<version>.json.sig       the worker's signature of that manifest's sha256
     manifests/<model>/<version>.revoked.json   present once that version must no longer be served
 
 Each model has its own namespace, so deleting a tainted checkpoint of one model can never remove
@@ -297,6 +298,22 @@ def read_manifest(root: Path | str, model: str, version: int, expected_sha256: s
     if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
         raise ArtifactIntegrityError(f"manifest {model} v{version} does not match its recorded sha256")
     return json.loads(data)
+
+
+def write_manifest_signature(root: Path | str, model: str, version: int, record: dict) -> None:
+    """Store the signature record of a manifest (`worker.signing` makes and checks it)."""
+    open_root(root).write(_version_key(model, version, ".json.sig"), _encode(record))
+
+
+def read_manifest_signature(root: Path | str, model: str, version: int) -> dict | None:
+    """The signature record of a manifest, or None when it has none (or an unreadable one)."""
+    try:
+        record = json.loads(open_root(root).read(_version_key(model, version, ".json.sig")))
+    except FileNotFoundError:
+        return None
+    except ValueError:  # not JSON, or not UTF-8: as good as none
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def manifest_versions(root: Path | str, model: str) -> list[int]:

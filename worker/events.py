@@ -17,7 +17,7 @@ import json
 import re
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import resources
@@ -41,6 +41,8 @@ CONTENT_TYPE = "application/cloudevents+json; charset=UTF-8"
 _MEDIA_TYPE = "application/cloudevents+json"
 _SUBJECT_FIELD = "subject_id"
 _REQUIRED_ATTRIBUTES = ("specversion", "id", "source", "type")
+_CORE_ATTRIBUTES = frozenset(("specversion", "id", "source", "type", "time", "datacontenttype", "dataschema",
+                              "subject", "data", "data_base64"))
 
 # Kafka's default `message.max.bytes`: a larger record could not be forwarded to the DLQ whole either.
 MAX_EVENT_BYTES = 1_048_576
@@ -80,6 +82,8 @@ class ValidatedEvent:
     type: str
     time: datetime | None
     data: dict[str, Any]
+    # CloudEvents extension attributes, e.g. the worker's `signature` (worker.signing)
+    extensions: dict[str, Any] = field(default_factory=dict)
 
 
 class _StructuredJSON(JSONFormat):
@@ -245,6 +249,7 @@ def decode(value: bytes | None, headers: list[tuple[str, bytes]] | None) -> Vali
         type=event_type,
         time=time,
         data=data,
+        extensions={name: item for name, item in raw.items() if name not in _CORE_ATTRIBUTES},
     )
 
 

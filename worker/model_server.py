@@ -2,7 +2,8 @@
 
 It follows `model.versions` as a serving team would: on start it replays the topic to learn the
 model's newest version and every revocation (taking the newest manifest in the store only when no
-event names the model), then hot-swaps to each version as it is published, re-checking every
+event names the model), acting only on events the worker signed (`worker.signing`; any other
+record is counted, logged and skipped, so a forged one changes nothing), then hot-swaps to each version as it is published, re-checking every
 few seconds that the version it serves has not been revoked since. `worker.serving.ServedModel`
 decides which version may answer; this module is its HTTP face and its Kafka feed:
 
@@ -12,7 +13,7 @@ decides which version may answer; this module is its HTTP face and its Kafka fee
                     UNLEARN_SERVE_MAX_BODY_BYTES get 413; bad input a 422 that never echoes it)
     GET  /version   the version served (or why none is), the newest published, the revoked ones
     GET  /healthz   200 while a version is served, 503 with the reason otherwise
-    GET  /metrics   Prometheus: the version served, seconds since it was superseded
+    GET  /metrics   Prometheus: the version served, seconds since it was superseded, records rejected
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from fastapi.responses import JSONResponse
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, Field
 
-from worker import events
+from worker import events, signing
 from worker.config import Settings
 from worker.serving import Announcement, ServedModel
 
@@ -46,10 +47,11 @@ MAX_INSTANCES = 10_000  # rows per /predict call
 class VersionFollower(threading.Thread):
     """Feeds `model.versions` into a ServedModel: the whole topic first, then each new event."""
 
-    def __init__(self, settings: Settings, served: ServedModel):
+    def __init__(self, settings: Settings, served: ServedModel, verifier: signing.Verifier | None = None):
         super().__init__(name="model-versions", daemon=True)
         self.settings = settings
         self.served = served
+        self.verifier = verifier or signing.verifier(settings)
         self.key = served.model.encode()  # model.versions is keyed by model name
         self.replayed = threading.Event()
         self._stop = threading.Event()
@@ -119,6 +121,11 @@ class VersionFollower(threading.Thread):
                     log.warning("skipped an invalid event on %s: %s", record.topic, exc.reason)
                     continue
                 if event.type == events.MODEL_VERSION_PUBLISHED and event.data["model"] == self.served.model:
+                    problem = self.verifier.check_event(event)
+                    if problem is not None:
+                        where = f"{record.topic}/{record.partition}@{record.offset}"
+                        self.served.reject(problem, event.data["version"], where)
+                        continue
                     self.served.announce(Announcement.from_event(event.data))
                     announced = True
         return announced
@@ -132,7 +139,8 @@ class ServingCollector:
 
     def collect(self):
         model = self.served.model
-        current = self.served.state().current
+        state = self.served.state()
+        current = state.current
         version = GaugeMetricFamily("unlearning_served_model_version",
                                     "Model version this server answers with (0: none).", labels=["model"])
         version.add_metric([model], current.version if current else 0)
@@ -142,8 +150,15 @@ class ServingCollector:
             " (0: it serves the newest).",
             labels=["model"])
         superseded.add_metric([model], self.served.superseded_seconds())
+        rejected = CounterMetricFamily(
+            "unlearning_served_rejected_versions",
+            "model.versions records for this model not acted on, by reason (unsigned, bad_signature).",
+            labels=["model", "reason"])
+        for reason in (signing.UNSIGNED, signing.BAD_SIGNATURE):
+            rejected.add_metric([model, reason], state.rejected.get(reason, 0))
         yield version
         yield superseded
+        yield rejected
 
 
 class BodyLimit:

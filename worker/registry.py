@@ -38,11 +38,11 @@ from worker.artifacts import (
     read_manifest,
     read_uri,
     sha256_bytes,
-    write_manifest,
     write_revocation,
 )
 from worker.config import Settings
 from worker.core import networks
+from worker.signing import write_signed_manifest
 from worker.core.base import (
     BatchRecord,
     Placement,
@@ -300,7 +300,7 @@ def stage_withdrawal(conn: psycopg.Connection, settings: Settings, parent: Model
         "erasure_request_ids": list(request_ids), "revokes": [parent.version], "deletion_budget_remaining": 0.0,
         "metrics": {},
     }
-    uri, digest = write_manifest(settings.artifact_dir, parent.model, version, body)
+    uri, digest = write_signed_manifest(settings, parent.model, version, body)
     return StagedVersion(ModelVersion(
         model=parent.model, version=version, parent_version=parent.version, method=parent.method,
         manifest_uri=uri, manifest_sha256=digest, components_changed=[], deletion_budget_remaining=0.0,
@@ -498,7 +498,7 @@ def _stage(conn: psycopg.Connection, settings: Settings, implementation: Unlearn
         "deletion_budget_remaining": budget,
         "metrics": metrics,
     }
-    uri, manifest_sha256 = write_manifest(settings.artifact_dir, model, version, manifest)
+    uri, manifest_sha256 = write_signed_manifest(settings, model, version, manifest)
     return StagedVersion(
         ModelVersion(
             model=model, version=version, parent_version=None if parent is None else parent.version,

@@ -2,8 +2,9 @@
 
 Downstream serving has the artifact store and nothing else: no database. Every component file is
 re-hashed against the manifest before it is used, and the manifest itself against the sha256 of
-the `ml.model.version.published.v1` event when the caller passes it. A version with a revocation
-record, or whose manifest says `"servable": false` (a withdrawal marker), is refused.
+the (signature-checked) `ml.model.version.published.v1` event when the caller passes it, else
+against the sha256 the worker signed next to the manifest (`worker.signing`). A version with a
+revocation record, or whose manifest says `"servable": false` (a withdrawal marker), is refused.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,6 +35,7 @@ from worker.core import networks
 from worker.core.base import Predictor
 from worker.core.networks import NetworkUnavailable
 from worker.registry import method_for
+from worker.signing import signed_manifest_digest
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +142,16 @@ def load_version(name: str, version: int, settings: Settings | None = None,
     serve, whatever `allow_revoked` says); ArtifactIntegrityError when the manifest does not match
     `expected_sha256`, or a component file is missing (a revoked version's tainted files are
     deleted) or altered; FileNotFoundError when there is no such manifest; NetworkUnavailable when
-    the network it was trained with (`manifest["network"]`) cannot be imported here.
+    the network it was trained with (`manifest["network"]`) cannot be imported here. Without
+    `expected_sha256` (the caller has no signature-checked event or record), the manifest must
+    match the sha256 the worker signed next to it: ArtifactIntegrityError otherwise.
     """
     settings = settings or get_settings()
     root = settings.artifact_dir
     if not allow_revoked and (record := read_revocation(root, name, version)) is not None:
         raise VersionRevoked(f"{name} v{version} is revoked ({_why(record)})")
+    if expected_sha256 is None:
+        expected_sha256 = signed_manifest_digest(settings, name, version)
     manifest = read_manifest(root, name, version, expected_sha256)
     if manifest.get("model") != name or manifest.get("version") != version:
         raise ArtifactIntegrityError(f"manifest file for {name} v{version} describes "
@@ -192,6 +199,17 @@ def _check_network(name: str, version: int, manifest: dict[str, Any]) -> None:
                         recorded["distribution"], recorded["version"], installed or "no version of it")
 
 
+def _public(exc: Exception) -> str:
+    """What an HTTP answer may say about a failed load: our own findings (integrity, a network that
+    cannot be imported) name no path; anything else (a missing file, the store's errors) may, so
+    only its kind is shown."""
+    if isinstance(exc, (ArtifactIntegrityError, NetworkUnavailable)):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return "its manifest is not in the artifact store"
+    return exc.__class__.__name__
+
+
 def _why(revocation: dict) -> str:
     why = revocation.get("reason", "no reason recorded")
     return f"{why}, by v{revocation['superseded_by']}" if revocation.get("superseded_by") else why
@@ -223,6 +241,7 @@ class ServingState:
     newest: Announcement | None
     revoked: tuple[int, ...]
     problem: str | None
+    rejected: dict[str, int] = field(default_factory=dict)  # records refused, by reason
 
 
 class ServedModel:
@@ -243,11 +262,22 @@ class ServedModel:
         self._newest: Announcement | None = None
         self._revoked: set[int] = set()
         self._problem: str | None = "reading model.versions"
+        self._rejected: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def state(self) -> ServingState:
         with self._lock:
-            return ServingState(self.current, self._newest, tuple(sorted(self._revoked)), self._problem)
+            return ServingState(self.current, self._newest, tuple(sorted(self._revoked)), self._problem,
+                                dict(self._rejected))
+
+    def reject(self, reason: str, version: Any, where: str) -> None:
+        """Count and log a version record that is not acted on (its signature failed): it changes
+        nothing that is served."""
+        with self._lock:
+            self._rejected[reason] += 1
+        log.warning("rejected a model.versions record at %s announcing %s v%s: %s", where, self.model,
+                    version if isinstance(version, int) else "?", reason,
+                    extra={"model": self.model, "reason": reason})
 
     def announce(self, announcement: Announcement) -> None:
         """Note a published version (call `settle` to act on it)."""
@@ -286,7 +316,9 @@ class ServedModel:
             self._serve_nothing(str(exc))
             return
         except Exception as exc:  # noqa: BLE001 - whatever stops it loading (store unreachable too), retry
-            self._serve_nothing(f"{self.model} v{newest.version} cannot be loaded yet ({exc}); retrying")
+            if not isinstance(exc, (ArtifactIntegrityError, NetworkUnavailable)):
+                log.warning("%s v%d cannot be loaded: %s", self.model, newest.version, exc, extra={"model": self.model})
+            self._serve_nothing(f"{self.model} v{newest.version} cannot be loaded yet ({_public(exc)}); retrying")
             return
         with self._lock:
             if self._newest is not newest or newest.version in self._revoked:

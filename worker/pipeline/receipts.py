@@ -5,7 +5,9 @@ lock, reads the last receipt, and links to it; a unique index on the predecessor
 impossible even if the lock were bypassed. `completed_at` is read from the clock at the append,
 the last step of the transaction that finishes the request, so it is not earlier than the work it
 reports. A request can have several receipts (`failed`, later `completed` after `unlearn retry`);
-each is a new link and none is ever rewritten.
+each is a new link and none is ever rewritten. Each receipt is signed with the worker's key as it
+is issued (`worker.signing`): the signature is stored with it and travels on its event, so anyone
+holding the public key can check a receipt without the database.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.types.json import Jsonb
 
-from worker import events
+from worker import events, signing
 from worker.config import Settings
 from worker.pipeline import outbox
 
@@ -29,6 +31,7 @@ class Receipt:
     request_id: uuid.UUID
     status: str
     body: dict  # the gdpr.erasure.completed.v1 data
+    signature: str | None = None  # None only for receipts issued before receipts were signed
 
 
 def verification(evidence: dict, requested: list[str] | None = None) -> dict:
@@ -72,10 +75,13 @@ def issue(conn: psycopg.Connection, settings: Settings, request_id: uuid.UUID, s
     if extension:
         body["extension"] = extension
     body["receipt_sha256"] = events.receipt_digest(body)
+    event = signing.signer(settings).sign_event(events.build_event(
+        events.ERASURE_COMPLETED, body, source=settings.event_source, event_id=f"receipt-{request_id}-{seq}"))
+    signature = event.get_extension(signing.SIGNATURE_ATTRIBUTE)
     conn.execute(
-        "INSERT INTO receipts (seq, request_id, status, body, receipt_sha256, previous_sha256, completed_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (seq, request_id, status, Jsonb(body), body["receipt_sha256"], previous, completed_at),
+        "INSERT INTO receipts (seq, request_id, status, body, receipt_sha256, previous_sha256, completed_at, signature)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (seq, request_id, status, Jsonb(body), body["receipt_sha256"], previous, completed_at, signature),
     )
     # the subject id is kept only while its rows still exist (a failed row deletion is re-driven)
     conn.execute(
@@ -84,19 +90,18 @@ def issue(conn: psycopg.Connection, settings: Settings, request_id: uuid.UUID, s
         " sample_ids = CASE WHEN rows_deleted IS NULL THEN sample_ids ELSE '{}' END WHERE request_id = %s",
         (status, completed_at, request_id),
     )
-    event = events.build_event(events.ERASURE_COMPLETED, body, source=settings.event_source,
-                               event_id=f"receipt-{request_id}-{seq}")
     outbox.enqueue(conn, settings.topic_receipts, event, key=str(request_id))
-    return Receipt(seq, request_id, status, body)
+    return Receipt(seq, request_id, status, body, signature)
 
 
 def latest(conn: psycopg.Connection, request_id: uuid.UUID) -> Receipt | None:
     row = conn.execute(
-        "SELECT seq, status, body FROM receipts WHERE request_id = %s ORDER BY seq DESC LIMIT 1", (request_id,)
+        "SELECT seq, status, body, signature FROM receipts WHERE request_id = %s ORDER BY seq DESC LIMIT 1",
+        (request_id,),
     ).fetchone()
-    return None if row is None else Receipt(row[0], request_id, row[1], row[2])
+    return None if row is None else Receipt(row[0], request_id, row[1], row[2], row[3])
 
 
 def all_for(conn: psycopg.Connection, request_id: uuid.UUID) -> list[Receipt]:
-    return [Receipt(seq, request_id, status, body) for seq, status, body in conn.execute(
-        "SELECT seq, status, body FROM receipts WHERE request_id = %s ORDER BY seq", (request_id,))]
+    return [Receipt(seq, request_id, status, body, signature) for seq, status, body, signature in conn.execute(
+        "SELECT seq, status, body, signature FROM receipts WHERE request_id = %s ORDER BY seq", (request_id,))]

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from worker import data, events, registry
+from worker import data, events, registry, signing
 from worker.artifacts import ArtifactStore
 from worker.config import Settings
 from worker.core import s3t
@@ -564,6 +564,7 @@ def _membership_evidence(predictor, snapshot: Snapshot, request_id: uuid.UUID) -
 
 
 def version_event(settings: Settings, version: registry.ModelVersion):
+    """The signed `ml.model.version.published.v1` event of `version` (the outbox keeps it as signed)."""
     payload = {
         "model": version.model,
         "version": version.version,
@@ -578,8 +579,9 @@ def version_event(settings: Settings, version: registry.ModelVersion):
         "metrics": dict(version.metrics),
         "created_at": version.created_at,
     }
-    return events.build_event(events.MODEL_VERSION_PUBLISHED, payload, source=settings.event_source,
-                              event_id=f"model-version-{version.model}-{version.version}")
+    event = events.build_event(events.MODEL_VERSION_PUBLISHED, payload, source=settings.event_source,
+                               event_id=f"model-version-{version.model}-{version.version}")
+    return signing.signer(settings).sign_event(event)
 
 
 def _received_at(conn: psycopg.Connection, request_ids: list[uuid.UUID]) -> dict[uuid.UUID, datetime]:

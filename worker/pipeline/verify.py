@@ -2,7 +2,8 @@
 
 It holds for every receipt, forever, also once later erasures superseded its versions. Checks,
 each reported as passed or failed with a reason:
-- each receipt of the request hashes to its `receipt_sha256` and links to the receipt before it;
+- each receipt of the request hashes to its `receipt_sha256`, carries the worker's signature (checked
+  with the public key, as a third party would) and links to the receipt before it;
 - the whole chain is one line: numbered without gaps, every link matching, no fork;
 - every model version a receipt names is recorded and its manifest matches the recorded sha256;
   the version still served loads with every file verified; a version superseded since says by
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from worker import events, serving
+from worker import events, serving, signing
 from worker.artifacts import ArtifactIntegrityError, ArtifactStore, read_manifest
 from worker.config import Settings
 from worker.pipeline import receipts
@@ -42,8 +43,9 @@ def verify_request(conn: psycopg.Connection, settings: Settings, request_id: uui
     if not issued:
         raise LookupError(f"request {request_id} has no receipt yet (still in progress)")
     checks = []
+    trusted = signing.verifier(settings)
     for receipt in issued:
-        checks += [_receipt_hash(conn, receipt), _link(conn, receipt)]
+        checks += [_receipt_hash(conn, receipt), _signature(conn, receipt, trusted), _link(conn, receipt)]
     checks.append(chain(conn))
     final = issued[-1].body
     for entry in final["model_versions"]:
@@ -57,6 +59,16 @@ def _receipt_hash(conn: psycopg.Connection, receipt: receipts.Receipt) -> Check:
     ok = recomputed == receipt.body.get("receipt_sha256") == stored
     return Check(f"receipt #{receipt.seq} ({receipt.status}) hash", ok,
                  "matches" if ok else f"recomputed {recomputed[:12]}…, stored {stored[:12]}…")
+
+
+def _signature(conn: psycopg.Connection, receipt: receipts.Receipt, trusted: signing.Verifier) -> Check:
+    name = f"receipt #{receipt.seq} signature"
+    if receipt.signature is None:
+        unsigned = conn.execute("SELECT issued_unsigned FROM receipts WHERE seq = %s", (receipt.seq,)).fetchone()[0]
+        return Check(name, unsigned, "issued before receipts were signed, not checked" if unsigned else "missing")
+    problem = trusted.check(signing.statement(events.ERASURE_COMPLETED, receipt.body), receipt.signature)
+    return Check(name, problem is None, "made by the worker's key" if problem is None else
+                 "does not match the receipt under the public key (altered receipt, or another key)")
 
 
 def _link(conn: psycopg.Connection, receipt: receipts.Receipt) -> Check:
