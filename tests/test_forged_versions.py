@@ -49,10 +49,12 @@ def _rejected(server: str) -> dict[str, float]:
 
 
 def _publish(settings: Settings, *records) -> None:
+    """Events, or raw (value, headers) as a hostile producer writes them, keyed by the model."""
     producer = events.open_producer(settings.kafka_bootstrap)
     try:
-        for event in records:
-            events.publish(producer, settings.topic_versions, event, key=MODEL.encode())
+        for record in records:
+            value, headers = record if isinstance(record, tuple) else events.encode(record)
+            producer.send(settings.topic_versions, value=value, key=MODEL.encode(), headers=headers).get(30)
     finally:
         producer.close()
 
@@ -99,18 +101,20 @@ def test_a_forged_version_record_changes_nothing_served_before_or_after_a_restar
     with running(settings, quiet, [server_process(MODEL, port)]):
         assert wait_for_version(server, 1)["version"] == 1
 
-        # When forged records for version 999999 arrive (unsigned, and signed with another key),
-        # and then the real version 2
+        # When forged records for version 999999 arrive (unsigned, signed with another key, and
+        # with a signature that is not even a string), and then the real version 2
         stranger = signing.Signer(Ed25519PrivateKey.generate())
-        _publish(settings, _forgery(settings, None), _forgery(settings, stranger))
+        value, headers = events.encode(_forgery(settings, None))
+        odd = (json.dumps(json.loads(value) | {"signature": {"alg": "none"}}).encode(), headers)
+        _publish(settings, _forgery(settings, None), _forgery(settings, stranger), odd)
         _publish_real_version(settings, v1, 2)
 
-        # Then the server serves version 2, never heard of 999999, and counted both forgeries
+        # Then the server serves version 2, never heard of 999999, and counted every forgery
         shown = wait_for_version(server, 2)
         assert (shown["version"], shown["newest_version"], shown["revoked_versions"]) == (2, 2, [1])
         status, health = _get(f"{server}/healthz")
         assert (status, json.loads(health)) == (200, {"status": "serving", "model": MODEL, "version": 2})
-        assert _rejected(server) == {signing.UNSIGNED: 1.0, signing.BAD_SIGNATURE: 1.0}
+        assert _rejected(server) == {signing.UNSIGNED: 1.0, signing.BAD_SIGNATURE: 2.0}
 
     # When the server restarts, replaying the topic with the forgeries on it
     with running(settings, quiet, [server_process(MODEL, port)]):
@@ -120,7 +124,7 @@ def test_a_forged_version_record_changes_nothing_served_before_or_after_a_restar
         assert wait_for_version(server, 3)["version"] == 3
         status, health = _get(f"{server}/healthz")
         assert status == 200 and json.loads(health)["version"] == 3
-        assert _rejected(server) == {signing.UNSIGNED: 1.0, signing.BAD_SIGNATURE: 1.0}
+        assert _rejected(server) == {signing.UNSIGNED: 1.0, signing.BAD_SIGNATURE: 2.0}
     log = (settings.stack_dir / "demo" / "serve.log").read_text()
     assert log.count(f"announcing {MODEL} v999999: unsigned") == 1
-    assert log.count(f"announcing {MODEL} v999999: bad_signature") == 1
+    assert log.count(f"announcing {MODEL} v999999: bad_signature") == 2

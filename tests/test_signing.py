@@ -3,6 +3,7 @@ and what a reader with only the public key accepts."""
 
 from __future__ import annotations
 
+import json
 import stat
 
 import pytest
@@ -88,7 +89,11 @@ def test_a_signed_event_survives_the_wire_and_any_change_breaks_it(tmp_path):
     unsigned = events.build_event(events.MODEL_VERSION_PUBLISHED, version_data(999999), source="urn:attacker")
     assert trusted.check_event(on_the_wire(unsigned)) == signing.UNSIGNED
     assert trusted.check_event(on_the_wire(other_signer().sign_event(unsigned))) == signing.BAD_SIGNATURE
-    assert trusted.check(b"x", "not base64!") == signing.BAD_SIGNATURE
+    # whatever JSON a record holds as its signature is a refusal, never an exception
+    value, headers = events.encode(unsigned)
+    for hostile in ("not base64!", 5, {"a": 1}, ["x"], True, "A" * 100_000):
+        record = json.dumps(json.loads(value) | {"signature": hostile}).encode()
+        assert trusted.check_event(events.decode(record, headers)) == signing.BAD_SIGNATURE
 
 
 def test_a_verify_key_file_may_hold_several_keys_during_a_rotation(tmp_path):

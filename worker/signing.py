@@ -82,10 +82,13 @@ class Signer:
 class Verifier:
     keys: tuple[Ed25519PublicKey, ...]
 
-    def check(self, message: bytes, signature: str | None) -> str | None:
-        """None when one of the keys signed `message`; else why not (UNSIGNED, BAD_SIGNATURE)."""
-        if not signature:
+    def check(self, message: bytes, signature: Any) -> str | None:
+        """None when one of the keys signed `message`; else why not (UNSIGNED, BAD_SIGNATURE).
+        `signature` comes from a record anyone may have written: any JSON value."""
+        if signature is None or signature == "":
             return UNSIGNED
+        if not isinstance(signature, str):
+            return BAD_SIGNATURE
         try:
             raw = base64.b64decode(signature, validate=True)
         except (binascii.Error, ValueError):
