@@ -28,7 +28,7 @@ import pytest
 import s3fs
 from rich.console import Console
 
-from worker import data, events, registry
+from worker import data, events, registry, signing
 from worker.artifacts import manifest_versions, write_revocation
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
@@ -91,8 +91,14 @@ class Client(threading.Thread):
 def cluster(tmp_path_factory, s3_env):
     root = tmp_path_factory.mktemp("scale-out")
     bucket = f"unlearn-scale-{uuid.uuid4().hex[:10]}"
+    # one signing key for every worker host (a mounted secret in production); the model server
+    # holds only its public half
+    key, public = root / "signing.key", root / "signing.pub"
+    signing.create_key_file(key)
+    public.write_bytes(signing.Signer(signing.load_private_key(key)).public_pem())
     with pytest.MonkeyPatch.context() as env:
-        for name, value in {**s3_env, "UNLEARN_LOG_FORMAT": "json", "UNLEARN_SERVE_REFRESH_SECONDS": "0.5"}.items():
+        for name, value in {**s3_env, "UNLEARN_LOG_FORMAT": "json", "UNLEARN_SERVE_REFRESH_SECONDS": "0.5",
+                            "UNLEARN_SIGNING_KEY_FILE": str(key)}.items():
             env.setenv(name, value)
         get_settings.cache_clear()
         s3fs.S3FileSystem(endpoint_url=s3_env["UNLEARN_S3_ENDPOINT_URL"]).mkdir(bucket)
@@ -107,7 +113,8 @@ def cluster(tmp_path_factory, s3_env):
             processes = [
                 dataclasses.replace(intake_process(settings), cwd=root / "host-intake"),
                 _worker(settings, root, "host-a"),
-                dataclasses.replace(server_process(MODEL, port), cwd=root / "host-serve"),
+                dataclasses.replace(server_process(MODEL, port, UNLEARN_VERIFY_KEY_FILE=str(public)),
+                                    cwd=root / "host-serve"),
             ]
             with running(settings, Console(quiet=True), processes) as started, contextlib.ExitStack() as later:
                 watcher = TopicWatcher(settings)
