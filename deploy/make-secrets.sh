@@ -30,6 +30,16 @@ for who in worker serve; do
     put "aws_credentials_$who" "$(printf '[default]\naws_access_key_id = %s\naws_secret_access_key = %s' "$key" "$secret")"
 done
 put serve_token "$(random)"
+# the Ed25519 key the worker signs model versions, manifests and receipts with, and its public
+# half for the model servers and `unlearn verify` (README "Authenticity")
+if [ ! -s secrets/signing_key ]; then
+    openssl genpkey -algorithm ed25519 -out secrets/signing_key
+    chmod 644 secrets/signing_key
+fi
+if [ ! -s secrets/verify_key ]; then
+    openssl pkey -in secrets/signing_key -pubout -out secrets/verify_key
+    chmod 644 secrets/verify_key
+fi
 put grafana_admin_password "$(random)"
 put tombstone_key "$(random)"  # keys the erasure tombstones; lose it and erased rows could be imported again
 echo "secrets written under $(pwd)/secrets (the model server's bearer token: secrets/serve_token)"

@@ -186,6 +186,11 @@ def test_no_password_is_written_in_the_compose_file_and_every_secret_is_generate
     assert first["unlearn_celery_broker"].strip() == f"redis://:{first['redis_password'].strip()}@redis:6379/0"
     worker_key = first["minio_worker_key"].split()[0]
     assert f"aws_access_key_id = {worker_key}" in first["aws_credentials_worker"]
+    # the signing key is an Ed25519 key the worker loads, and verify_key its public half
+    from worker import signing
+
+    signer = signing.Signer(signing.load_private_key(tmp_path / "secrets" / "signing_key"))
+    assert first["verify_key"].encode() == signer.public_pem()
 
 
 def test_each_process_gets_least_privilege():
@@ -193,7 +198,13 @@ def test_each_process_gets_least_privilege():
     serve = all_services["serve"]
     # the model server: no database at all, a read-only key on the bucket, a bearer token
     assert "UNLEARN_DATABASE_URL" not in serve["environment"] and "UNLEARN_SECRETS_DIR" not in serve["environment"]
-    assert set(serve["secrets"]) == {"aws_credentials_serve", "serve_token"}
+    assert set(serve["secrets"]) == {"aws_credentials_serve", "serve_token", "verify_key"}
+    # the worker alone holds the signing key; the server and the intake (for `unlearn verify`) its public half
+    assert [name for name, service in services().items() if "signing_key" in service.get("secrets", [])] == ["worker"]
+    assert all_services["worker"]["environment"]["UNLEARN_SIGNING_KEY_FILE"] == "/run/secrets/signing_key"
+    for name in ("serve", "intake"):
+        assert all_services[name]["environment"]["UNLEARN_VERIFY_KEY_FILE"] == "/run/secrets/verify_key"
+    assert all_services["intake"]["environment"]["UNLEARN_ALLOWED_SOURCES"]
     read_only = json.loads((DEPLOY / "minio" / "serve.json").read_text())
     actions = {a for statement in read_only["Statement"] for a in statement["Action"]}
     assert actions == {"s3:ListBucket", "s3:GetBucketLocation", "s3:GetObject"}
