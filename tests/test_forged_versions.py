@@ -30,7 +30,7 @@ from worker.sandbox import free_port, isolated
 pytestmark = pytest.mark.services
 
 MODEL = "guarded"
-CONFIG = TrainConfig(architecture="mlp", hidden=(16,), epochs=1, batch_size=64, seed=3, shards=2, slices=1)
+CONFIG = TrainConfig(network="mlp", hidden=(16,), epochs=1, batch_size=64, seed=3, shards=2, slices=1)
 REDIS_DB = 10  # flushed by `isolated`; the benchmarks use 9 and 14, the other tests 11 to 13
 
 
