@@ -291,12 +291,13 @@ def test_verify_rechecks_a_receipt_and_catches_tampering(conn, digits, ctx):
     steps.run_passes(ctx, "a")
     # When it is verified, every check passes
     checks = verify_request(conn, digits, request_id)
-    assert [c.name for c in checks] == ["receipt #1 (completed) hash", "receipt #1 link", "receipt chain",
+    assert [c.name for c in checks] == ["receipt #1 (completed) hash", "receipt #1 signature", "receipt #1 link",
+                                        "receipt chain",
                                         "a v2 manifest", "a v2 files", "a v2 erased influence purged", "a v2 evidence"]
     assert all(c.passed for c in checks), checks
     conn.commit()
     shown = CliRunner().invoke(main, ["verify", "--request", str(request_id)])
-    assert shown.exit_code == 0 and shown.output.count("ok  ") == 7, shown.output
+    assert shown.exit_code == 0 and shown.output.count("ok  ") == 8, shown.output
     # When a purged tainted checkpoint reappears, the purge check fails
     removed = read_manifest(digits.artifact_dir, "a", 2)["lineage"]["removed_artifacts"]
     stale = ArtifactStore(digits.artifact_dir, "a").path(removed[0])
@@ -304,11 +305,11 @@ def test_verify_rechecks_a_receipt_and_catches_tampering(conn, digits, ctx):
     failed = {c.name for c in verify_request(conn, digits, request_id) if not c.passed}
     assert failed == {"a v2 erased influence purged"}
     stale.unlink()
-    # When the stored receipt is edited, the hash check fails
+    # When the stored receipt is edited, the hash and signature checks fail
     conn.execute("UPDATE receipts SET body = jsonb_set(body, '{rows_deleted}', '0') WHERE request_id = %s",
                  (request_id,))
     failed = {c.name for c in verify_request(conn, digits, request_id) if not c.passed}
-    assert failed == {"receipt #1 (completed) hash"}
+    assert failed == {"receipt #1 (completed) hash", "receipt #1 signature"}
     conn.commit()
     assert CliRunner().invoke(main, ["verify", "--request", str(request_id)]).exit_code == 1
 
