@@ -2,10 +2,11 @@
 
 It follows `model.versions` as a serving team would: on start it replays the topic to learn the
 model's newest version and every revocation (taking the newest manifest in the store only when no
-event names the model), acting only on events the worker signed (`worker.signing`; any other
-record is counted, logged and skipped, so a forged one changes nothing), then hot-swaps to each version as it is published, re-checking every
-few seconds that the version it serves has not been revoked since. `worker.serving.ServedModel`
-decides which version may answer; this module is its HTTP face and its Kafka feed:
+event names the model), then hot-swaps to each version as it is published, re-checking every few
+seconds that the version it serves has not been revoked since. It acts only on events the worker
+signed (`worker.signing`): any other record is counted, logged and skipped, so a forged one
+changes nothing. `worker.serving.ServedModel` decides which version may answer; this module is
+its HTTP face and its Kafka feed:
 
     POST /predict   {"instances": [[...], ...]} (or rows by feature name, {"age": 39, "workclass": "Private"})
                     -> predictions (and labels, for text classes) and probabilities, and the version
