@@ -145,7 +145,8 @@ def _signing_key_path(settings: Settings) -> tuple[Path, str]:
     if settings.signing_key_file is not None:
         return settings.signing_key_file, "UNLEARN_SIGNING_KEY_FILE"
     path = settings.stack_dir / DEV_KEY_NAME
-    create_key_file(path)  # the local stack's key; a configured file is never created
+    if not path.exists():
+        create_key_file(path)  # the local stack's key; a configured file is never created
     return path, f"the local stack's key ({DEV_KEY_NAME} in UNLEARN_STACK_DIR)"
 
 
