@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from worker.cli_data import data
+from worker.cli_keys import key_or_exit, keys
 from worker.config import get_settings
 
 
@@ -16,6 +17,7 @@ def main() -> None:
 
 
 main.add_command(data)
+main.add_command(keys)
 
 
 @main.command("config")
@@ -299,7 +301,7 @@ def worker_cmd(concurrency: int, queues: str) -> None:
 
     log = _logging()
     settings = get_settings()
-    _key_or_exit(lambda: signing.signer(settings))  # a missing key fails the start, not every task
+    key_or_exit(lambda: signing.signer(settings))  # a missing key fails the start, not every task
     # prometheus_client picks its multiprocess value class when first imported: set the
     # directory (wiped of a previous run's files) before anything imports it
     directory = settings.stack_dir.resolve() / "metrics" / f"worker-{os.getpid()}"
@@ -333,7 +335,7 @@ def serve_cmd(name: str, port: int | None) -> None:
 
     _logging()
     settings = get_settings()
-    _key_or_exit(lambda: signing.verifier(settings))
+    key_or_exit(lambda: signing.verifier(settings))
     model_server.run(settings, name, settings.serve_port if port is None else port)
 
 
@@ -447,75 +449,6 @@ def verify_cmd(request_id) -> None:
         click.echo(f"{'ok  ' if check.passed else 'FAIL'} {check.name}: {check.detail}")
     if not all(check.passed for check in checks):
         raise SystemExit(1)
-
-
-@main.group()
-def keys() -> None:
-    """The Ed25519 keys that sign model versions, manifests and receipts."""
-
-
-@keys.command("public")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the PEM here (e.g. the file UNLEARN_VERIFY_KEY_FILE names) instead of printing it.")
-def keys_public(out: Path | None) -> None:
-    """Print the public key that checks the worker's signatures (UNLEARN_SIGNING_KEY_FILE's, or
-    the local stack's, created on first use); servers and third parties need nothing else."""
-    from worker import signing
-
-    pem = _key_or_exit(lambda: signing.signer(get_settings()).public_pem())
-    if out is None:
-        click.echo(pem.decode("ascii"), nl=False)
-    else:
-        out.write_bytes(pem)
-        click.echo(f"wrote {out}")
-
-
-@keys.command("create")
-@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-def keys_create(path: Path) -> None:
-    """Write a new signing key to PATH (mode 0600; never over an existing file) and print its
-    public key. Point UNLEARN_SIGNING_KEY_FILE at it (or mount it as a secret)."""
-    from worker import signing
-
-    if not signing.create_key_file(path):
-        raise click.ClickException(f"{path} exists already; a key is never overwritten")
-    click.echo(signing.Signer(signing.load_private_key(path)).public_pem().decode("ascii"), nl=False)
-
-
-@keys.command("check")
-@click.argument("event_file", type=click.File("rb"))
-@click.option("--public-key", "public_key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="PEM public key(s) to trust (default: UNLEARN_VERIFY_KEY_FILE or the stack's).")
-def keys_check(event_file, public_key: Path | None) -> None:
-    """Check a published event (a receipt or a model version: the Kafka record's value, as JSON)
-    with the public key alone, as a third party can; exits 1 when it does not hold."""
-    from worker import events, signing
-
-    settings = get_settings()
-    if public_key is not None:
-        settings = settings.model_copy(update={"verify_key_file": public_key})
-    trusted = _key_or_exit(lambda: signing.verifier(settings))
-    try:
-        event = events.decode(event_file.read(), None)
-    except events.InvalidEvent as exc:
-        raise click.ClickException(f"not a valid event: {exc}") from None
-    checks = [("signature", trusted.check_event(event))]
-    if event.type == events.ERASURE_COMPLETED:
-        digest_ok = events.receipt_digest(event.data) == event.data["receipt_sha256"]
-        checks.append(("receipt_sha256", None if digest_ok else "does not match the receipt"))
-    for name, problem in checks:
-        click.echo(f"{'ok  ' if problem is None else 'FAIL'} {event.type} {name}: {problem or 'holds'}")
-    if any(problem is not None for _, problem in checks):
-        raise SystemExit(1)
-
-
-def _key_or_exit(load):
-    from worker import signing
-
-    try:
-        return load()
-    except signing.KeyFileError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 def _benchmark_names(ctx, param, value: str | None) -> list[str] | None:
