@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
 from worker import data, registry
@@ -24,6 +25,7 @@ from worker.artifacts import (
     write_manifest_signature,
     write_revocation,
 )
+from worker.cli import main
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
 from worker.model_server import create_app
@@ -276,3 +278,26 @@ def test_why_nothing_is_served_never_shows_where_the_artifacts_are(model):
         assert answer.status_code in (200, 503)
         assert str(settings.artifact_dir) not in answer.text and "/manifests/" not in answer.text
     assert "m v999999 cannot be loaded yet (its manifest is not in the artifact store)" in served.state().problem
+
+
+def test_manifests_from_before_signing_are_signed_once_after_checking_the_recorded_digest(model):
+    """An upgraded deployment: its manifests have no signature, so a server that finds one without
+    an event refuses it until `unlearn keys sign-manifests` signs what the database recorded."""
+    v1, holdout = model
+    settings = get_settings()
+    root = settings.artifact_dir
+    open_root(root).delete("manifests/m/1.json.sig")
+    with pytest.raises(ArtifactIntegrityError, match="m v1 is not signed"):
+        load_version("m", 1)
+    # a manifest altered in the store is not signed: only the bytes the database recorded are
+    manifest = read_manifest(root, "m", 1)
+    original = open_root(root).read("manifests/m/1.json")
+    write_manifest(root, "m", 1, {**manifest, "metrics": {"holdout_accuracy": 1.0}})
+    refused = CliRunner().invoke(main, ["keys", "sign-manifests"])
+    assert refused.exit_code == 1 and "FAIL m v1: not signed" in refused.output
+    assert read_manifest_signature(root, "m", 1) is None
+    open_root(root).write("manifests/m/1.json", original)
+    done = CliRunner().invoke(main, ["keys", "sign-manifests"])
+    assert done.exit_code == 0 and "signed 1 manifest(s); 0 refused" in done.output
+    assert load_version("m", 1).predict(holdout.features[:2]).shape == (2,)
+    assert "signed 0 manifest(s)" in CliRunner().invoke(main, ["keys", "sign-manifests"]).output

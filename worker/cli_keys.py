@@ -70,6 +70,36 @@ def keys_check(event_file, public_key: Path | None) -> None:
         raise SystemExit(1)
 
 
+@keys.command("sign-manifests")
+def keys_sign_manifests() -> None:
+    """Sign the manifests written before versions were signed (once, after upgrading; where the
+    signing key is). Only a manifest whose bytes match the sha256 the database recorded for its
+    version is signed; servers refuse an unsigned one they find without an event."""
+    from worker import db, signing
+    from worker.artifacts import ArtifactIntegrityError, read_manifest, read_manifest_signature
+
+    settings = get_settings()
+    key_or_exit(lambda: signing.signer(settings))
+    with db.connect(settings.database_url) as conn:
+        recorded = conn.execute("SELECT model, version, manifest_sha256 FROM model_versions ORDER BY model, version")
+        recorded = recorded.fetchall()
+    signed = refused = 0
+    for model, version, digest in recorded:
+        if read_manifest_signature(settings.artifact_dir, model, version) is not None:
+            continue
+        try:
+            read_manifest(settings.artifact_dir, model, version, digest)
+        except (FileNotFoundError, ArtifactIntegrityError) as exc:
+            click.echo(f"FAIL {model} v{version}: not signed ({exc.__class__.__name__}: missing or not the recorded bytes)")
+            refused += 1
+            continue
+        signing.sign_manifest(settings, model, version, digest)
+        signed += 1
+    click.echo(f"signed {signed} manifest(s); {refused} refused")
+    if refused:
+        raise SystemExit(1)
+
+
 def key_or_exit(load):
     """`load()`, or a clean exit naming the variable when a key file is missing or unusable."""
     from worker import signing

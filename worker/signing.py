@@ -180,10 +180,15 @@ def verifier(settings: Settings) -> Verifier:
 def write_signed_manifest(settings: Settings, model: str, version: int, manifest: dict) -> tuple[str, str]:
     """Write a manifest and, next to it, the signature of its sha256; returns its URI and sha256."""
     uri, digest = write_manifest(settings.artifact_dir, model, version, manifest)
-    signature = signer(settings).sign(manifest_statement(model, version, digest))
-    write_manifest_signature(settings.artifact_dir, model, version,
-                             {"model": model, "version": version, "sha256": digest, SIGNATURE_ATTRIBUTE: signature})
+    sign_manifest(settings, model, version, digest)
     return uri, digest
+
+
+def sign_manifest(settings: Settings, model: str, version: int, sha256: str) -> None:
+    """Store the signature of manifest `model` `version` whose bytes hash to `sha256`."""
+    signature = signer(settings).sign(manifest_statement(model, version, sha256))
+    write_manifest_signature(settings.artifact_dir, model, version,
+                             {"model": model, "version": version, "sha256": sha256, SIGNATURE_ATTRIBUTE: signature})
 
 
 def signed_manifest_digest(settings: Settings, model: str, version: int,
