@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
 import re
 import tempfile
@@ -40,6 +41,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from worker import events
 from worker.artifacts import ArtifactIntegrityError, read_manifest_signature, write_manifest, write_manifest_signature
 from worker.config import Settings
+
+log = logging.getLogger(__name__)
 
 SIGNATURE_ATTRIBUTE = "signature"  # a CloudEvents extension attribute
 MANIFEST_STATEMENT = "ml.model.manifest.v1"
@@ -145,8 +148,10 @@ def _signing_key_path(settings: Settings) -> tuple[Path, str]:
     if settings.signing_key_file is not None:
         return settings.signing_key_file, "UNLEARN_SIGNING_KEY_FILE"
     path = settings.stack_dir / DEV_KEY_NAME
-    if not path.exists():
-        create_key_file(path)  # the local stack's key; a configured file is never created
+    # the local stack's key; a configured file is never created
+    if not path.exists() and create_key_file(path):
+        log.warning("created the signing key %s: every process that publishes must sign with this same key,"
+                    " and model servers elsewhere need its public half (unlearn keys public)", path)
     return path, f"the local stack's key ({DEV_KEY_NAME} in UNLEARN_STACK_DIR)"
 
 
@@ -191,15 +196,14 @@ def sign_manifest(settings: Settings, model: str, version: int, sha256: str) -> 
                              {"model": model, "version": version, "sha256": sha256, SIGNATURE_ATTRIBUTE: signature})
 
 
-def signed_manifest_digest(settings: Settings, model: str, version: int,
-                           trusted: Verifier | None = None) -> str:
+def signed_manifest_digest(settings: Settings, model: str, version: int) -> str:
     """The sha256 the manifest of `model` `version` was signed with; ArtifactIntegrityError when
     it has no signature, or one that a trusted key did not make."""
     record = read_manifest_signature(settings.artifact_dir, model, version)
     if record is None:
         raise ArtifactIntegrityError(f"manifest {model} v{version} is not signed")
     digest = record.get("sha256")
-    problem = (trusted or verifier(settings)).check(
+    problem = verifier(settings).check(
         manifest_statement(model, version, digest if isinstance(digest, str) else ""), record.get(SIGNATURE_ATTRIBUTE))
     if problem is not None or not isinstance(digest, str):
         raise ArtifactIntegrityError(f"manifest {model} v{version}: its signature does not check out")
