@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from worker import events, signing
 from worker.cli import main
-from worker.config import Settings
+from worker.config import Settings, get_settings
 
 SHA = "a" * 64
 
@@ -57,7 +57,20 @@ def test_a_configured_key_file_is_never_created_and_a_bad_one_is_refused(tmp_pat
         signing.verifier(Settings(stack_dir=tmp_path, verify_key_file=tmp_path / "garbage.pem"))
 
 
-def test_unlearn_config_names_the_key_files_but_never_prints_a_key(tmp_path):
+@pytest.fixture
+def configured(monkeypatch):
+    """Sets UNLEARN_* variables for the CLI, which reads the (cached) settings."""
+
+    def configure(**variables: str) -> None:
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+
+    yield configure
+    get_settings.cache_clear()
+
+
+def test_unlearn_config_names_the_key_files_but_never_prints_a_key(tmp_path, configured):
     runner = CliRunner()
     key = tmp_path / "signing.pem"
     created = runner.invoke(main, ["keys", "create", str(key)])
@@ -66,10 +79,11 @@ def test_unlearn_config_names_the_key_files_but_never_prints_a_key(tmp_path):
     assert runner.invoke(main, ["keys", "create", str(key)]).exit_code != 0  # never overwritten
     secret = key.read_text()
     body = "".join(secret.splitlines()[1:-1])
-    shown = runner.invoke(main, ["config"], env={"UNLEARN_SIGNING_KEY_FILE": str(key)})
+    configured(UNLEARN_SIGNING_KEY_FILE=str(key))
+    shown = runner.invoke(main, ["config"])
     assert shown.exit_code == 0 and f"UNLEARN_SIGNING_KEY_FILE={key}" in shown.output
     assert body not in shown.output and "PRIVATE KEY" not in shown.output
-    public = runner.invoke(main, ["keys", "public"], env={"UNLEARN_SIGNING_KEY_FILE": str(key)})
+    public = runner.invoke(main, ["keys", "public"])
     assert public.output == created.output and body not in public.output
 
 
