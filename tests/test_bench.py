@@ -242,6 +242,8 @@ def test_examples_quick_run_measures_both_examples_against_their_monolith(tmp_pa
     # And MiniLM with LoRA: the base alone, the monolith's adapter and S3T, whose erasures took no step
     text = figures["text"]
     assert all(_fraction(text[k]["accuracy"]) for k in ("monolith", "s3t")) and _fraction(text["base_accuracy"])
-    assert text["s3t"]["erasures_tried"] >= 1 and text["monolith"]["retrain_seconds"] > 0
+    s3t = text["s3t"]
+    assert s3t["layers_trained"] == s3t["shards"] * s3t["orders"] * s3t["slices"] == 2
+    assert s3t["erasures_tried"] >= 1 and text["monolith"]["retrain_seconds"] > 0
     report = (tmp_path / "report.md").read_text()
     assert "MiniLM-L6 with LoRA" in report and (tmp_path / "examples.png").read_bytes().startswith(PNG_MAGIC)

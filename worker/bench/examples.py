@@ -153,14 +153,15 @@ def _text(params: Params, work: Path, progress: Progress) -> dict[str, Any]:
     report: dict[str, Any] = {"train_rows": len(rows.train), "holdout_rows": len(rows.holdout),
                               "tokens": params.tokens}
 
-    def store_with_base(name: str) -> tuple[ArtifactStore, TrainConfig]:
+    def store_with_base(name: str, config: TrainConfig) -> tuple[ArtifactStore, TrainConfig]:
+        """A store of its own holding the pretrained weights, and `config` naming them."""
         store = ArtifactStore(work / name, "bench")
         return store, replace(config, base_weights=store.put(load_file(str(weights))))
 
     person = rows.people[0]
     remaining = rows.train.without(person)
     progress(0, 4, "MiniLM: one LoRA adapter on every row (the monolith)")
-    store, monolith_config = store_with_base("text-monolith")
+    store, monolith_config = store_with_base("text-monolith", config)
     monolith, seconds, _ = timed(S3T().train, rows.train, monolith_config, store)
     # with no shard serving, the frozen base answers alone
     base_alone = {**monolith.state, "shards": [{**e, "status": NEEDS_RETRAIN} for e in monolith.state["shards"]]}
@@ -168,17 +169,18 @@ def _text(params: Params, work: Path, progress: Progress) -> dict[str, Any]:
     report["monolith"] = {"accuracy": accuracy(S3T().predictor(monolith.state, store), rows.holdout),
                           "train_seconds": seconds}
     progress(1, 4, "MiniLM: the monolith's retrain without one person")
-    store_re, _ = store_with_base("text-monolith-re")
+    store_re, _ = store_with_base("text-monolith-re", config)
     _, report["monolith"]["retrain_seconds"], _ = timed(S3T().train, remaining, monolith_config, store_re)
 
     progress(2, 4, "MiniLM: S3T training")
     s3t_config = replace(config, shards=params.text_shards, slices=params.text_slices,
                          options={**options, "orders": params.text_orders})
-    store, s3t_config = store_with_base("text-s3t")
+    store, s3t_config = store_with_base("text-s3t", s3t_config)
     trained, seconds, _ = timed(S3T().train, rows.train, s3t_config, store)
     where = {p.sample_id: p for p in trained.placements}
     result = {"shards": params.text_shards, "slices": params.text_slices, "orders": params.text_orders,
               "rank": params.rank, "train_seconds": seconds,
+              "layers_trained": sum(len(o["layers"]) for e in trained.state["shards"] for o in e["orders"]),
               "accuracy": accuracy(S3T().predictor(trained.state, store), rows.holdout)}
     progress(3, 4, "MiniLM: S3T erasing people one by one")
     state, survived, times, left = trained.state, 0, [], rows.train
