@@ -128,7 +128,8 @@ def train_cmd(name: str, method: str, dataset: str, seed: int, options: dict, ag
     """Train a model on the dataset's rows in PostgreSQL and publish its version 1.
 
     Runs on UNLEARN_DEVICE with UNLEARN_THREADS threads, as the worker does, so a later
-    retrain there repeats this training bit for bit.
+    retrain there repeats this training bit for bit. Version 1's model-version event is queued in
+    the outbox with it and sent at once when the broker answers (else by the intake's relay).
     """
     from rich.progress import track
 
@@ -137,6 +138,7 @@ def train_cmd(name: str, method: str, dataset: str, seed: int, options: dict, ag
     from worker import registry
     from worker.core import runtime
     from worker.core.base import TrainConfig
+    from worker.pipeline import context, outbox, unlearning
 
     if aggregation is not None:
         options["aggregation"] = aggregation
@@ -151,10 +153,18 @@ def train_cmd(name: str, method: str, dataset: str, seed: int, options: dict, ag
                 conn.commit()
             config = TrainConfig(network=network or architecture, network_args=network_args, seed=seed,
                                  options=options, **{key: value for key, value in hyper.items() if value is not None})
-            version = registry.train_model(conn, settings, name, method, dataset, config, progress=track,
-                                           base_weights=base_weights)
+            version = registry.train_model(
+                conn, settings, name, method, dataset, config, progress=track, base_weights=base_weights,
+                announce=lambda conn, version: unlearning.announce(conn, settings, version))
     except (ValueError, ImportError) as exc:  # ImportError: NetworkUnavailable
         raise click.ClickException(str(exc)) from None
+    ctx = context.from_settings(settings)
+    try:
+        outbox.drain(ctx.connect, ctx.publisher)
+    except Exception as exc:  # noqa: BLE001 - the event is durable in the outbox; the relay sends it
+        click.echo(f"version 1's event waits in the outbox for the intake's relay ({exc.__class__.__name__})")
+    finally:
+        ctx.publisher.close()
     click.echo(f"model {version.model} version {version.version} ({version.method}): "
                f"{len(version.components_changed)} component(s)")
     for metric, value in sorted(version.metrics.items()):

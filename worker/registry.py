@@ -18,7 +18,7 @@ import importlib
 import inspect
 import logging
 import pkgutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -142,7 +142,8 @@ def _method_class(module_name: str) -> type[UnlearningMethod] | None:
 
 def train_model(conn: psycopg.Connection, settings: Settings, name: str, method: str, dataset: str,
                 config: TrainConfig, progress: Progress = no_progress,
-                base_weights: str | None = None) -> ModelVersion:
+                base_weights: str | None = None,
+                announce: Callable[[psycopg.Connection, ModelVersion], None] | None = None) -> ModelVersion:
     """Train `method` on the dataset's training rows and publish version 1 of model `name`.
 
     `base_weights`: a safetensors file (local path, `file://` or `s3://` URI) of pretrained weights
@@ -154,7 +155,8 @@ def train_model(conn: psycopg.Connection, settings: Settings, name: str, method:
     then written in one, which first locks the rows it trained on: a row erased meanwhile means
     training again (an erasure that committed first would otherwise leave the new model holding
     it unnoticed, and one that comes later waits for the lock and then sees the placement).
-    Refuses a name that is already taken, before and after training.
+    Refuses a name that is already taken, before and after training. `announce(conn, version)`
+    runs inside that transaction too (the pipeline's: version 1's event into the outbox).
     """
     if not NAMESPACE.match(name):
         raise ValueError(f"model name {name!r} must be 1-128 letters, digits, '.', '_' or '-', starting alphanumeric")
@@ -201,8 +203,11 @@ def train_model(conn: psycopg.Connection, settings: Settings, name: str, method:
                 except psycopg.errors.UniqueViolation:
                     raise ModelExists(f"model {name!r} already exists; choose another name") from None
                 _lock_rows_still_there(conn, dataset, rows.sample_ids)
-                return commit_version(conn, replace(staged, placements=result.placements, placement_shards=None,
-                                                    batches=result.batches, replace_batch_log=True))
+                version = commit_version(conn, replace(staged, placements=result.placements, placement_shards=None,
+                                                       batches=result.batches, replace_batch_log=True))
+                if announce is not None:
+                    announce(conn, version)
+                return version
         except RowsErasedDuringTraining:
             log.warning("model %s: training rows were erased while it trained; training again (%d/%d)",
                         name, attempt, TRAIN_ATTEMPTS)

@@ -302,7 +302,7 @@ def _publish(settings: Settings, conn: psycopg.Connection, snapshot: Snapshot, s
     model = snapshot.model
     with conn.transaction():
         version = registry.commit_version(conn, staged)
-        outbox.enqueue(conn, settings.topic_versions, version_event(settings, version), key=model)
+        announce(conn, settings, version)
         conn.execute(
             "DELETE FROM pending_unlearning WHERE model = %s AND (request_id, sample_id) IN"
             " (SELECT * FROM unnest(%s::uuid[], %s::text[]))",
@@ -339,7 +339,7 @@ def empty(ctx: Context, conn: psycopg.Connection, snapshot: Snapshot) -> Unlearn
         version = current.version
         if staged is not None:
             version = registry.commit_version(conn, staged).version
-            outbox.enqueue(conn, settings.topic_versions, version_event(settings, staged.version), key=model)
+            announce(conn, settings, staged.version)
         conn.execute("DELETE FROM pending_unlearning WHERE model = %s", (model,))
         conn.execute("UPDATE models SET status = 'empty', failure_code = NULL WHERE name = %s", (model,))
         fanout.forget_parts(conn, model)
@@ -366,7 +366,7 @@ def withdraw(ctx: Context, conn: psycopg.Connection, model: str, code: FailureCo
         version = None
         if staged is not None:
             version = registry.commit_version(conn, staged).version
-            outbox.enqueue(conn, settings.topic_versions, version_event(settings, staged.version), key=model)
+            announce(conn, settings, staged.version)
         conn.execute("UPDATE models SET status = 'needs_full_retrain', failure_code = %s WHERE name = %s",
                      (code.value, model))
         # the erased rows' features served the membership evidence of a pass; a full retrain needs
@@ -529,7 +529,7 @@ def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard
                 staged = registry.stage_version(conn, settings, current, result, [])
                 with conn.transaction():
                     version = registry.commit_version(conn, staged)
-                    outbox.enqueue(conn, settings.topic_versions, version_event(settings, version), key=model)
+                    announce(conn, settings, version)
                 after_commit(ctx, conn, [], model)
         RETRAIN_DURATION.labels(model=model, method=current.method).observe(seconds)
         log.info("model %s: shard %d retrained (%s) in %.1fs, version %d", model, shard,
@@ -561,6 +561,13 @@ def _membership_evidence(predictor, snapshot: Snapshot, request_id: uuid.UUID) -
     erased = TrainingSet.build([r.sample_id for r in rows], features, np.array([r.label for r in rows], dtype=np.int64),
                                spec.num_classes, schema=spec.schema)
     return {"membership_inference": mia.erasure_evidence(predictor, erased, snapshot.holdout)}
+
+
+def announce(conn: psycopg.Connection, settings: Settings, version: registry.ModelVersion) -> None:
+    """Queue the version's `model.versions` event in the outbox, inside the caller's transaction
+    (the one that records the version), keyed by model name so one model's versions keep their
+    order. Version 1 too: `unlearn train` passes this to `registry.train_model`."""
+    outbox.enqueue(conn, settings.topic_versions, version_event(settings, version), key=version.model)
 
 
 def version_event(settings: Settings, version: registry.ModelVersion):
