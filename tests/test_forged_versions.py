@@ -50,7 +50,7 @@ def _rejected(server: str) -> dict[str, float]:
 
 def _publish(settings: Settings, *records) -> None:
     """Events, or raw (value, headers) as a hostile producer writes them, keyed by the model."""
-    producer = events.open_producer(settings.kafka_bootstrap)
+    producer = events.open_producer(events.kafka_client(settings))
     try:
         for record in records:
             value, headers = record if isinstance(record, tuple) else events.encode(record)

@@ -52,7 +52,7 @@ def make_intake(lane):
 
     def make(max_forward_bytes: int | None = None, dispatch=None, allowed_sources: frozenset[str] = frozenset()):
         dispatched: list[str] = []
-        letters = DeadLetters(lane.kafka_bootstrap, lane.topic_dlq)
+        letters = DeadLetters(events.kafka_client(lane), lane.topic_dlq)
         if max_forward_bytes is not None:
             letters.max_forward_bytes = max_forward_bytes
         intake = Intake(make_consumer(lane), letters, Database(lane.database_url), dispatch or dispatched.extend,

@@ -211,7 +211,7 @@ def erase(
     except events.InvalidEvent as exc:
         raise click.UsageError(exc.error) from None
     try:
-        producer = events.open_producer(settings.kafka_bootstrap)
+        producer = events.open_producer(events.kafka_client(settings))
         try:
             # keyed by request id: the subject must never appear in a Kafka key
             events.publish(producer, settings.topic_requests, event, key=request_id.encode())

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,6 +24,13 @@ class Settings(BaseSettings):
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/unlearning"
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # how every Kafka client of ours authenticates to the broker (kafka-python's settings): TLS with
+    # the broker's CA, and/or SASL (SCRAM in the shipped deployment); the password is a secret
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    kafka_ssl_cafile: Path | None = None
     celery_broker: str = "redis://127.0.0.1:6379/0"
     # a local directory, or s3://bucket/prefix shared by workers and model servers on other hosts
     artifact_dir: str = ".stack/artifacts"
@@ -94,6 +101,18 @@ class Settings(BaseSettings):
     def allowed_source_set(self) -> frozenset[str]:
         return frozenset(part.strip() for part in self.allowed_sources.split(",") if part.strip())
 
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> Settings:
+        sasl = self.kafka_security_protocol.startswith("SASL")
+        given = [self.kafka_sasl_mechanism, self.kafka_sasl_username, self.kafka_sasl_password]
+        if sasl and None in given:
+            raise ValueError(f"UNLEARN_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                             "UNLEARN_KAFKA_SASL_MECHANISM, _USERNAME and _PASSWORD (a secret file)")
+        if not sasl and any(v is not None for v in given):
+            raise ValueError("UNLEARN_KAFKA_SASL_* are set but UNLEARN_KAFKA_SECURITY_PROTOCOL is "
+                             f"{self.kafka_security_protocol}: choose SASL_PLAINTEXT or SASL_SSL")
+        return self
+
     def public_items(self) -> list[tuple[str, str]]:
         """`NAME=value` pairs for `unlearn config`, with any password masked."""
         items = []
@@ -101,8 +120,13 @@ class Settings(BaseSettings):
             text = "" if value is None else str(value)
             if name in {"database_url", "celery_broker", "s3_endpoint_url"}:
                 text = redact_url(text)
+            elif name in SECRET_SETTINGS and text:
+                text = "***"
             items.append((f"UNLEARN_{name.upper()}", text))
         return items
+
+
+SECRET_SETTINGS = {"kafka_sasl_password"}
 
 
 def split_s3_url(url: str) -> tuple[str, str]:

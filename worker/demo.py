@@ -189,7 +189,7 @@ def run(settings: Settings, console: Console, subjects: int = 3) -> None:
         console.print(f"`unlearn serve --model {MODEL}` at {server}: serves v{shown['version']};"
                       f" POST /predict on 5 holdout rows -> {answer['predictions']} (v{answer['version']})")
         watcher = TopicWatcher(settings)
-        producer = events.open_producer(settings.kafka_bootstrap)
+        producer = events.open_producer(events.kafka_client(settings))
         request_ids = []
         for subject in chosen:
             request_id = str(uuid4())

@@ -276,9 +276,29 @@ def receipt_digest(receipt_data: dict[str, Any]) -> str:
 FETCH_MAX_WAIT_MS = 20
 
 
-def open_producer(bootstrap: str) -> KafkaProducer:
-    """An idempotent producer that waits for every in-sync replica."""
-    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+def kafka_client(settings) -> dict[str, Any]:
+    """How every Kafka client of ours reaches the broker (kafka-python keyword arguments): its
+    address and, where configured, TLS and SASL (`UNLEARN_KAFKA_*`)."""
+    client: dict[str, Any] = {"bootstrap_servers": settings.kafka_bootstrap,
+                              "security_protocol": settings.kafka_security_protocol}
+    if settings.kafka_sasl_mechanism is not None:
+        client.update(sasl_mechanism=settings.kafka_sasl_mechanism, sasl_plain_username=settings.kafka_sasl_username,
+                      sasl_plain_password=settings.kafka_sasl_password)
+    if settings.kafka_ssl_cafile is not None:
+        client["ssl_cafile"] = str(settings.kafka_ssl_cafile)
+    return client
+
+
+def kafka_client_keys(config: dict[str, Any]) -> list[str]:
+    """The keys of a kafka-python client's `config` that `kafka_client` sets (to open another
+    client to the same broker, the same way)."""
+    return [key for key in ("bootstrap_servers", "security_protocol", "sasl_mechanism", "sasl_plain_username",
+                            "sasl_plain_password", "ssl_cafile") if config.get(key) is not None]
+
+
+def open_producer(client: dict[str, Any]) -> KafkaProducer:
+    """An idempotent producer that waits for every in-sync replica (`client`: `kafka_client`)."""
+    return KafkaProducer(**client, acks="all", enable_idempotence=True)
 
 
 def publish(

@@ -73,7 +73,7 @@ class VersionFollower(threading.Thread):
 
     def _follow(self) -> None:
         # no consumer group: every server replica reads every event
-        consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, group_id=None,
+        consumer = KafkaConsumer(**events.kafka_client(self.settings), group_id=None,
                                  enable_auto_commit=False, auto_offset_reset="earliest",
                                  fetch_max_wait_ms=events.FETCH_MAX_WAIT_MS)
         try:

@@ -156,7 +156,7 @@ Arrivals = dict[str, tuple[float, float | None, float, str]]  # request -> (sent
 
 def _one_at_a_time(settings: Settings, watcher: TopicWatcher, subjects: list[str], progress: Progress,
                    done: int, steps: int, label: str) -> Arrivals:
-    producer = events.open_producer(settings.kafka_bootstrap)
+    producer = events.open_producer(events.kafka_client(settings))
     arrivals: Arrivals = {}
     try:
         for subject in subjects:
@@ -179,7 +179,7 @@ def _burst(settings: Settings, watcher: TopicWatcher, subjects: list[str], rate:
     failure: list[BaseException] = []
 
     def publish() -> None:
-        producer = events.open_producer(settings.kafka_bootstrap)
+        producer = events.open_producer(events.kafka_client(settings))
         try:
             start = time.perf_counter()
             for i, subject in enumerate(subjects):

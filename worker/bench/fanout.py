@@ -72,7 +72,7 @@ def _passes(settings: Settings, concurrency: int, erasures: list[list[str]]) -> 
     found = []
     with running(settings, Console(quiet=True), (worker, intake_process(settings))):
         watcher = TopicWatcher(settings)
-        producer = events.open_producer(settings.kafka_bootstrap)
+        producer = events.open_producer(events.kafka_client(settings))
         try:
             for sample_ids in erasures:
                 before = _retrain_seconds(port)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import psycopg
 
+from worker import events
 from worker.config import Settings
 from worker.pipeline.outbox import KafkaPublisher, Publisher
 
@@ -35,5 +36,5 @@ def from_settings(settings: Settings) -> Context:
     return Context(
         settings=settings,
         connect=lambda: psycopg.connect(settings.database_url, connect_timeout=10),
-        publisher=KafkaPublisher(settings.kafka_bootstrap),
+        publisher=KafkaPublisher(events.kafka_client(settings)),
     )

@@ -42,8 +42,8 @@ class DeadLetters:
     rebuilt, since one that lived through a broker restart may keep failing.
     """
 
-    def __init__(self, bootstrap: str, topic: str, max_forward_bytes: int = MAX_FORWARD_BYTES):
-        self.bootstrap = bootstrap
+    def __init__(self, client: dict, topic: str, max_forward_bytes: int = MAX_FORWARD_BYTES):
+        self.client = client  # events.kafka_client
         self.topic = topic
         self.max_forward_bytes = max_forward_bytes
         self._producer: KafkaProducer | None = None
@@ -77,7 +77,7 @@ class DeadLetters:
         if self._producer is None:
             # not idempotent: after a broker restart its producer id would be unknown and every send
             # refused; a letter sent twice is told apart by its origin headers
-            self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5,
+            self._producer = KafkaProducer(**self.client, acks="all", linger_ms=5,
                                            request_timeout_ms=10_000)
         return self._producer
 

@@ -90,7 +90,7 @@ def check(record: ConsumerRecord, allowed_sources: frozenset[str] = frozenset())
 def make_consumer(settings: Settings) -> KafkaConsumer:
     return KafkaConsumer(
         settings.topic_requests,
-        bootstrap_servers=settings.kafka_bootstrap,
+        **events.kafka_client(settings),
         group_id=settings.consumer_group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -193,7 +193,8 @@ class Intake:
         assigned partition's next record is read once more on its own to find it."""
         for partition in self.consumer.assignment():
             offset = self.consumer.position(partition)
-            probe = KafkaConsumer(bootstrap_servers=self.consumer.config["bootstrap_servers"],
+            client = {key: self.consumer.config[key] for key in events.kafka_client_keys(self.consumer.config)}
+            probe = KafkaConsumer(**client,
                                   enable_auto_commit=False, max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES)
             try:
                 probe.assign([partition])
@@ -332,7 +333,7 @@ def run(settings: Settings, max_seconds: float | None = None) -> None:
     companions = Companions(settings)
     companions.check()
     database = Database(settings.database_url)
-    dead_letters = DeadLetters(settings.kafka_bootstrap, settings.topic_dlq)
+    dead_letters = DeadLetters(events.kafka_client(settings), settings.topic_dlq)
     consumer = until_available()(make_consumer, settings)
     intake = Intake(consumer, dead_letters, database, allowed_sources=settings.allowed_source_set)
     try:

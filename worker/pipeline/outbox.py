@@ -62,14 +62,14 @@ class KafkaPublisher:
     fresh one: an idempotent producer whose id the broker forgot (a restart) would otherwise retry
     `UnknownProducerIdError` forever."""
 
-    def __init__(self, bootstrap: str):
-        self.bootstrap = bootstrap
+    def __init__(self, client: dict):
+        self.client = client  # events.kafka_client
         self._producer: KafkaProducer | None = None
 
     def _open(self) -> KafkaProducer:
         if self._producer is None:
             self._producer = KafkaProducer(
-                bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
+                **self.client, acks="all", enable_idempotence=True,
                 linger_ms=5, request_timeout_ms=10_000, delivery_timeout_ms=int(SEND_TIMEOUT_S * 1000),
                 max_block_ms=10_000,
             )

@@ -28,7 +28,7 @@ class TopicWatcher:
         self.settings = settings
         topics = [settings.topic_versions, settings.topic_receipts] + ([settings.topic_dlq] if with_dlq else [])
         self.consumer = KafkaConsumer(
-            *topics, bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="latest",
+            *topics, **events.kafka_client(settings), auto_offset_reset="latest",
             group_id=f"watch-{uuid.uuid4().hex[:8]}", session_timeout_ms=6000, heartbeat_interval_ms=1000,
             fetch_max_wait_ms=events.FETCH_MAX_WAIT_MS,
         )
