@@ -10,7 +10,6 @@ import stat
 import threading
 from dataclasses import replace
 
-import numpy as np
 import psycopg
 import pyarrow as pa
 import pyarrow.csv as pacsv

@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
-from sklearn.datasets import load_digits
+from test_sisa import split_digits  # the same (train, public) split of load_digits
 
 from worker import data, registry
 from worker.artifacts import ArtifactStore, read_manifest
@@ -28,7 +28,7 @@ from worker.core import networks, nets
 from worker.core.amnesiac import Amnesiac
 from worker.core.arcane import Arcane
 from worker.core.base import DeletedSample, FeatureSchema, TrainConfig, TrainingSet
-from worker.core.nets import FeatureScaling, derive_seed, state_tensors
+from worker.core.nets import FeatureScaling, derive_seed
 from worker.core.placement import shard_of, slice_of
 from worker.core.puma import Puma
 from worker.core.s3t import S3T
@@ -65,22 +65,9 @@ def teamnet(tmp_path_factory):
     forget_teamnet()
 
 
-def splits() -> tuple[TrainingSet, TrainingSet]:
-    """(train, public) of load_digits: every sixth row is public."""
-    bunch = load_digits()
-    ids = [f"digits-{i:06d}" for i in range(len(bunch.target))]
-    public = np.arange(len(ids)) % 6 == 0
-
-    def part(mask: np.ndarray) -> TrainingSet:
-        return TrainingSet.build([s for s, keep in zip(ids, mask) if keep], bunch.data[mask] / 16.0,
-                                 bunch.target[mask], 10)
-
-    return part(~public), part(public)
-
-
 @pytest.fixture(scope="module")
 def rows() -> tuple[TrainingSet, TrainingSet]:
-    return splits()
+    return split_digits()
 
 
 def rows_in(data_: TrainingSet, shard: int, slice_: int, count: int, config: TrainConfig = CONFIG) -> list[str]:

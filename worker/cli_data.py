@@ -3,11 +3,30 @@ table (`worker.data` does the work)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
 from worker.config import get_settings
+
+T = TypeVar("T")
+
+
+def _in_database(work: Callable[..., T]) -> T:
+    """`work(conn)` on the configured database (created and migrated first, as `stack up` would);
+    a ValueError it raises (bad rows, a refused load) is the command's error message."""
+    from worker import db as database
+
+    url = get_settings().database_url
+    database.ensure_database(url)
+    database.migrate(url)
+    with database.connect(url) as conn:
+        try:
+            return work(conn)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
 
 
 @click.group()
@@ -28,20 +47,12 @@ def data_load(dataset: str, rows: int | None) -> None:
     from rich.progress import track
 
     from worker import data as datasets
-    from worker import db as database
 
     try:
         datasets.check_rows(dataset, rows)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    url = get_settings().database_url
-    database.ensure_database(url)
-    database.migrate(url)
-    with database.connect(url) as conn:
-        try:
-            loaded = datasets.load_into_postgres(conn, dataset, rows, progress=track)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
+    loaded = _in_database(lambda conn: datasets.load_into_postgres(conn, dataset, rows, progress=track))
     splits = ", ".join(f"{split} {count}" for split, count in sorted(loaded.by_split.items()))
     if loaded.already_loaded:
         click.echo(f"{dataset} was loaded before; left as it is ({loaded.rows} rows now: {splits})")
@@ -93,7 +104,6 @@ def data_import(file: Path, dataset: str, mapping_file: Path | None, **flags) ->
     from rich.progress import track
 
     from worker import data as datasets
-    from worker import db as database
     from worker.data import mapping, sources
 
     try:
@@ -101,15 +111,9 @@ def data_import(file: Path, dataset: str, mapping_file: Path | None, **flags) ->
         batches, rows = sources.open_file(file, columns)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    url = get_settings().database_url
-    database.ensure_database(url)
-    database.migrate(url)
-    with database.connect(url) as conn:
-        try:
-            imported = datasets.import_rows(conn, dataset, batches, columns, source=str(file), progress=track,
-                                            total=None if rows is None else -(-rows // sources.BATCH_ROWS))
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
+    imported = _in_database(lambda conn: datasets.import_rows(
+        conn, dataset, batches, columns, source=str(file), progress=track,
+        total=None if rows is None else -(-rows // sources.BATCH_ROWS)))
     splits = ", ".join(f"{split} {count}" for split, count in sorted(imported.by_split.items())) or "none"
     click.echo(f"imported {imported.rows} rows into {dataset} (generation {imported.generation}: {splits}); "
                f"{imported.skipped_erased} rows of erased subjects or samples left out")
@@ -127,21 +131,13 @@ def data_register(dataset: str, table: str, mapping_file: Path | None, **flags) 
     Nothing is copied: training reads the table and erasures delete from it (a view must be
     updatable). Every row is checked first; rows of subjects or samples erased before are deleted.
     """
-    from worker import db as database
     from worker.data import mapping, register
 
     try:
         columns = mapping.build(mapping_file, **flags)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    url = get_settings().database_url
-    database.ensure_database(url)
-    database.migrate(url)
-    with database.connect(url) as conn:
-        try:
-            registered = register.register_table(conn, dataset, table, columns)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
+    registered = _in_database(lambda conn: register.register_table(conn, dataset, table, columns))
     splits = ", ".join(f"{split} {count}" for split, count in sorted(registered.by_split.items()))
     click.echo(f"registered {dataset}: {registered.rows} rows of {table} ({splits}); "
                f"{registered.deleted_erased} rows of erased subjects or samples deleted from it")

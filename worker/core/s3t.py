@@ -644,12 +644,7 @@ class S3T:
                 freeze(adapters[b][i])
                 layers[b].append(LayerState(sha256=store.put(state_tensors(adapters[b][i])),
                                             lineage_sha256=lineage_sha256(rows_seen.sample_ids), rows=len(rows_seen)))
-        entry = ShardState(
-            shard=shard, status=SERVING, served=0,
-            slice_rows=np.bincount(slice_index, minlength=config.slices).tolist(),
-            orders=[OrderState(layers=order_layers) for order_layers in layers],
-        )
-        return entry, steps
+        return trained_shard(shard, slice_index, config.slices, layers), steps
 
     # LoRA inside the network (option lora_targets): see the module docstring
 
@@ -717,6 +712,14 @@ class S3T:
         return Ensemble(members, weights, state["aggregation"])
 
 
+def trained_shard(shard: int, slice_index: np.ndarray, slices: int, layers: list[list[LayerState]]) -> ShardState:
+    """A freshly trained shard's entry: serving its first order, with `layers` per order and the
+    rows of each slice (`slice_index`: the slice of each of its rows)."""
+    return ShardState(shard=shard, status=SERVING, served=0,
+                      slice_rows=np.bincount(slice_index, minlength=slices).tolist(),
+                      orders=[OrderState(layers=order_layers) for order_layers in layers])
+
+
 def lora_spec(state: S3TState) -> LoraSpec:
     from worker.core.peft_adapters import LoraSpec
     return LoraSpec(tuple(state["lora"]["targets"]), int(state["rank"]), float(state["lora"]["alpha"]))
@@ -748,9 +751,4 @@ def _train_lora_shard(state: S3TState, network: nn.Module, data: TrainingSet, sh
                              batch_size=config.batch_size, lr=config.lr, seed_parts=parts)
         layers[b].append(LayerState(sha256=store.put(net.tensors(names[i])),
                                     lineage_sha256=lineage_sha256(seen.sample_ids), rows=len(seen)))
-    entry = ShardState(
-        shard=shard, status=SERVING, served=0,
-        slice_rows=np.bincount(slice_index, minlength=config.slices).tolist(),
-        orders=[OrderState(layers=order_layers) for order_layers in layers],
-    )
-    return entry, steps
+    return trained_shard(shard, slice_index, config.slices, layers), steps
