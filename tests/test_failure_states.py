@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from prometheus_client import REGISTRY
 
 import pipeline_steps as steps
-from worker import events, registry, serving
+from worker import events, policy, registry, serving
 from worker.artifacts import ArtifactStore, read_manifest
 from worker.cli import main
 from worker.core.base import TrainConfig
@@ -124,7 +124,7 @@ def test_a_task_that_keeps_killing_its_worker_is_parked_as_failed(conn, digits, 
     # Given a pending erasure whose unlearning task died with its worker three times in a row
     registry.train_model(conn, digits, "m", "sisa", "digits", CONFIG)
     request_id = steps.request(conn, digits, steps.subjects(conn, 1))
-    for _ in range(failures.MAX_UNFINISHED):
+    for _ in range(policy.MAX_UNFINISHED_DELIVERIES):
         failures.begin_attempt(conn, tasks.UNLEARN_MODEL, "m")
     monkeypatch.setattr(tasks, "_context", lambda: ctx)
     # When it is delivered once more

@@ -30,7 +30,7 @@ from psycopg.types.json import Jsonb
 from safetensors.torch import load as load_safetensors
 
 import worker.core
-from worker import data
+from worker import data, policy
 from worker.data import rowsource
 from worker.artifacts import (
     NAMESPACE,
@@ -62,8 +62,6 @@ log = logging.getLogger(__name__)
 
 # what a class needs to be a method (see worker.core.base.UnlearningMethod)
 METHOD_INTERFACE = ("train", "plan", "apply", "budget", "predictor")
-# training again when rows were erased while it ran; more than this means erasures keep racing it
-TRAIN_ATTEMPTS = 3
 # the code of a marker version whose model has no training rows left (`stage_withdrawal`)
 EMPTIED = "no_rows_left"
 
@@ -164,7 +162,7 @@ def train_model(conn: psycopg.Connection, settings: Settings, name: str, method:
     source = None
     if base_weights is not None:
         config, source = _file_base_weights(config, base_weights, ArtifactStore(settings.artifact_dir, name))
-    for attempt in range(1, TRAIN_ATTEMPTS + 1):
+    for attempt in range(1, policy.TRAIN_ATTEMPTS + 1):
         with conn.transaction():
             if conn.execute("SELECT 1 FROM models WHERE name = %s", (name,)).fetchone():
                 raise ModelExists(f"model {name!r} already exists; choose another name")
@@ -210,7 +208,7 @@ def train_model(conn: psycopg.Connection, settings: Settings, name: str, method:
                 return version
         except RowsErasedDuringTraining:
             log.warning("model %s: training rows were erased while it trained; training again (%d/%d)",
-                        name, attempt, TRAIN_ATTEMPTS)
+                        name, attempt, policy.TRAIN_ATTEMPTS)
     raise RowsErasedDuringTraining(f"model {name!r}: training rows kept being erased while it trained; try again")
 
 

@@ -9,7 +9,8 @@ with a reason code until an operator re-drives them (`unlearn retry`).
 
 A task whose worker process dies under it (kill -9, out of memory, a crash in native code) is
 redelivered by Celery; `task_attempts` counts deliveries that never finished, and after
-`MAX_UNFINISHED` the work is parked as failed instead of killing workers forever.
+`worker.policy.MAX_UNFINISHED_DELIVERIES` the work is parked as failed instead of killing workers
+forever. Every such number lives in `worker.policy`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,6 @@ import psycopg
 import redis.exceptions
 
 from worker.artifacts import ArtifactIntegrityError
-
-MAX_UNFINISHED = 3
-
 
 class ModelBusy(RuntimeError):
     """Another worker holds the model's lock right now."""

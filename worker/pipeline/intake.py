@@ -30,7 +30,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, CorruptRecordError, KafkaError
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential_jitter
 
-from worker import events
+from worker import events, policy
 from worker.config import Settings
 from worker.pipeline import context, failpoints, ledger, outbox, tasks
 from worker.pipeline.context import Context
@@ -43,7 +43,6 @@ MAX_POLL_RECORDS = 500
 # Larger than any record a broker should accept, so an oversized one is fetched (and dead-lettered)
 # rather than stalling its partition on a broker that does not return oversized records (tansu).
 MAX_PARTITION_FETCH_BYTES = 16 * 1024 * 1024
-MAX_BACKOFF_S = 5.0
 # SQLSTATE classes of a server or connection in trouble, not of the record: connection exception,
 # transaction rollback (deadlock, serialisation), insufficient resources, operator intervention
 # (shutdown, restart), system error.
@@ -104,9 +103,11 @@ def make_consumer(settings: Settings) -> KafkaConsumer:
 
 
 def until_available(on_outage: Callable[[RetryCallState], None] | None = None) -> Retrying:
-    """Retries a call for as long as it fails with an outage, backing off up to MAX_BACKOFF_S."""
+    """Retries a call for as long as it fails with an outage, backing off up to
+    `policy.INTAKE_BACKOFF_MAX_S`."""
     return Retrying(retry=retry_if_exception(is_outage), reraise=True,
-                    wait=wait_exponential_jitter(multiplier=0.2, max=MAX_BACKOFF_S, jitter=0.5),
+                    wait=wait_exponential_jitter(multiplier=policy.INTAKE_BACKOFF_START_S, max=policy.INTAKE_BACKOFF_MAX_S,
+                                                   jitter=0.5),
                     before_sleep=on_outage or _log_outage)
 
 

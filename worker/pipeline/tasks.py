@@ -5,7 +5,7 @@ fanned-out pass, `fanout`) and `retrain_shard` (queue `gpu`, one worker per acce
 model forget. Policy is declared, not hand-rolled: transient
 errors (`failures.TRANSIENT`) retry with exponential backoff and jitter, capped; permanent ones
 fail fast inside the step. Acks are late and a lost worker's task is re-queued, so every step is
-idempotent; a task whose worker keeps dying under it is parked after `failures.MAX_UNFINISHED`
+idempotent; a task whose worker keeps dying under it is parked after `policy.MAX_UNFINISHED_DELIVERIES`
 deliveries. The ledger is the source of truth: whatever a lost message leaves undone, the intake's
 sweeper re-drives.
 """
@@ -21,7 +21,7 @@ from functools import cache
 from celery import Celery
 from celery.signals import task_postrun, task_prerun, worker_process_init, worker_process_shutdown, worker_ready
 
-from worker import logs, registry
+from worker import logs, policy, registry
 from worker.config import get_settings
 from worker.pipeline import context, erasure, failpoints, failures, fanout, ledger, unlearning
 from worker.pipeline.failures import FailureCode
@@ -44,8 +44,9 @@ app.conf.update(
     broker_channel_error_retry=True,
     # sending a task while Redis is down gives up after a few seconds instead of blocking a step;
     # the ledger still holds the work and the sweeper re-sends it
-    task_publish_retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_step": 1, "interval_max": 2},
-    broker_transport_options={"socket_connect_timeout": 5, "socket_timeout": 30, "retry_on_timeout": True},
+    task_publish_retry_policy=policy.TASK_PUBLISH_RETRY,
+    broker_transport_options={"socket_connect_timeout": 5, "socket_timeout": 30, "retry_on_timeout": True,
+                              "visibility_timeout": policy.BROKER_VISIBILITY_TIMEOUT_S},
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_cancel_long_running_tasks_on_connection_loss=True,
@@ -56,8 +57,7 @@ app.conf.update(
                  RETRAIN_SHARD: {"queue": "gpu"}, RETRAIN_PART: {"queue": "gpu"}},
     worker_hijack_root_logger=False,
 )
-RETRY_POLICY = dict(autoretry_for=failures.TRANSIENT, retry_backoff=1, retry_backoff_max=60, retry_jitter=True,
-                    max_retries=10)
+RETRY_POLICY = dict(autoretry_for=failures.TRANSIENT, **policy.TASK_RETRY)
 
 
 @cache
@@ -71,7 +71,7 @@ def _delivery(task: str, key: str, park: Callable[[], None]) -> bool:
     """Count this delivery; False (after parking the work) when deliveries keep dying."""
     with _context().connect() as conn:
         unfinished = failures.begin_attempt(conn, task, key)
-    if unfinished <= failures.MAX_UNFINISHED:
+    if unfinished <= policy.MAX_UNFINISHED_DELIVERIES:
         return True
     log.error("%s for %s: the worker died under it %d times; parking it as failed", task, key, unfinished - 1)
     park()
@@ -87,7 +87,7 @@ def _finished(task: str, key: str) -> None:
         log.debug("could not reset attempts of %s/%s: %s", task, key, exc.__class__.__name__)
 
 
-@app.task(name=ERASE_ROWS, bind=True, **RETRY_POLICY)
+@app.task(name=ERASE_ROWS, bind=True, **RETRY_POLICY, **policy.time_limits("erase_rows"))
 def erase_rows(self, request_id: str) -> None:
     with logs.request_context(request_id):
         _erase_rows(request_id)
@@ -124,7 +124,7 @@ def _erase_rows(request_id: str) -> None:
         _finished(ERASE_ROWS, request_id)
 
 
-@app.task(name=UNLEARN_MODEL, bind=True, **RETRY_POLICY)
+@app.task(name=UNLEARN_MODEL, bind=True, **RETRY_POLICY, **policy.time_limits("unlearn_model"))
 def unlearn_model(self, model: str) -> None:
     ctx = _context()
 
@@ -142,7 +142,7 @@ def unlearn_model(self, model: str) -> None:
         _finished(UNLEARN_MODEL, model)
 
 
-@app.task(name=RETRAIN_PART, bind=True, **RETRY_POLICY)
+@app.task(name=RETRAIN_PART, bind=True, **RETRY_POLICY, **policy.time_limits("retrain_part"))
 def retrain_part(self, part_id: str) -> None:
     ctx = _context()
     part = uuid.UUID(part_id)
@@ -154,7 +154,7 @@ def retrain_part(self, part_id: str) -> None:
         _finished(RETRAIN_PART, part_id)
 
 
-@app.task(name=RETRAIN_SHARD, bind=True, **RETRY_POLICY)
+@app.task(name=RETRAIN_SHARD, bind=True, **RETRY_POLICY, **policy.time_limits("retrain_shard"))
 def retrain_shard(self, model: str, shard: int) -> None:
     # deletions left to it while it held the model's lock are unlearned as it lets go of the lock
     unlearning.retrain_shard(_context(), model, shard)

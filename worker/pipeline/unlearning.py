@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from worker import data, events, registry, signing
+from worker import data, events, policy, registry, signing
 from worker.artifacts import ArtifactStore
 from worker.config import Settings
 from worker.core import s3t
@@ -466,7 +466,6 @@ def _next_lost_shard(settings: Settings, conn: psycopg.Connection, model: str, a
     return next((k for k in sorted(s3t.lost_shards(state), key=lambda k: (k <= after, k))), None)
 
 
-OPTIMISTIC_RETRAINS = 3  # tries with passes going on; then a quick retrain runs under the model's lock
 
 
 @contextmanager
@@ -482,14 +481,14 @@ def _holding_model(ctx: Context, conn: psycopg.Connection, model: str) -> Iterat
 def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard: int, quick: bool) -> int | None:
     """Retrain an S3T shard (`quick`: its first adapter alone) and publish it adopted into the
     version current by then. A quick retrain runs while the shard has no live order, and after
-    OPTIMISTIC_RETRAINS tries that erasures spoiled it runs under the model's lock, so the shard
+    `policy.S3T_OPTIMISTIC_RETRAINS` tries that erasures spoiled it runs under the model's lock, so the shard
     comes back whatever the traffic (the lock is held for one slice of training). A full retrain
     is published only if it serves more than the shard does then (more layers, or as many in
     more orders), and is given up after as many tries (the shard keeps serving what it has)."""
     settings = ctx.settings
     store = ArtifactStore(settings.artifact_dir, model)
-    for attempt in range(OPTIMISTIC_RETRAINS + (1 if quick else 0)):
-        hold = attempt == OPTIMISTIC_RETRAINS
+    for attempt in range(policy.S3T_OPTIMISTIC_RETRAINS + (1 if quick else 0)):
+        hold = attempt == policy.S3T_OPTIMISTIC_RETRAINS
         with _holding_model(ctx, conn, model) if hold else nullcontext():
             current = registry.current_version(conn, model)
             state = registry.load_state(settings, model, current.version, current.manifest_sha256)
