@@ -319,6 +319,10 @@ def test_the_runtime_resolves_devices_and_pins_threads_and_determinism():
                                         "torch": torch.__version__}
         with pytest.raises(ValueError, match="threads"):
             runtime.configure("cpu", threads=0)
+        with pytest.raises(ValueError, match="mode graph needs a CUDA device"):
+            runtime.configure("cpu", mode="graph")
+        with pytest.raises(ValueError, match="mode must be"):
+            runtime.configure("cpu", mode="compiled")
     finally:
         runtime.configure("cpu", threads=1)
 
@@ -341,3 +345,36 @@ def test_cuda_training_is_reproducible_alone_and_stacked(digits):
         assert all(p.device.type == "cpu" for p in nets[0].parameters())
     finally:
         runtime.configure("cpu", threads=1)
+
+
+def test_a_retrain_runs_in_the_mode_its_model_recorded_where_the_device_can():
+    runtime.configure("cpu", threads=1)
+    # a CPU cannot replay CUDA graphs: a model trained in graph mode retrains eagerly here
+    with runtime.retraining({"device": "cuda:0", "mode": "graph"}) as during:
+        assert during.mode == "eager"
+    with runtime.retraining(None) as during:  # recorded before modes existed
+        assert during.mode == "eager"
+    assert runtime.current().mode == "eager"
+
+
+@pytest.mark.cuda
+def test_a_stack_replayed_from_a_cuda_graph_equals_its_eager_run_bit_for_bit(digits):
+    rows = shards_of(digits, 4)
+    rows[3] = rows[3].select(np.arange(len(rows[3])) < 150)  # a lane that finishes early
+
+    def trained(mode: str) -> list[str]:
+        runtime.configure("cuda", threads=1, mode=mode)
+        nets = [build(CONFIG, (64,), 10, "shard", k) for k in range(4)]
+        fit_lanes([Lane(n, r, ("shard", k)) for k, (n, r) in enumerate(zip(nets, rows))], epochs=3, batch_size=32,
+                  rule=UpdateRule("adamw", 3e-3, weight_decay=0.01))
+        return [digest(n) for n in nets]
+
+    try:
+        eager, graph, again = trained("eager"), trained("graph"), trained("graph")
+        assert runtime.configure("cuda").mode == "graph" and runtime.provenance()["mode"] == "graph"
+        # a model trained eagerly is retrained eagerly, even where the default is graph
+        with runtime.retraining({"mode": "eager"}) as during:
+            assert during.mode == "eager"
+    finally:
+        runtime.configure("cpu", threads=1)
+    assert eager == graph == again
