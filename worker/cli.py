@@ -142,7 +142,7 @@ def train_cmd(name: str, method: str, dataset: str, seed: int, options: dict, ag
         raise click.UsageError("give --network or --architecture, not both (--architecture X is --network X)")
     settings = get_settings()
     try:
-        runtime.configure(settings.device, settings.threads)
+        runtime.configure(settings.device, settings.threads, mode=settings.training_mode)
         with database.connect(settings.database_url) as conn:
             if network is None and architecture is None:
                 architecture = "cnn" if len(datasets.spec(conn, dataset).input_shape) == 3 else "mlp"
