@@ -30,7 +30,6 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from worker.config import get_settings, split_s3_url
 
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -123,6 +122,8 @@ class S3Bucket:
     def __init__(self, url: str, endpoint_url: str | None):
         import s3fs  # only deployments on object storage pay for its import
 
+        from worker.config import split_s3_url  # pydantic: a local store (a bare GPU machine) needs none
+
         bucket, prefix = split_s3_url(url)
         self.root = url
         self.base = f"{bucket}/{prefix}" if prefix else bucket
@@ -167,6 +168,8 @@ def read_uri(uri: str) -> bytes:
     (e.g. pretrained base weights); FileNotFoundError when there is none."""
     parts = urlsplit(uri)
     if parts.scheme == "s3":
+        from worker.config import get_settings, split_s3_url
+
         bucket, key = split_s3_url(uri)
         folder, _, name = key.rpartition("/")
         if not name:
@@ -183,6 +186,8 @@ def open_root(root: Path | str) -> Backend:
     """The backend for an artifact root: `s3://bucket/prefix` or a local directory."""
     text = str(root)
     if "://" in text:
+        from worker.config import get_settings
+
         return S3Bucket(text, get_settings().s3_endpoint_url)
     return LocalDirectory(Path(text))
 
