@@ -30,7 +30,6 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MANIFEST_NAME = re.compile(r"^([1-9][0-9]*)\.json$")
@@ -120,9 +119,10 @@ class S3Bucket:
     """A prefix of an S3 bucket, through s3fs (a single PUT is atomic for readers)."""
 
     def __init__(self, url: str, endpoint_url: str | None):
-        import s3fs  # only deployments on object storage pay for its import
+        # only deployments on object storage pay for s3fs's import, and for the settings' pydantic
+        import s3fs
 
-        from worker.config import split_s3_url  # pydantic: a local store (a bare GPU machine) needs none
+        from worker.config import split_s3_url
 
         bucket, prefix = split_s3_url(url)
         self.root = url

@@ -7,8 +7,8 @@ Each benchmark is a module with the same small interface:
     figures(result: dict, out_dir: Path) -> list[Figure]  PNGs written into out_dir
 `measure` raises `Skipped` when it cannot run here (e2e without the services). Everything runs
 on the CPU, single-threaded and seeded (`worker.core.runtime.configure("cpu", 1)`), so accuracies
-repeat run to run; times are wall (and CPU) seconds on this machine. The frontier also runs on
-CUDA when there is one.
+repeat run to run; times are wall (and CPU) seconds on this machine. The frontier and `gpu` also run
+on CUDA when there is one.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ _WHERE = {
               "read_training_set", "shaped_features", "shaped_rows", "spec", "split_of"),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
-__all__ = sorted(_MODULE_OF)
+__all__ = list(_MODULE_OF)
 
 
 def __getattr__(name: str) -> object:

@@ -63,8 +63,9 @@ def spec(conn: psycopg.Connection, name: str) -> DatasetSpec:
         present = ", ".join(names(conn)) or "none yet: `unlearn data load` or `unlearn data import` one"
         raise UnknownDataset(f"unknown dataset {name!r}; the database holds: {present}")
     num_classes, shape, scale, feature_names, categories, class_names, generation, builtin, table = row
-    if table is not None:
-        from worker.data import rowsource  # psycopg: imported where a query runs  # a registered table numbers its rows' batches itself, if at all
+    if table is not None:  # a registered table numbers its rows' batches itself, if at all
+        from worker.data import rowsource  # psycopg: imported where a query runs
+
         generation = conn.execute(rowsource.of(conn, name).query(
             "SELECT coalesce(max(generation), 0) FROM {rows}")).fetchone()[0]
     return DatasetSpec(name, num_classes, tuple(shape), float(scale), tuple(feature_names),
