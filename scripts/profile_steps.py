@@ -1,6 +1,6 @@
 """Per-step host synchronisations, host-to-device copies and operator calls of the training loop.
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/profile_steps.py [--epochs 1] [--lanes 5]
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/profile_steps.py [--epochs 1] [--lanes 5] [--device cuda --mode graph]
 
 Trains the letter monolith's network alone (`fit`) and SISA's S shards as one stack (`fit_lanes`) on
 letter's train rows, twice:
@@ -11,6 +11,9 @@ letter's train rows, twice:
   operator reaching the device, every read of a value back to the host (`_local_scalar_dense`) and
   every copy of a host tensor (not a Python scalar) to the device: what a GPU would have to wait
   for, measured without one. A run on `meta` ends where the trained parameters would come back.
+With `--device cuda` the profiler also records the CUDA runtime calls: per step, kernel launches,
+graph replays, copies (`cudaMemcpy*`) and synchronisations (`cuda*Synchronize`), in `--mode` eager
+or graph; the `meta` run is skipped.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from worker.core.base import TrainConfig
 from worker.core.training import ADAMW, Lane, fit, fit_lanes, observing_steps
 
 PROFILED = ("aten::item", "aten::_local_scalar_dense", "aten::to", "aten::_to_copy", "aten::copy_")
+CUDA_CALLS = {"kernel launches": ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"),
+              "graph replays": ("cudaGraphLaunch",), "copies": ("cudaMemcpyAsync", "cudaMemcpy"),
+              "synchronisations": ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")}
 COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
 
 
@@ -56,11 +62,15 @@ class DeviceTraffic(TorchDispatchMode):
 
 def profiled(train: Callable[[], object]) -> dict[str, float]:
     steps: list[int] = []
-    with observing_steps(lambda: steps.append(1)), profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = runtime.current().device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with observing_steps(lambda: steps.append(1)), profile(activities=activities) as prof:
         train()
     calls = Counter(event.name for event in prof.events())
     per_step = {name: calls[name] / len(steps) for name in PROFILED}
     per_step["aten ops"] = sum(n for name, n in calls.items() if name.startswith("aten::")) / len(steps)
+    if cuda:
+        per_step.update({what: sum(calls[name] for name in names) / len(steps) for what, names in CUDA_CALLS.items()})
     return {"steps": len(steps), **{k: round(v, 2) for k, v in per_step.items()}}
 
 
@@ -87,8 +97,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lanes", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mode", default="auto")
     args = parser.parse_args()
-    runtime.configure("cpu", threads=1)
+    runtime.configure(args.device, threads=1, mode=args.mode)
     rows = loaded_splits("letter").train
     shape, classes = rows.input_shape, rows.num_classes
     config = ADAMW.resolve(TrainConfig(seed=0), len(rows))
@@ -104,9 +116,11 @@ def main() -> None:
                  for k in range(args.lanes)]
         fit_lanes(lanes, epochs=args.epochs, batch_size=lane_config.batch_size, rule=ADAMW.update(lane_config.lr))
 
-    result = {}
+    result: dict[str, object] = {"device": args.device, "mode": runtime.current().mode}
     for name, train in (("fit", alone), (f"fit_lanes x{args.lanes}", stacked)):
-        result[name] = {"cpu profiler": profiled(train), "meta device": on_meta(train)}
+        result[name] = {"profiler": profiled(train)}
+        if args.device == "cpu":
+            result[name]["meta device"] = on_meta(train)
     print(json.dumps(result, indent=2))
 
 

@@ -276,3 +276,20 @@ def test_the_gpu_benchmark_runs_where_no_service_package_is_installed(tmp_path):
             assert point["samples"] > 0 and point["samples_per_second"] > 0
             assert point["matmul_share"] is None or 0 < point["matmul_share"] < 1
     assert "samples/s vs CPU" in (tmp_path / "report.md").read_text()
+
+
+def test_a_gpu_workload_that_fails_is_reported_and_the_others_kept():
+    from worker.bench import gpu
+
+    def capture_fails() -> dict:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    failed = gpu._recorded("SISA S=20,R=5", capture_fails)
+    kept = {"workload": "monolith", "stack": 1, "mode": "eager", "seconds": 2.0, "samples": 400,
+            "samples_per_second": 200.0, "matmul_share": 0.5}
+    report = {"params": {"dataset": "letter", "large": {"cpu_steps": 30}},
+              "runs": [{"device": "cpu", "device_name": "cpu", "mode": "eager", "matmul_flops": 1e11,
+                        "points": [kept, failed], "large": {**kept, "workload": "larger"}}]}
+    assert gpu.failures(report) == ["cpu: SISA S=20,R=5: RuntimeError: operation not permitted when stream is capturing"]
+    lines = "\n".join(gpu.tables(report))
+    assert "**failed**: RuntimeError" in lines and "| monolith | cpu (cpu) | 1 | eager | 2.00 | 200 | 50.00% |" in lines

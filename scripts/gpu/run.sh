@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a bare GPU machine, offline: install what it lacks from the wheelhouse, then run the cuda tests and
-# the GPU benchmark, writing everything under $OUT (default gpu-results). About 5 minutes on an H200.
+# the GPU benchmark, then counts CUDA calls per step, writing everything under $OUT (default gpu-results).
+# Bounded at 9 minutes (150 s tests, 300 s benchmark, 2 × 40 s profiles); expected well under 8.
 #
 #   scripts/gpu/run.sh [WHEELHOUSE]        (default build/gpu-wheelhouse, from prepare-wheelhouse.sh)
 #
@@ -30,9 +31,15 @@ cat "$out/machine.txt"
 
 status=0
 cuda_tests=$(grep -l "mark.cuda" tests/test_*.py)
-timeout 240 python -m pytest -m cuda -q -rs -p no:cacheprovider $cuda_tests 2>&1 | tee "$out/pytest-cuda.txt"
+timeout 150 python -m pytest -m cuda -q -rs -p no:cacheprovider $cuda_tests 2>&1 | tee "$out/pytest-cuda.txt"
 (( PIPESTATUS[0] == 0 )) || status=1
-timeout 360 python -m worker.bench.gpu --out "$out/bench" 2>&1 | tee "$out/bench.txt"
+timeout 300 python -m worker.bench.gpu --out "$out/bench" 2>&1 | tee "$out/bench.txt"
 (( PIPESTATUS[0] == 0 )) || status=1
+# CUDA runtime calls per step (kernel launches, graph replays, copies, synchronisations), eager then graph
+for mode in eager graph; do
+    timeout 40 python scripts/profile_steps.py --device cuda --mode "$mode" >"$out/profile-$mode.json" 2>"$out/profile-$mode.err"
+    (( $? == 0 )) || status=1
+    cat "$out/profile-$mode.json"
+done
 echo "results under $out (status $status)"
 exit $status

@@ -20,6 +20,7 @@ imports the core, the artifact store and the offline rows only.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -161,6 +162,20 @@ def large_workload(large: Large, rows: TrainingSet, rate: float) -> dict[str, An
             "matmul_share": None if flops is None else flops * samples / seconds / rate}
 
 
+def _recorded(label: str, measure_one: Any, *args: Any) -> dict[str, Any]:
+    """A workload's figures, or the error it stopped with: on a GPU lent for minutes, one failing
+    workload (a CUDA graph that does not capture, say) must not cost the others' figures."""
+    try:
+        return measure_one(*args)
+    except Exception as exc:  # noqa: BLE001 - reported in the table and by the exit status
+        return {"workload": label, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    return [f"{run['device']}: {p['workload']}: {p['error']}" for run in report["runs"]
+            for p in [*run["points"], run["large"]] if "error" in p]
+
+
 def measure(quick: bool, progress: Progress) -> dict[str, Any]:
     params = QUICK if quick else FULL
     total, done = len(devices()) * (len(params.workloads) + 1), 0
@@ -178,11 +193,11 @@ def measure(quick: bool, progress: Progress) -> dict[str, Any]:
                 progress(done, total, f"{device}: {workload.label}")
                 if workload.cuda_mode is None or device == "cuda":
                     runtime.configure(device, threads=1, mode=workload.cuda_mode or "auto")
-                    run["points"].append(one_workload(workload, params, splits, work, rate))
+                    run["points"].append(_recorded(workload.label, one_workload, workload, params, splits, work, rate))
                     runtime.configure(device, threads=1)
                 done += 1
             progress(done, total, f"{device}: the larger workload")
-            run["large"] = large_workload(params.large, large_rows, rate)
+            run["large"] = _recorded("larger workload", large_workload, params.large, large_rows, rate)
             done += 1
             report["runs"].append(run)
     finally:
@@ -199,8 +214,11 @@ def tables(report: dict[str, Any]) -> list[str]:
     rows = []
     for run in runs:
         for point in run["points"] + [run["large"]]:
+            if "error" in point:
+                rows.append([point["workload"], run["device"], "", "", f"**failed**: {point['error']}", "", "", ""])
+                continue
             share = "—" if point["matmul_share"] is None else f"{100 * point['matmul_share']:.2f}%"
-            versus = cpu[point["workload"]]["samples_per_second"]
+            versus = cpu.get(point["workload"], {}).get("samples_per_second", float("nan"))
             rows.append([point["workload"], f"{run['device']} ({run['device_name']})", point["stack"], point["mode"],
                          f"{point['seconds']:.2f}", f"{point['samples_per_second']:,.0f}", share,
                          f"{point['samples_per_second'] / versus:.2f}×"])
@@ -229,6 +247,9 @@ def main() -> None:
 
     report = bench.run(args.out, quick=args.quick, only=["gpu"], progress=show)
     print(report.read_text())
+    failed = failures(json.loads((args.out / "gpu.json").read_text()))
+    if failed:
+        raise SystemExit("failed: " + "; ".join(failed))
 
 
 if __name__ == "__main__":
