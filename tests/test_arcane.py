@@ -173,3 +173,22 @@ def test_bad_input_is_refused_with_the_reason(splits, trained, tmp_path):
         Arcane().plan(result.state, [DeletedSample("digits-000002")])
     with pytest.raises(ValueError, match="class 12"):
         Arcane().plan(result.state, [DeletedSample("digits-000002", 12, 0)])
+
+
+@pytest.mark.cuda
+def test_on_cuda_unlearning_is_bit_identical_to_training_from_scratch(splits, tmp_path):
+    from worker.core import runtime
+
+    train, public = splits["train"], splits["public"]
+    erased = rows_of(train, 3, 2, 2) + rows_of(train, 7, 0, 1)
+    arcane = Arcane()
+    try:
+        runtime.configure("cuda", threads=1)
+        store = ArtifactStore(tmp_path / "a", "arcane")
+        result = arcane.train(train, CONFIG, store, public=public)
+        unlearned = arcane.apply(result.state, arcane.plan(result.state, placed(result, erased)),
+                                 train.without(erased), store)
+        scratch = arcane.train(train.without(erased), CONFIG, ArtifactStore(tmp_path / "b", "arcane"), public=public)
+    finally:
+        runtime.configure("cpu", threads=1)
+    assert [c.sha256 for c in unlearned.components] == [c.sha256 for c in scratch.components]

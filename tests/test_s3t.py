@@ -379,3 +379,23 @@ def test_a_shard_retrained_while_erasures_went_on_is_adopted_with_their_layers_o
     # and the files of the switched-off layers are for the caller to purge, none still live
     live = {c.sha256 for c in adopted.components}
     assert adopted.removed_artifacts and not live & set(adopted.removed_artifacts)
+
+
+@pytest.mark.cuda
+def test_on_cuda_a_stacked_shard_retrain_replayed_from_a_graph_equals_training_from_scratch(trained, tmp_path):
+    from worker.core import runtime
+
+    data, public = trained["train"], trained["public"]
+    config = replace(CONFIG, options={"orders": ORDERS, "rank": 4, "stack": ORDERS, "base_epochs": 20})
+    erased = [a_row(data, 1, s) for s in range(SLICES)]
+    try:
+        runtime.configure("cuda", threads=1)
+        store = ArtifactStore(tmp_path / "a", "m")
+        model = S3T().train(data, config, store, public=public)
+        _, lost = erase(model.state, store, data, erased)
+        retrained = S3T().retrain_shard(lost.state, 1, data.without(erased), public, store)
+        fresh = S3T().train(data.without(erased), config, ArtifactStore(tmp_path / "b", "m"), public=public)
+    finally:
+        runtime.configure("cpu", threads=1)
+    assert model.state["trained_on"]["mode"] == "graph" and model.state["stack"] == ORDERS
+    assert retrained.state["shards"] == fresh.state["shards"]

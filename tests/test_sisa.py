@@ -382,6 +382,28 @@ def test_unlearning_on_cuda_is_bit_identical_and_loads_on_the_cpu(digits, public
     finally:
         runtime.configure("cpu", threads=1)
     assert trained.state["trained_on"]["device"].startswith("cuda")
+    assert trained.state["trained_on"]["mode"] == "graph"  # CUDA's default: stacked steps replayed from a graph
     assert [c.sha256 for c in unlearned.components] == [c.sha256 for c in scratch.components]
     proba = Sisa().predictor(unlearned.state, store).predict_proba(digits.features[:50])  # on the CPU
     assert proba.shape == (50, 10)
+
+
+@pytest.mark.cuda
+def test_a_model_trained_eagerly_on_cuda_is_retrained_eagerly_and_exactly(digits, public, tmp_path):
+    from worker.core import runtime
+
+    config = TrainConfig(hidden=(32,), epochs=5, batch_size=32, lr=1e-2, seed=7, shards=3, slices=4,
+                         options={"stack": 3})
+    erased = rows_in(digits, 1, 2, 2)
+    try:
+        runtime.configure("cuda", threads=1, mode="eager")
+        store = ArtifactStore(tmp_path / "a", "m")
+        trained = Sisa().train(digits, config, store, public=public)
+        scratch = Sisa().train(digits.without(erased), config, ArtifactStore(tmp_path / "b", "m"), public=public)
+        runtime.configure("cuda", threads=1)  # graph mode now: the retrain follows the model's record
+        unlearned = Sisa().apply(trained.state, Sisa().plan(trained.state, [DeletedSample(s) for s in erased]),
+                                 digits.without(erased), store)
+    finally:
+        runtime.configure("cpu", threads=1)
+    assert trained.state["trained_on"]["mode"] == "eager"
+    assert [c.sha256 for c in unlearned.components] == [c.sha256 for c in scratch.components]

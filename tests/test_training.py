@@ -4,14 +4,17 @@ are marked `cuda` and skip without a GPU."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from worker.core import runtime
+from worker.core import runtime, training
 from worker.core.base import TrainConfig, TrainingSet
 from worker.core.nets import FeatureScaling, state_tensors
 from worker.core.networks import build
@@ -19,6 +22,8 @@ from worker.core.training import (
     ADAMW,
     FusedAdamW,
     Lane,
+    ParameterLayout,
+    StackedStep,
     UpdateRule,
     batch_size_for,
     epoch_batches,
@@ -177,6 +182,101 @@ def test_the_lean_adamw_step_is_torch_optims_fused_adamw_bit_for_bit(digits):
                for a, b, s in zip(lean.exp_avgs, lean.exp_avg_sqs, state))
 
 
+def test_a_stacks_plan_is_every_lanes_batches_padded_to_one_size(digits):
+    # Given three lanes of different sizes, one idle position and a batch size that leaves short batches
+    rows = shards_of(digits, 3)
+    rows[1] = rows[1].select(np.arange(len(rows[1])) < 100)
+    lanes = [Lane(build(CONFIG, (64,), 10, "shard", k), r, ("shard", k)) for k, r in enumerate(rows)] + [None]
+    schedules = [training._schedule(lane, 2, 32, False) for lane in lanes[:3]] + [[]]
+
+    # When the plan is built
+    plan = training._stacked_plan(lanes, schedules, [0, 1, 2], 32)
+
+    # Then step t of lane g holds that lane's batch t, padded with the zero row, and nothing for
+    # a finished or idle lane
+    assert plan.index.shape == plan.mask.shape == (max(len(s) for s in schedules), 4, 32)
+    pad = len(plan.labels) - 1
+    assert not plan.features[pad].any() and plan.index.device == plan.mask.device
+    start = np.cumsum([0] + [len(r) for r in rows])
+    for g, schedule in enumerate(schedules):
+        for t in range(plan.steps):
+            real = plan.mask[t, g].bool()
+            if t < len(schedule):
+                batch = schedule[t][2]
+                assert plan.index[t, g, :len(batch)].tolist() == (start[g] + batch).tolist()
+                assert real.sum() == len(batch)
+            else:
+                assert not real.any()
+            assert (plan.index[t, g][~real] == pad).all()
+    np.testing.assert_array_equal(plan.features[plan.index[0, 2, 0]].numpy(), rows[2].features[schedules[2][0][2][0]])
+
+
+class DeviceTraffic(TorchDispatchMode):
+    """Every operator that reaches the device, every value read back to the host and every host
+    tensor copied to the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops, self.host_reads, self.host_copies = 0, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops += 1
+        self.host_reads += func is torch.ops.aten._local_scalar_dense.default
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self.host_copies += func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and any(
+            t.device.type == "cpu" and t.dim() > 0 for t in tensors)
+        return func(*args, **kwargs)
+
+
+def test_a_stacked_step_runs_on_the_device_alone_without_waiting_for_the_host(digits):
+    """On the `meta` device (shapes, no values) a value read back to the host raises and a host
+    tensor shows as a copy: the step loop reads the plan, the update scalars and its step count
+    from the device, so it can run ahead of the host (and be captured in a CUDA graph)."""
+    rows = shards_of(digits, 3)
+    lanes = [Lane(build(CONFIG, (64,), 10, "shard", k), r, ("shard", k)) for k, r in enumerate(rows)]
+    schedules = [training._schedule(lane, 1, 32, False) for lane in lanes]
+    meta = torch.device("meta")
+    plan = training._stacked_plan(lanes, schedules, [0, 1, 2], 32).to(meta)
+    layout = ParameterLayout.of(lanes[0].net)
+    rule = UpdateRule("adamw", 1e-2, weight_decay=0.01)
+    step = StackedStep(copy.deepcopy(lanes[0].net).to(meta), layout, torch.zeros(3, layout.size, device=meta), {},
+                       plan, rule.lane_table([len(s) for s in schedules], plan.steps).to(meta), rule)
+    traffic = DeviceTraffic()
+    with traffic:
+        for _ in range(plan.steps):
+            step()
+    assert traffic.host_reads == traffic.host_copies == 0
+    assert traffic.ops / plan.steps < 150  # one step's operators, whatever the number of lanes
+
+
+def test_the_stacked_adamw_is_torch_optims_adamw_lane_by_lane_bit_for_bit():
+    """Each lane of the (G, P) update equals `torch.optim.AdamW` (foreach=False) on that lane
+    alone with the same gradients, with weight decay, lanes of different lengths (so different
+    learning rates each step) and a lane that finishes early and must then stay untouched."""
+    rule = UpdateRule("adamw", 3e-3, weight_decay=0.01)
+    totals = [40, 25, 7]
+    generator = torch.Generator().manual_seed(5)
+    start = torch.randn(3, 300, generator=generator)
+    grads = torch.randn(40, 3, 300, generator=generator)
+    table = rule.lane_table(totals, 40)
+    flat, moments = start.clone(), (torch.zeros(3, 300), torch.zeros(3, 300))
+    for t in range(40):
+        rule.step_lanes(flat, grads[t], moments, table[t])
+    for g, total in enumerate(totals):
+        param = torch.nn.Parameter(start[g].clone())
+        reference = torch.optim.AdamW([param], lr=rule.lr, betas=rule.betas, eps=rule.eps,
+                                      weight_decay=rule.weight_decay, foreach=False)
+        for t in range(total):
+            reference.param_groups[0]["lr"] = rule.rate(t, total)
+            param.grad = grads[t, g].clone()
+            reference.step()
+        assert torch.equal(flat[g], param.detach())
+        if total == 40:
+            state = reference.state[param]
+            assert torch.equal(moments[0][g], state["exp_avg"]) and torch.equal(moments[1][g], state["exp_avg_sq"])
+
+
 def test_update_rules_are_checked():
     with pytest.raises(ValueError, match="optimizer must be one of adamw, sgd"):
         UpdateRule("adam-ish", 0.1)
@@ -215,9 +315,14 @@ def test_the_runtime_resolves_devices_and_pins_threads_and_determinism():
         configured = runtime.configure("cpu", threads=2)
         assert (configured.device, torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (
             torch.device("cpu"), 2, True)
-        assert runtime.provenance() == {"device": "cpu", "device_name": "cpu", "threads": 2, "torch": torch.__version__}
+        assert runtime.provenance() == {"device": "cpu", "device_name": "cpu", "threads": 2, "mode": "eager",
+                                        "torch": torch.__version__}
         with pytest.raises(ValueError, match="threads"):
             runtime.configure("cpu", threads=0)
+        with pytest.raises(ValueError, match="mode graph needs a CUDA device"):
+            runtime.configure("cpu", mode="graph")
+        with pytest.raises(ValueError, match="mode must be"):
+            runtime.configure("cpu", mode="compiled")
     finally:
         runtime.configure("cpu", threads=1)
 
@@ -240,3 +345,36 @@ def test_cuda_training_is_reproducible_alone_and_stacked(digits):
         assert all(p.device.type == "cpu" for p in nets[0].parameters())
     finally:
         runtime.configure("cpu", threads=1)
+
+
+def test_a_retrain_runs_in_the_mode_its_model_recorded_where_the_device_can():
+    runtime.configure("cpu", threads=1)
+    # a CPU cannot replay CUDA graphs: a model trained in graph mode retrains eagerly here
+    with runtime.retraining({"device": "cuda:0", "mode": "graph"}) as during:
+        assert during.mode == "eager"
+    with runtime.retraining(None) as during:  # recorded before modes existed
+        assert during.mode == "eager"
+    assert runtime.current().mode == "eager"
+
+
+@pytest.mark.cuda
+def test_a_stack_replayed_from_a_cuda_graph_equals_its_eager_run_bit_for_bit(digits):
+    rows = shards_of(digits, 4)
+    rows[3] = rows[3].select(np.arange(len(rows[3])) < 150)  # a lane that finishes early
+
+    def trained(mode: str) -> list[str]:
+        runtime.configure("cuda", threads=1, mode=mode)
+        nets = [build(CONFIG, (64,), 10, "shard", k) for k in range(4)]
+        fit_lanes([Lane(n, r, ("shard", k)) for k, (n, r) in enumerate(zip(nets, rows))], epochs=3, batch_size=32,
+                  rule=UpdateRule("adamw", 3e-3, weight_decay=0.01))
+        return [digest(n) for n in nets]
+
+    try:
+        eager, graph, again = trained("eager"), trained("graph"), trained("graph")
+        assert runtime.configure("cuda").mode == "graph" and runtime.provenance()["mode"] == "graph"
+        # a model trained eagerly is retrained eagerly, even where the default is graph
+        with runtime.retraining({"mode": "eager"}) as during:
+            assert during.mode == "eager"
+    finally:
+        runtime.configure("cpu", threads=1)
+    assert eager == graph == again

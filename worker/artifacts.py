@@ -31,8 +31,6 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from worker.config import get_settings, split_s3_url
-
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MANIFEST_NAME = re.compile(r"^([1-9][0-9]*)\.json$")
@@ -122,7 +120,10 @@ class S3Bucket:
     """A prefix of an S3 bucket, through s3fs (a single PUT is atomic for readers)."""
 
     def __init__(self, url: str, endpoint_url: str | None):
-        import s3fs  # only deployments on object storage pay for its import
+        # only deployments on object storage pay for s3fs's import, and for the settings' pydantic
+        import s3fs
+
+        from worker.config import split_s3_url
 
         bucket, prefix = split_s3_url(url)
         self.root = url
@@ -168,6 +169,8 @@ def read_uri(uri: str) -> bytes:
     (e.g. pretrained base weights); FileNotFoundError when there is none."""
     parts = urlsplit(uri)
     if parts.scheme == "s3":
+        from worker.config import get_settings, split_s3_url
+
         bucket, key = split_s3_url(uri)
         folder, _, name = key.rpartition("/")
         if not name:
@@ -184,6 +187,8 @@ def open_root(root: Path | str) -> Backend:
     """The backend for an artifact root: `s3://bucket/prefix` or a local directory."""
     text = str(root)
     if "://" in text:
+        from worker.config import get_settings
+
         return S3Bucket(text, get_settings().s3_endpoint_url)
     return LocalDirectory(Path(text))
 

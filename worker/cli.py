@@ -146,7 +146,7 @@ def train_cmd(name: str, method: str, dataset: str, seed: int, options: dict, ag
         raise click.UsageError("give --network or --architecture, not both (--architecture X is --network X)")
     settings = get_settings()
     try:
-        runtime.configure(settings.device, settings.threads)
+        runtime.configure(settings.device, settings.threads, mode=settings.training_mode)
         with database.connect(settings.database_url) as conn:
             if network is None and architecture is None:
                 architecture = "cnn" if len(datasets.spec(conn, dataset).input_shape) == 3 else "mlp"
@@ -475,7 +475,8 @@ def _benchmark_names(ctx, param, value: str | None) -> list[str] | None:
 @main.command("bench")
 @click.option("--quick", is_flag=True, help="Small datasets, few epochs and runs: the suite in well under a minute.")
 @click.option("--only", callback=_benchmark_names,
-              help="Comma-separated subset of sisa,frontier,amnesiac,s3t,budget,arcane,puma,memorising,e2e,intake,reliability,scale.")
+              help="Comma-separated subset of sisa,frontier,amnesiac,s3t,budget,arcane,puma,memorising,e2e,fanout,intake,"
+                   "reliability,scale,examples,gpu.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-report"),
               show_default=True, help="Directory for the JSON files, PNG figures and report.md.")
 def bench_cmd(quick: bool, only: list[str] | None, out: Path) -> None:

@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     # PyTorch CPU threads per process; results repeat bit for bit only at the same count
     threads: int = Field(1, ge=1)
+    # how stacked steps run: auto (graph on CUDA, eager on a CPU), eager, or graph (CUDA graphs)
+    training_mode: str = Field("auto", pattern=r"^(auto|eager|graph)$")
 
     @field_validator("artifact_dir")
     @classmethod

@@ -5,13 +5,20 @@ the Celery worker in each pool process, `unlearn train`, the benchmarks, the tes
 bit-reproducible only for the same device, thread count and training mode, so all three are set
 here explicitly, never left to the library defaults, and recorded with every trained model
 (`provenance`).
+
+Training modes (`MODES`): `eager` runs every stacked step as Python calls; `graph` (CUDA only, its
+default there) captures a stack's step once in a CUDA graph and replays it, so a step costs one
+launch instead of hundreds. Both run the same step function; a model records its mode and a retrain
+runs in the mode it was trained in (`retraining`).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -19,6 +26,7 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # cuBLAS picks reduction strategies at run time unless its workspace is pinned
 # (https://docs.nvidia.com/cuda/cublas/#results-reproducibility); must be set before the first cuBLAS call
 CUBLAS_WORKSPACE = ":4096:8"
+MODES = ("eager", "graph")
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,12 @@ class Runtime:
     device: torch.device
     threads: int
     deterministic: bool
+    mode: str = "eager"
+
+    @property
+    def graphed(self) -> bool:
+        """Stacked steps are captured in a CUDA graph and replayed."""
+        return self.mode == "graph"
 
 
 _current: Runtime | None = None
@@ -55,19 +69,21 @@ def resolve_device(name: str, process_index: int | None = None) -> torch.device:
 
 
 def configure(device: str = "auto", threads: int = 1, deterministic: bool = True,
-              process_index: int | None = None) -> Runtime:
+              process_index: int | None = None, mode: str = "auto") -> Runtime:
     """Pin this process's device, intra-op thread count and deterministic algorithms.
 
     threads: PyTorch CPU threads (the worker runs one process per core with 1 thread each).
     deterministic: `torch.use_deterministic_algorithms`, so an operation without a
     deterministic implementation fails loudly instead of making a retrain differ from a
-    from-scratch run. process_index: see `resolve_device`.
+    from-scratch run. process_index: see `resolve_device`. mode: `eager`, `graph` (CUDA only) or
+    `auto` (graph on CUDA, eager on a CPU).
     """
     global _current
     if threads < 1:
         raise ValueError(f"threads must be at least 1, not {threads}")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     resolved = resolve_device(device, process_index)
+    mode = resolve_mode(mode, resolved)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = False
@@ -76,8 +92,18 @@ def configure(device: str = "auto", threads: int = 1, deterministic: bool = True
         # TF32 matmuls are fast but make CUDA results depend on the kernel chosen
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    _current = Runtime(resolved, threads, deterministic)
+    _current = Runtime(resolved, threads, deterministic, mode)
     return _current
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    if mode == "auto":
+        return "graph" if device.type == "cuda" else "eager"
+    if mode not in MODES:
+        raise ValueError(f"mode must be auto, {' or '.join(MODES)}, not {mode!r}")
+    if mode == "graph" and device.type != "cuda":
+        raise ValueError("mode graph needs a CUDA device (CUDA graphs)")
+    return mode
 
 
 def current() -> Runtime:
@@ -93,4 +119,23 @@ def provenance() -> dict[str, object]:
     runtime = current()
     device = runtime.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": str(device), "device_name": name, "threads": runtime.threads, "torch": torch.__version__}
+    return {"device": str(device), "device_name": name, "threads": runtime.threads, "mode": runtime.mode,
+            "torch": torch.__version__}
+
+
+@contextmanager
+def retraining(trained_on: dict[str, object] | None) -> Iterator[Runtime]:
+    """Run a retrain in the training mode its model recorded (`provenance()["mode"]`), where this
+    device can: a model trained eagerly is retrained eagerly on a GPU too. Models recorded before
+    modes existed trained eagerly."""
+    global _current
+    before = current()
+    recorded = str((trained_on or {}).get("mode", "eager"))
+    if recorded == before.mode or (recorded == "graph" and before.device.type != "cuda"):
+        yield before
+        return
+    _current = replace(before, mode=recorded)
+    try:
+        yield _current
+    finally:
+        _current = before

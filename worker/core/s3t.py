@@ -639,7 +639,9 @@ class S3T:
                 adapters[b].append(adapter)
                 seen[b] = hidden.select(np.isin(slice_index, orders[b][:i + 1]))
                 lanes.append(Lane(AdapterStack(adapters[b], head), seen[b], parts))
-            steps += sum(fit_lanes(lanes, epochs=state["epochs_per_slice"], batch_size=config.batch_size, rule=rule))
+            with runtime.retraining(state.get("trained_on")):  # a retrain steps as the model's training did
+                steps += sum(fit_lanes(lanes, epochs=state["epochs_per_slice"], batch_size=config.batch_size,
+                                       rule=rule))
             for b, rows_seen in seen.items():
                 freeze(adapters[b][i])
                 layers[b].append(LayerState(sha256=store.put(state_tensors(adapters[b][i])),

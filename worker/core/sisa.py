@@ -14,7 +14,8 @@ so a whole SISA model processes about as many rows as the monolith it replaces.
 Stacks: shards train in stacks of `stack` lanes (`worker.core.training.fit_lanes`): shard k is
 lane k mod G of stack k // G. G = 1 (the CPU default) trains one shard at a time; on CUDA the
 default is one stack of all S shards. A retrain runs the stacks of the tainted shards at the
-same width, so it still equals a from-scratch run of the same model.
+same width and in the same training mode (`runtime.retraining`: eager, or replayed from a CUDA
+graph), so it still equals a from-scratch run of the same model.
 
 Budget: rows that can be erased before the model's accuracy is expected to fall below its floor
 (`learning_curve`), counting down by one per erased row and reset by a full retrain.
@@ -473,7 +474,8 @@ class Sisa:
                     if k in resume:
                         load_tensors(nets[k], store.get(resume[k]))
                 lanes.append(Lane(nets[k], rows[k].up_to(r), (config.seed, "sisa", "shard", k, "slice", r)))
-            steps = fit_lanes(lanes, epochs=epochs, batch_size=config.batch_size, rule=rule)
+            with runtime.retraining(state.get("trained_on")):  # a retrain steps as the model's training did
+                steps = fit_lanes(lanes, epochs=epochs, batch_size=config.batch_size, rule=rule)
             for k, lane, lane_steps in zip(range(g * width, (g + 1) * width), lanes, steps):
                 if lane is not None:
                     checkpoints[k].append(SliceCheckpoint(r, store.put(state_tensors(lane.net)),

@@ -15,8 +15,16 @@ depend on G (other shapes, other kernels), so a model records its width and ever
 it again: a retrain in a stack of G equals a from-scratch run in a stack of G. G = 1 trains one
 network alone, without vmap, with torch's fused AdamW kernel (`FusedAdamW`) or `torch.optim`'s plain SGD.
 
-In a stack the update rule is written out (torch.optim's AdamW and SGD formulas) because it needs a
-learning rate per lane inside one tensor, which `torch.optim` does not offer.
+In a stack the update rule is written out (torch.optim's AdamW and SGD arithmetic, bit for bit per
+lane) because it needs a learning rate per lane inside one tensor, which `torch.optim` does not
+offer: a few kernels over the whole (G, P) stack, with each lane's scalars at each step computed
+once on the host (`UpdateRule.lane_table`).
+
+On the device. A fit builds its whole batch plan (`BatchPlan`: every step's row indices per lane,
+padded to one batch size in a stack), the rows, the labels and the update table once and moves
+them to the device once; the step loop only indexes them there, so it never waits on the host.
+A stack's step (`StackedStep`) reads its step count from the device too: it runs eagerly, or, in
+the runtime's `graph` mode (CUDA), is captured once in a CUDA graph and replayed every step.
 """
 
 from __future__ import annotations
@@ -100,21 +108,41 @@ class UpdateRule:
             return PlainSGD(params, self.lr)
         return FusedAdamW(params, self)
 
+    def lane_table(self, totals: Sequence[int], steps: int) -> torch.Tensor:
+        """(T, G, 3) float32: each lane's update scalars at every step of a stack, computed once on
+        the host in Python floats exactly as `torch.optim` computes them (so the device never waits
+        on the host for a learning rate): AdamW's [-lr / (1 - β1^t), 1 - lr * weight decay,
+        √(1 - β2^t)], or SGD's [lr, 1, 1]. A finished (or idle) lane's learning rate is 0."""
+        beta1, beta2 = self.betas
+        rows = []
+        for t in range(steps):
+            rates = [self.rate(t, total) for total in totals]
+            if self.optimizer == "sgd":
+                rows.append([[lr, 1.0, 1.0] for lr in rates])
+                continue
+            # torch.optim.adam._single_tensor_adam, step t + 1: `** 0.5` is not always math.sqrt
+            correction1, correction2 = 1 - beta1 ** (t + 1), 1 - beta2 ** (t + 1)
+            rows.append([[-(lr / correction1), 1 - lr * self.weight_decay, correction2 ** 0.5] for lr in rates])
+        return torch.tensor(rows, dtype=torch.float32).reshape(steps, len(totals), 3)
+
     def step_lanes(self, flat: torch.Tensor, grad: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor],
-                   step: int, rates: torch.Tensor) -> None:
-        """One update of every lane of a (G, P) stack (torch.optim's AdamW and SGD formulas);
-        `rates` (G, 1) is each lane's learning rate at this step, `step` counts from 1."""
+                   scalars: torch.Tensor) -> None:
+        """One update of every lane of a (G, P) stack, a few kernels over the whole stack whatever G;
+        `scalars` (G, 3) is this step's row of `lane_table`. Per lane, bit for bit the arithmetic of
+        `torch.optim.AdamW` (foreach=False, its CPU default) and of momentum-free `torch.optim.SGD`'s
+        `p - lr * g` (`tests/test_training.py` holds the AdamW stack to torch's, lane by lane)."""
         if self.optimizer == "sgd":
-            flat.sub_(rates * grad)
+            flat.sub_(scalars[:, 0:1] * grad)
             return
         beta1, beta2 = self.betas
         exp_avg, exp_avg_sq = moments
+        if self.weight_decay:
+            flat.mul_(scalars[:, 1:2])
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if self.weight_decay:
-            flat.mul_(1 - rates * self.weight_decay)
-        denominator = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(self.eps)
-        flat.sub_((rates / (1 - beta1 ** step)) * exp_avg / denominator)
+        denominator = (exp_avg_sq.sqrt() / scalars[:, 2:3]).add_(self.eps)
+        # addcdiv_(exp_avg, denominator, value=-step size) computes (value * exp_avg) / denominator
+        flat.add_(scalars[:, 0:1] * exp_avg / denominator)
 
     def rate(self, step: int, total: int) -> float:
         """Learning rate of step `step` (0-based) of a run of `total` steps; 0 once it is over."""
@@ -210,8 +238,35 @@ class Lane:
     seed_parts: tuple[object, ...]
 
 
-# (step number, ((G, B) row index into the lanes' rows, (G, B) mask of real rows))
-PlannedStep = tuple[int, tuple[torch.Tensor, torch.Tensor]]
+@dataclass(frozen=True)
+class BatchPlan:
+    """Every step of a fit, built once on the host and moved to the device once: the step loop
+    then only indexes device tensors (no copy from the host, no host synchronisation).
+
+    features (N + 1, *input_shape), labels (N + 1,): all lanes' rows and a zero row for padding.
+    A stack (`index` (T, G, B), `mask` (T, G, B)): step t's batch of lane g is `index[t, g]`, every
+    batch padded to B with the zero row, `mask` 1.0 on real rows. One network alone: `index` (R,),
+    the steps' batches one after another, step t's being `index[bounds[t]:bounds[t + 1]]` (never
+    padded, so its loss is torch's mean over the batch).
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    mask: torch.Tensor | None
+    bounds: tuple[int, ...] = ()
+
+    @property
+    def steps(self) -> int:
+        return len(self.bounds) - 1 if self.mask is None else len(self.index)
+
+    def to(self, device: torch.device) -> BatchPlan:
+        def moved(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=False)
+
+        return BatchPlan(moved(self.features), moved(self.labels), moved(self.index), moved(self.mask), self.bounds)
+
+
 # on_step(epoch, step, row indices, parameters before the step (P,), parameters after it (P,),
 # which the callback may change in place); single-lane training only
 StepHook = Callable[[int, int, np.ndarray, torch.Tensor, torch.Tensor], None]
@@ -235,14 +290,17 @@ def fit_lanes(lanes: Sequence[Lane | None], *, epochs: int, batch_size: int, rul
     schedules = [_schedule(lanes[i], epochs, batch_size, grouped)[:max_steps] if i in active else []
                  for i in range(len(lanes))]
     totals = [len(s) for s in schedules]
-    # a stack pads every batch to `batch_size`, so no lane's shapes depend on another lane's rows
-    features, labels, plan = _gather_plan(lanes, schedules, active, None if len(lanes) == 1 else batch_size)
-    steps = progress(list(enumerate(plan)), description=description, total=len(plan))
+    device = runtime.current().device
     if len(lanes) == 1:
+        plan = _lone_plan(lanes[0].rows, schedules[0]).to(device)
+        steps = progress(range(plan.steps), description=description, total=plan.steps)
         with _seeded_draws(lanes[0].seed_parts):
-            _fit_alone(lanes[0].net, features, labels, steps, schedules[0], rule, on_step)
+            _fit_alone(lanes[0].net, plan, steps, schedules[0], rule, on_step)
     else:
-        _fit_stacked(lanes, active, features, labels, steps, totals, rule)
+        # a stack pads every batch to `batch_size`, so no lane's shapes depend on another lane's rows
+        plan = _stacked_plan(lanes, schedules, active, batch_size).to(device)
+        steps = progress(range(plan.steps), description=description, total=plan.steps)
+        _fit_stacked(lanes, active, plan, steps, totals, rule)
     return totals
 
 
@@ -320,19 +378,18 @@ class PlainSGD:
         self.optimizer.step()
 
 
-def _fit_alone(net: nn.Module, features: torch.Tensor, labels: torch.Tensor, steps: Iterable[PlannedStep],
-               schedule: list[tuple[int, int, np.ndarray]], rule: UpdateRule, on_step: StepHook | None) -> None:
-    """One network, a torch optimizer: a stack of width 1 needs no per-lane learning rate."""
-    device = runtime.current().device
-    net.to(device).train()
-    features, labels = features.to(device), labels.to(device)
+def _fit_alone(net: nn.Module, plan: BatchPlan, steps: Iterable[int], schedule: list[tuple[int, int, np.ndarray]],
+               rule: UpdateRule, on_step: StepHook | None) -> None:
+    """One network, a torch optimizer: a stack of width 1 needs no per-lane learning rate. The
+    learning rate goes to the kernel as an argument (a Python float), not as a copied tensor."""
+    net.to(plan.features.device).train()
     optimizer = rule.optimizer_for([p for p in net.parameters() if p.requires_grad])
     layout = ParameterLayout.of(net) if on_step is not None else None
-    for t, (index, _) in steps:
-        rows = index[0].to(device)  # a lone lane's batches are never padded
+    for t in steps:
+        rows = plan.index[plan.bounds[t]:plan.bounds[t + 1]]
         before = layout.flatten(net) if layout is not None else None
         optimizer.zero_grad()
-        nn.functional.cross_entropy(net(features[rows]), labels[rows]).backward()
+        nn.functional.cross_entropy(net(plan.features[rows]), plan.labels[rows]).backward()
         optimizer.step(rule.rate(t, len(schedule)))
         _stepped()
         if layout is not None:
@@ -343,48 +400,90 @@ def _fit_alone(net: nn.Module, features: torch.Tensor, labels: torch.Tensor, ste
     net.cpu()
 
 
-def _fit_stacked(lanes: Sequence[Lane | None], active: list[int], features: torch.Tensor, labels: torch.Tensor,
-                 steps: Iterable[PlannedStep], totals: list[int], rule: UpdateRule) -> None:
+class StackedStep:
+    """One optimizer step of every lane of a (G, P) stack, with everything it reads and writes on
+    the device: the plan, the update scalars (`UpdateRule.lane_table`) and the step count, which
+    the step itself advances. A call takes no argument and never waits on the host, so the same
+    call runs eagerly or is captured once in a CUDA graph and replayed (`run`)."""
+
+    def __init__(self, model: nn.Module, layout: ParameterLayout, flat: torch.Tensor, frozen: dict[str, torch.Tensor],
+                 plan: BatchPlan, table: torch.Tensor, rule: UpdateRule):
+        self.layout, self.flat, self.frozen, self.plan, self.table, self.rule = layout, flat, frozen, plan, table, rule
+        self.moments = (torch.zeros_like(flat), torch.zeros_like(flat))
+        self.count = torch.zeros(1, dtype=torch.int64, device=flat.device)  # steps taken
+
+        def forward(params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return functional_call(model, {**params, **fixed}, (x,))
+
+        self.batched = vmap(forward)
+
+    def __call__(self) -> None:
+        index = self.plan.index.index_select(0, self.count).squeeze(0)  # (G, B)
+        mask = self.plan.mask.index_select(0, self.count).squeeze(0)
+        # leaves sharing memory with `flat`: gradients per parameter, no (G, P) zeros per slice
+        leaves = {name: view.detach().requires_grad_(True) for name, view in self.layout.views(self.flat).items()}
+        logits = self.batched(leaves, self.frozen, self.plan.features[index])  # (G, B, classes)
+        losses = nn.functional.cross_entropy(logits.flatten(0, 1), self.plan.labels[index].flatten(), reduction="none")
+        lane_loss = (losses.view(mask.shape) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        grads = torch.autograd.grad(lane_loss.sum(), list(leaves.values()))
+        with torch.no_grad():
+            grad = torch.cat([g.reshape(len(self.flat), -1) for g in grads], dim=1)
+            self.rule.step_lanes(self.flat, grad, self.moments, self.table.index_select(0, self.count).squeeze(0))
+            self.count.add_(1)
+
+    def run(self, steps: Iterable[int], graphed: bool) -> None:
+        """Take every step: eagerly, or (`graphed`, CUDA only) by replaying one captured step."""
+        if not graphed:
+            for _ in steps:
+                self()
+                _stepped()
+            return
+        graph = self.captured()
+        for _ in steps:
+            graph.replay()
+            _stepped()
+
+    def captured(self) -> torch.cuda.CUDAGraph:
+        """The step captured in a CUDA graph: a few warm-up steps on a side stream (autograd and
+        the allocator settle), the state put back as it was, then one step captured (capture
+        runs nothing, so the state is still untouched)."""
+        state = [self.flat, *self.moments, self.count]
+        saved = [t.clone() for t in state]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(min(3, self.plan.steps)):
+                self()
+        torch.cuda.current_stream().wait_stream(side)
+        for tensor, before in zip(state, saved):
+            tensor.copy_(before)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self()
+        return graph
+
+
+def _fit_stacked(lanes: Sequence[Lane | None], active: list[int], plan: BatchPlan, steps: Iterable[int],
+                 totals: list[int], rule: UpdateRule) -> None:
     """G networks as one (G, P) tensor, one vmapped forward per step, the update rule per lane."""
-    device = runtime.current().device
-    width = len(lanes)
+    device = plan.features.device
     template = lanes[active[0]].net
     layout = ParameterLayout.of(template)
-    flat = torch.zeros(width, layout.size, dtype=torch.float32)
+    flat = torch.zeros(len(lanes), layout.size, dtype=torch.float32)
     for i in active:
         flat[i] = layout.flatten(lanes[i].net)
     frozen = {name: t.to(device) for name, t in _frozen_parameters(lanes, template, set(layout.names), active).items()}
     model = copy.deepcopy(template).to(device).train()
-    flat = flat.to(device)
-    features, labels = features.to(device), labels.to(device)
-    moments = (torch.zeros_like(flat), torch.zeros_like(flat))
-    # (T, G, 1): each lane's learning rate at each step, 0 once it has finished
-    rates = torch.tensor([[[rule.rate(t, total)] for total in totals] for t in range(max(totals))],
-                         dtype=torch.float32, device=device)
-
-    def forward(params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, {**params, **fixed}, (x,))
-
-    batched = vmap(forward)
+    step = StackedStep(model, layout, flat.to(device), frozen, plan, rule.lane_table(totals, plan.steps).to(device),
+                       rule)
     try:
-        for t, (index, mask) in steps:
-            index, mask = index.to(device), mask.to(device)
-            # leaves sharing memory with `flat`: gradients per parameter, no (G, P) zeros per slice
-            leaves = {name: view.detach().requires_grad_(True) for name, view in layout.views(flat).items()}
-            logits = batched(leaves, frozen, features[index])  # (G, B, classes)
-            losses = nn.functional.cross_entropy(logits.flatten(0, 1), labels[index].flatten(), reduction="none")
-            lane_loss = (losses.view(mask.shape) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-            grads = torch.autograd.grad(lane_loss.sum(), list(leaves.values()))
-            with torch.no_grad():
-                grad = torch.cat([g.reshape(width, -1) for g in grads], dim=1)
-                rule.step_lanes(flat, grad, moments, t + 1, rates[t])
-            _stepped()
+        step.run(steps, graphed=runtime.current().graphed)
     except RuntimeError as exc:  # vmap's refusal of a random draw: say what to do about it
         if "random operation" not in str(exc):
             raise
         raise ValueError("the network draws random numbers in training (dropout?), which a stack (torch.func.vmap) "
                          "refuses: train one network at a time (--option stack=1)") from exc
-    result = flat.cpu()
+    result = step.flat.cpu()
     for i in active:
         layout.load(lanes[i].net, result[i])
 
@@ -405,31 +504,41 @@ def _schedule(lane: Lane, epochs: int, batch_size: int, grouped: bool) -> list[t
     return list(iterate_steps(lane.rows, epochs, batch_size, *lane.seed_parts, grouped=grouped))
 
 
-def _gather_plan(lanes: Sequence[Lane | None], schedules: list[list[tuple[int, int, np.ndarray]]], active: list[int],
-                 padded: int | None) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """All lanes' rows in one tensor (plus a zero row for padding) and, per step, a (G, B) index
-    into it with a (G, B) mask of the real rows: B is `padded`, or else that step's batch size."""
+def _rows_of(lanes: Sequence[Lane | None], active: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
+    """All active lanes' rows in one tensor plus a zero row for padding (its index: the last),
+    and where each lane's rows start."""
     offsets, start = {}, 0
     for i in active:
         offsets[i] = start
         start += len(lanes[i].rows)
     sample = lanes[active[0]].rows
-    pad = start
     features = torch.from_numpy(np.concatenate([lanes[i].rows.features for i in active]
                                                + [np.zeros((1, *sample.input_shape), dtype=np.float32)]))
     labels = torch.from_numpy(np.concatenate([lanes[i].rows.labels for i in active] + [np.zeros(1, dtype=np.int64)]))
-    gathers = []
-    for t in range(max(len(s) for s in schedules)):
-        batches = [s[t][2] if t < len(s) else None for s in schedules]
-        longest = padded or max(len(b) for b in batches if b is not None)
-        index = np.full((len(lanes), longest), pad, dtype=np.int64)
-        mask = np.zeros((len(lanes), longest), dtype=np.float32)
-        for i, rows in enumerate(batches):
-            if rows is not None:
-                index[i, :len(rows)] = offsets[i] + rows
-                mask[i, :len(rows)] = 1.0
-        gathers.append((torch.from_numpy(index), torch.from_numpy(mask)))
-    return features, labels, gathers
+    return features, labels, offsets
+
+
+def _lone_plan(rows: TrainingSet, schedule: list[tuple[int, int, np.ndarray]]) -> BatchPlan:
+    features, labels = (torch.from_numpy(rows.features), torch.from_numpy(rows.labels))
+    batches = [batch for _, _, batch in schedule]
+    bounds = tuple(int(b) for b in np.cumsum([0, *(len(batch) for batch in batches)]))
+    index = torch.from_numpy(np.concatenate(batches).astype(np.int64)) if batches else torch.zeros(0, dtype=torch.int64)
+    return BatchPlan(features, labels, index, None, bounds)
+
+
+def _stacked_plan(lanes: Sequence[Lane | None], schedules: list[list[tuple[int, int, np.ndarray]]],
+                  active: list[int], padded: int) -> BatchPlan:
+    """(T, G, B) indices into all lanes' rows and the mask of the real rows, B = `padded`."""
+    features, labels, offsets = _rows_of(lanes, active)
+    pad = len(labels) - 1
+    steps = max(len(s) for s in schedules)
+    index = np.full((steps, len(lanes), padded), pad, dtype=np.int64)
+    mask = np.zeros((steps, len(lanes), padded), dtype=np.float32)
+    for i, schedule in enumerate(schedules):
+        for t, (_, _, rows) in enumerate(schedule):
+            index[t, i, :len(rows)] = offsets[i] + rows
+            mask[t, i, :len(rows)] = 1.0
+    return BatchPlan(features, labels, torch.from_numpy(index), torch.from_numpy(mask))
 
 
 def _frozen_parameters(lanes: Sequence[Lane | None], template: nn.Module, trainable: set[str],

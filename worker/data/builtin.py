@@ -18,14 +18,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import psycopg
-import pyarrow as pa
 
 from worker.core.base import Progress, no_progress
-from worker.data import importer
 from worker.data.mapping import Mapping
 from worker.data.store import DatasetSpec, split_of
+
+if TYPE_CHECKING:  # the rows themselves load without a PostgreSQL client or Arrow
+    import psycopg
+    import pyarrow as pa
 
 ROWS_PER_SUBJECT = 5
 
@@ -116,7 +119,7 @@ def prepare_rows(name: str, rows: int | None = None) -> list[Row]:
     (`rows` of them for `synthetic`)."""
     check_rows(name, rows)
     return [(sample_id, subject, name, split, label, features)
-            for sample_ids, subjects, splits, labels, raw in _chunks(name, rows)
+            for sample_ids, subjects, splits, labels, raw in chunks(name, rows)
             for sample_id, subject, split, label, features
             in zip(sample_ids, subjects, splits, labels.tolist(), raw.tolist())]
 
@@ -131,7 +134,9 @@ def synthetic_blocks(rows: int) -> Iterator[list[Row]]:
 Chunk = tuple[list[str], list[str | None], list[str], np.ndarray, np.ndarray]  # ids, subjects, splits, labels, raw
 
 
-def _chunks(name: str, rows: int | None) -> Iterator[Chunk]:
+def chunks(name: str, rows: int | None = None) -> Iterator[Chunk]:
+    """A built-in dataset's rows as arrays, a chunk at a time (no database)."""
+    check_rows(name, rows)
     if name == SYNTHETIC:
         yield from _synthetic_chunks(rows)
         return
@@ -184,7 +189,9 @@ def _synthetic_chunks(rows: int) -> Iterator[Chunk]:
 
 def _batches(name: str, rows: int | None) -> Iterator[pa.RecordBatch]:
     """The dataset's rows as the importer reads a file's: Arrow record batches."""
-    for sample_ids, subjects, splits, labels, features in _chunks(name, rows):
+    import pyarrow as pa
+
+    for sample_ids, subjects, splits, labels, features in chunks(name, rows):
         width = features.shape[1]
         yield pa.record_batch({
             "sample_id": pa.array(sample_ids, pa.string()), "subject_id": pa.array(subjects, pa.string()),
@@ -199,6 +206,8 @@ def load_into_postgres(conn: psycopg.Connection, name: str, rows: int | None = N
     rows never come back (nor would they through the importer: it skips tombstoned rows).
     `synthetic` needs `rows`; loading it again with another size is a ValueError (its first
     load stays, erasures included)."""
+    from worker.data import importer  # the PostgreSQL side, imported where it is used
+
     dataset = builtin_spec(name)
     check_rows(name, rows)
     with conn.transaction():

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import psycopg
 
 from worker.core.base import FeatureSchema, TrainingSet
-from worker.data import rowsource
+
+if TYPE_CHECKING:  # the offline rows need no PostgreSQL client
+    import psycopg
 
 PUBLIC_PERCENT = 10
 HOLDOUT_PERCENT = 20
@@ -62,6 +64,8 @@ def spec(conn: psycopg.Connection, name: str) -> DatasetSpec:
         raise UnknownDataset(f"unknown dataset {name!r}; the database holds: {present}")
     num_classes, shape, scale, feature_names, categories, class_names, generation, builtin, table = row
     if table is not None:  # a registered table numbers its rows' batches itself, if at all
+        from worker.data import rowsource  # psycopg: imported where a query runs
+
         generation = conn.execute(rowsource.of(conn, name).query(
             "SELECT coalesce(max(generation), 0) FROM {rows}")).fetchone()[0]
     return DatasetSpec(name, num_classes, tuple(shape), float(scale), tuple(feature_names),
@@ -93,6 +97,8 @@ def read_training_set(conn: psycopg.Connection, name: str, split: str = "train",
     dataset = spec(conn, name)
     if split not in SPLITS:
         raise ValueError(f"split must be train, holdout or public, not {split!r}")
+    from worker.data import rowsource  # psycopg: imported where a query runs
+
     rows = conn.execute(rowsource.of(conn, name).query(
         "SELECT sample_id, subject_id, label, features FROM {rows}"
         " WHERE split = %s AND (%s::int IS NULL OR generation <= %s) ORDER BY sample_id"),

@@ -168,7 +168,8 @@ def _configure_runtime(**_):
     from worker.core import runtime
 
     settings = get_settings()
-    runtime.configure(settings.device, settings.threads, process_index=getattr(current_process(), "index", None))
+    runtime.configure(settings.device, settings.threads, process_index=getattr(current_process(), "index", None),
+                      mode=settings.training_mode)
     # the first optimizer imports torch._dynamo (seconds): paid here, not by the first shard task a
     # fanned-out pass waits for
     import torch
