@@ -11,16 +11,16 @@ import pytest
 from click.testing import CliRunner
 
 import worker.core
-from worker import registry
+from worker.core import discovery
 from worker.cli import main
 
 SCHEMA = Path(__file__).parent.parent / "schemas" / "ml.model.version.published.v1.json"
 
 
 def test_the_five_methods_are_found_in_worker_core():
-    assert registry.method_names() == ["amnesiac", "arcane", "puma", "s3t", "sisa"]
-    for name in registry.method_names():
-        assert registry.method_for(name).name == name
+    assert discovery.method_names() == ["amnesiac", "arcane", "puma", "s3t", "sisa"]
+    for name in discovery.method_names():
+        assert discovery.method_for(name).name == name
 
 
 def test_a_new_module_is_all_a_new_method_needs(tmp_path, monkeypatch):
@@ -34,17 +34,17 @@ def test_a_new_module_is_all_a_new_method_needs(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "worker.core.toy", raising=False)
     try:
         # Then the registry offers it and builds it, with nothing registered anywhere
-        assert "toy" in registry.method_names()
-        assert registry.method_for("toy")().name == "toy"
+        assert "toy" in discovery.method_names()
+        assert discovery.method_for("toy")().name == "toy"
     finally:
-        registry._method_class.cache_clear()
+        discovery._method_class.cache_clear()
         sys.modules.pop("worker.core.toy", None)
 
 
 def test_a_module_without_a_method_or_an_unknown_name_is_refused_with_the_choices():
     for name in ("placement", "base", "nope", "../cli"):
         with pytest.raises(ValueError, match=r"method must be one of amnesiac, arcane, puma, s3t, sisa"):
-            registry.method_for(name)
+            discovery.method_for(name)
 
 
 def test_the_cli_offers_what_the_registry_finds():
@@ -56,4 +56,15 @@ def test_the_cli_offers_what_the_registry_finds():
 
 def test_the_version_events_schema_names_every_method():
     schema = json.loads(SCHEMA.read_text())
-    assert sorted(schema["properties"]["method"]["enum"]) == registry.method_names()
+    assert sorted(schema["properties"]["method"]["enum"]) == discovery.method_names()
+
+
+def test_serving_finds_methods_without_the_database_driver():
+    # downstream serving has the artifact store and nothing else: no psycopg to import
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", "import sys; sys.modules['psycopg'] = None\n"
+                           "import worker.serving, worker.core.discovery as d; print(d.method_names())"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "'sisa'" in done.stdout

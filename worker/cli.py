@@ -76,7 +76,7 @@ def _key_values(ctx, param, values: tuple[str, ...]) -> dict:
 
 
 class MethodChoice(click.Choice):
-    """The methods `worker.registry.method_names` finds in worker/core, listed only when the option
+    """The methods `worker.core.discovery.method_names` finds in worker/core, listed only when the option
     is parsed or its help shown: finding them imports torch, which no other verb should wait for."""
 
     def __init__(self) -> None:
@@ -84,7 +84,7 @@ class MethodChoice(click.Choice):
 
     @property
     def choices(self):
-        from worker.registry import method_names
+        from worker.core.discovery import method_names
 
         return method_names()
 

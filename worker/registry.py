@@ -13,11 +13,7 @@ the next pass. `train_model` publishes version 1 the same way.
 
 from __future__ import annotations
 
-import functools
-import importlib
-import inspect
 import logging
-import pkgutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -29,7 +25,6 @@ from psycopg.types.json import Jsonb
 
 from safetensors.torch import load as load_safetensors
 
-import worker.core
 from worker import data, policy
 from worker.data import rowsource
 from worker.artifacts import (
@@ -41,6 +36,7 @@ from worker.artifacts import (
     write_revocation,
 )
 from worker.config import Settings
+from worker.core.discovery import method_for
 from worker.core import networks
 from worker.signing import write_signed_manifest
 from worker.core.base import (
@@ -60,8 +56,6 @@ from worker.pipeline import failpoints
 
 log = logging.getLogger(__name__)
 
-# what a class needs to be a method (see worker.core.base.UnlearningMethod)
-METHOD_INTERFACE = ("train", "plan", "apply", "budget", "predictor")
 # the code of a marker version whose model has no training rows left (`stage_withdrawal`)
 EMPTIED = "no_rows_left"
 
@@ -107,35 +101,6 @@ class StagedVersion:
     batches: list[BatchRecord] = field(default_factory=list)
     removed_batches: list[tuple[int, int, int]] = field(default_factory=list)
     replace_batch_log: bool = False  # a full retrain: the whole batch log is new
-
-
-def method_names() -> list[str]:
-    """Every method there is: each module `worker/core/<name>.py` that defines a class whose `name`
-    is `<name>` and which has the method interface. A new method is a new module, nothing else.
-    Imports every core module (and so torch): call it when the list is needed, not at import."""
-    return sorted(name for name in _core_modules() if _method_class(name) is not None)
-
-
-def method_for(name: str) -> type[UnlearningMethod]:
-    """The class implementing method `name` (instantiate it to use it); imports only its module."""
-    found = _method_class(name) if name in _core_modules() else None
-    if found is None:
-        raise ValueError(f"method must be one of {', '.join(method_names())}, not {name!r}")
-    return found
-
-
-def _core_modules() -> set[str]:
-    return {module.name for module in pkgutil.iter_modules(worker.core.__path__) if not module.ispkg}
-
-
-@functools.cache
-def _method_class(module_name: str) -> type[UnlearningMethod] | None:
-    module = importlib.import_module(f"{worker.core.__name__}.{module_name}")
-    for _, candidate in inspect.getmembers(module, inspect.isclass):
-        if (candidate.__module__ == module.__name__ and getattr(candidate, "name", None) == module_name
-                and all(callable(getattr(candidate, attribute, None)) for attribute in METHOD_INTERFACE)):
-            return candidate
-    return None
 
 
 def train_model(conn: psycopg.Connection, settings: Settings, name: str, method: str, dataset: str,
