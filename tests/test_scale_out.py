@@ -147,7 +147,7 @@ def _erase(cluster: Cluster) -> str:
     event = events.build_event(events.ERASURE_REQUESTED, {
         "request_id": request_id, "regulation": "gdpr", "subject_id": subject,
         "submitted_at": datetime.now(timezone.utc).isoformat()}, source="urn:test:crm")
-    producer = events.open_producer(cluster.settings.kafka_bootstrap)
+    producer = events.open_producer(events.kafka_client(cluster.settings))
     try:
         events.publish(producer, cluster.settings.topic_requests, event, key=request_id.encode())
     finally:
