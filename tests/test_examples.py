@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import adult_income.prepare as adult_income  # the example packages (`make install` installs them)
@@ -24,7 +25,13 @@ from rich.console import Console
 
 from worker import registry
 from worker.config import get_settings
-from worker.demo import intake_process, running, server_process, wait_for_version, worker_process
+from worker.demo import (
+    intake_process,
+    running,
+    server_process,
+    wait_for_version,
+    worker_process,
+)
 from worker.pipeline.watch import TopicWatcher
 from worker.sandbox import free_port, isolated
 
@@ -51,6 +58,20 @@ def erase(subject: str) -> str:
     return unlearn("erase", "--subject", subject).strip().split()[-1]
 
 
+@contextmanager
+def serving(settings, model: str):
+    """A worker, an intake and `unlearn serve --model MODEL` running: (the server's URL, a listener
+    on the receipts and versions topics)."""
+    port = free_port()
+    processes = (worker_process(settings), intake_process(settings), server_process(model, port))
+    with running(settings, Console(quiet=True), processes):
+        listener = TopicWatcher(settings)
+        try:
+            yield f"http://127.0.0.1:{port}", listener
+        finally:
+            listener.close()
+
+
 def test_tabular_people_rows_and_a_team_network_forget_a_person(tmp_path_factory):
     root = tmp_path_factory.mktemp("adult")
     parquet, mapping = adult_income.write(root / "team", rows=1500)
@@ -68,39 +89,33 @@ def test_tabular_people_rows_and_a_team_network_forget_a_person(tmp_path_factory
             trained = unlearn("train", "--model", f"adult-{method}", "--method", method, "--dataset", "adult",
                               "--network", "adult-tabular", "--network-arg", "hidden=[32]", "--epochs", "2", *extra)
             assert "holdout_accuracy" in trained
-        manifest = json.loads(Path(registry.current_version(psycopg.connect(settings.database_url), "adult-sisa")
-                                   .manifest_uri.removeprefix("file://")).read_text())
+        with psycopg.connect(settings.database_url) as conn:
+            uri = registry.current_version(conn, "adult-sisa").manifest_uri
+        manifest = json.loads(Path(uri.removeprefix("file://")).read_text())
         assert manifest["network"]["name"] == "adult-tabular"
         assert manifest["network"]["distribution"] == "adult-income-example"
         assert manifest["input"]["class_names"] == ["<=50K", ">50K"]
         assert "workclass" in manifest["input"]["categories"]
 
-        port = free_port()
-        server = f"http://127.0.0.1:{port}"
-        processes = (worker_process(settings), intake_process(settings), server_process("adult-sisa", port))
-        with running(settings, Console(quiet=True), processes):
-            listener = TopicWatcher(settings)
-            try:
-                wait_for_version(server, 1)
-                # When the model server is asked about a person by feature name
-                person = {"age": 39, "education-num": 13, "capital-gain": 2174, "capital-loss": 0,
-                          "hours-per-week": 40, "workclass": "State-gov", "education": "Bachelors",
-                          "marital-status": "Never-married", "occupation": "Adm-clerical",
-                          "relationship": "Not-in-family", "race": "White", "gender": "Male",
-                          "native-country": "United-States"}
-                answer = predict(server, [person])
-                assert answer["version"] == 1 and answer["labels"][0] in ("<=50K", ">50K")
+        with serving(settings, "adult-sisa") as (server, listener):
+            wait_for_version(server, 1)
+            # When the model server is asked about a person by feature name
+            person = {"age": 39, "education-num": 13, "capital-gain": 2174, "capital-loss": 0,
+                      "hours-per-week": 40, "workclass": "State-gov", "education": "Bachelors",
+                      "marital-status": "Never-married", "occupation": "Adm-clerical",
+                      "relationship": "Not-in-family", "race": "White", "gender": "Male",
+                      "native-country": "United-States"}
+            answer = predict(server, [person])
+            assert answer["version"] == 1 and answer["labels"][0] in ("<=50K", ">50K")
 
-                # When person-00042 asks to be erased, over Kafka
-                request_id = erase("person-00042")
-                receipt = listener.wait_receipts([request_id])[request_id].data
-                # Then both models published a version without the row, and the server serves it
-                assert receipt["status"] == "completed" and receipt["rows_deleted"] == 1
-                assert sorted(v["model"] for v in receipt["model_versions"]) == ["adult-amnesiac", "adult-sisa"]
-                wait_for_version(server, 2)
-                assert predict(server, [person])["version"] == 2
-            finally:
-                listener.close()
+            # When person-00042 asks to be erased, over Kafka
+            request_id = erase("person-00042")
+            receipt = listener.wait_receipts([request_id])[request_id].data
+            # Then both models published a version without the row, and the server serves it
+            assert receipt["status"] == "completed" and receipt["rows_deleted"] == 1
+            assert sorted(v["model"] for v in receipt["model_versions"]) == ["adult-amnesiac", "adult-sisa"]
+            wait_for_version(server, 2)
+            assert predict(server, [person])["version"] == 2
 
         # And the person never comes back through a later import that still holds the row
         again = unlearn("data", "import", str(later), "--dataset", "adult", "--mapping", str(mapping))
@@ -130,25 +145,18 @@ def test_a_pretrained_transformer_with_lora_forgets_a_person_without_training(tm
                 " WHERE model = 'people-s3t') ORDER BY 1 LIMIT 1").fetchone()
         assert len([c for c in v1.components_changed if c != "base"]) == 3
 
-        port = free_port()
-        server = f"http://127.0.0.1:{port}"
-        processes = (worker_process(settings), intake_process(settings), server_process("people-s3t", port))
-        with running(settings, Console(quiet=True), processes):
-            listener = TopicWatcher(settings)
-            try:
-                wait_for_version(server, 1, timeout=120)
-                tokens = text_lora.encode(["39 years old, State-gov, Bachelors"], 24).tolist()
-                assert predict(server, tokens)["labels"][0] in ("<=50K", ">50K")
-                # When a person whose row sits in a slice every adapter saw asks to be erased
-                request_id = erase(subject)
-                receipt = listener.wait_receipts([request_id])[request_id].data
-                # Then the adapters that saw it are switched off: no training step, exact
-                assert receipt["status"] == "completed"
-                assert receipt["verification"]["kind"] == "exact"
-                wait_for_version(server, 2, timeout=120)
-                assert predict(server, tokens)["version"] == 2
-            finally:
-                listener.close()
+        with serving(settings, "people-s3t") as (server, listener):
+            wait_for_version(server, 1, timeout=120)
+            tokens = text_lora.encode(["39 years old, State-gov, Bachelors"], 24).tolist()
+            assert predict(server, tokens)["labels"][0] in ("<=50K", ">50K")
+            # When a person whose row sits in a slice every adapter saw asks to be erased
+            request_id = erase(subject)
+            receipt = listener.wait_receipts([request_id])[request_id].data
+            # Then the adapters that saw it are switched off: no training step, exact
+            assert receipt["status"] == "completed"
+            assert receipt["verification"]["kind"] == "exact"
+            wait_for_version(server, 2, timeout=120)
+            assert predict(server, tokens)["version"] == 2
         with psycopg.connect(settings.database_url) as conn:
             v2 = registry.current_version(conn, "people-s3t")
         assert v2.metrics["optimizer_steps"] == 0
