@@ -89,9 +89,11 @@ def data(**fields) -> dict:
 
 
 def ledger_rows(settings, source: str = SOURCE) -> list[tuple]:
+    """(source, event key, request id) of the ledger rows from `source`, in the order received."""
     with psycopg.connect(settings.database_url) as conn:
-        return conn.execute("SELECT source, event_id, request_id FROM erasure_requests WHERE source = %s"
-                            " ORDER BY event_id", (source,)).fetchall()
+        return [(s, bytes(key), r) for s, key, r in conn.execute(
+            "SELECT source, event_key, request_id FROM erasure_requests WHERE source = %s"
+            " ORDER BY received_at, request_id", (source,))]
 
 
 # The single messages that each halted the intake on main (issue 9), in the order they arrived.
@@ -249,7 +251,7 @@ def test_a_reused_request_id_is_dead_lettered_and_a_true_duplicate_counted(lane,
 
     assert counts == Counter(accepted=1, duplicate=1, invalid=1)
     assert dispatched == [request_id]
-    assert [row[:2] for row in ledger_rows(lane)] == [(SOURCE, "evt-1")]
+    assert [row[:2] for row in ledger_rows(lane)] == [(SOURCE, ledger.event_key(SOURCE, "evt-1"))]
     [letter] = observer.dead_letters().values()
     assert header(letter, "dlq_reason") == "request_id_reused" and "request_id" in header(letter, "dlq_error")
     assert letter.value == reused.value
@@ -262,6 +264,20 @@ def test_ledger_record_refuses_a_reused_request_id(conn):
         assert not ledger.record(conn, source=SOURCE, event_id="e-1", data=data(request_id=request_id))
     with pytest.raises(ledger.RequestIdReused), conn.transaction():
         ledger.record(conn, source="urn:test:other", event_id="e-2", data=data(request_id=request_id))
+
+
+def test_the_ledger_keeps_an_event_id_only_as_a_keyed_hash(conn):
+    """Found: the CloudEvent `id` (upstream's choice, possibly derived from a person) was kept in
+    the ledger for ever as text."""
+    event_id = "erase-alice@example.com-2026-12-04"
+    with conn.transaction():
+        assert ledger.record(conn, source=SOURCE, event_id=event_id, data=data())
+    row = conn.execute("SELECT * FROM erasure_requests WHERE source = %s", (SOURCE,)).fetchone()
+    assert "alice" not in repr(row)
+    [(key, stored_id)] = conn.execute("SELECT event_key, event_id FROM erasure_requests").fetchall()
+    assert stored_id is None and bytes(key) == ledger.event_key(SOURCE, event_id) and len(key) == 32
+    # the same id under another source is another event
+    assert ledger.event_key("urn:test:other", event_id) != ledger.event_key(SOURCE, event_id)
 
 
 def test_a_row_the_database_refuses_is_dead_lettered_alone(lane, make_intake):
@@ -277,7 +293,7 @@ def test_a_row_the_database_refuses_is_dead_lettered_alone(lane, make_intake):
 
     # Then the other rows of the batch are ledgered and the refused one is a dead letter
     assert counts == Counter(accepted=2, invalid=1)
-    assert [row[1] for row in ledger_rows(lane)] == ["e-0", "e-2"]
+    assert sorted(row[1] for row in ledger_rows(lane)) == sorted(ledger.event_key(SOURCE, e) for e in ("e-0", "e-2"))
     [letter] = observer.dead_letters().values()
     assert header(letter, "dlq_reason") == "unstorable"
     assert "CheckViolation" in header(letter, "dlq_error") and "refuse-me" not in header(letter, "dlq_error")
@@ -379,8 +395,8 @@ def recorded_deadline(conn, submitted_at: str) -> tuple[datetime, datetime]:
     event_id = str(uuid.uuid4())
     with conn.transaction():
         ledger.record(conn, source=SOURCE, event_id=event_id, data=data(submitted_at=submitted_at))
-    return conn.execute("SELECT received_at, due_at FROM erasure_requests WHERE event_id = %s",
-                        (event_id,)).fetchone()
+    return conn.execute("SELECT received_at, due_at FROM erasure_requests WHERE event_key = %s",
+                        (ledger.event_key(SOURCE, event_id),)).fetchone()
 
 
 def test_deadline_runs_from_an_earlier_submission(conn):

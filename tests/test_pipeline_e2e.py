@@ -24,6 +24,7 @@ from worker import data, events, registry, serving
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
 from worker.demo import running
+from worker.pipeline import ledger
 from worker.pipeline.watch import TopicWatcher
 from worker.sandbox import isolated
 
@@ -147,7 +148,8 @@ def test_duplicate_event_is_applied_once(pipeline):
     else:
         raise AssertionError("the duplicate was not counted")
     with psycopg.connect(settings.database_url) as conn:
-        rows = conn.execute("SELECT count(*) FROM erasure_requests WHERE event_id = 'evt-dup-1'").fetchone()[0]
+        rows = conn.execute("SELECT count(*) FROM erasure_requests WHERE event_key = %s",
+                            (ledger.event_key("urn:test:crm", "evt-dup-1"),)).fetchone()[0]
     assert rows == 1
 
 

@@ -180,9 +180,11 @@ class Observer:
         self._consumer: KafkaConsumer | None = None
 
     def ledger_keys(self, source: str | None = None) -> Counter[tuple[str, str]]:
+        """(source, request id) of every ledger row (from `source`): the ledger keeps the event's
+        id only as a keyed hash, and an event's request id names it as well."""
         with psycopg.connect(self.settings.database_url, connect_timeout=3) as conn:
-            rows = conn.execute("SELECT source, event_id FROM erasure_requests WHERE %s::text IS NULL OR source = %s",
-                                (source, source)).fetchall()
+            rows = conn.execute("SELECT source, request_id::text FROM erasure_requests"
+                                " WHERE %s::text IS NULL OR source = %s", (source, source)).fetchall()
         return Counter(map(tuple, rows))
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple] | None:
@@ -325,7 +327,7 @@ def fuzz_drill(stack: PrivateStack, cases: int = 1000, seed: int = 0, sentinels:
                 continue
             try:
                 event = events.decode(record.value, record.headers)
-                found = (event.source, event.id) in ledger
+                found = (event.source, event.data["request_id"]) in ledger
             except events.InvalidEvent:
                 found = False
             if found:
@@ -395,7 +397,7 @@ def kill_drill(stack: PrivateStack, batch: int = 500, crash_points: tuple[str, .
         seconds = wait_for(lambda: observer.caught_up(positions), 180, "the restarted intake finishing", intake)
         intake.stop()
         ledger = observer.ledger_keys(source)
-        wanted = {(source, events.decode(r.value, r.headers).id) for r in expected}
+        wanted = {(source, events.decode(r.value, r.headers).data["request_id"]) for r in expected}
         return KillReport(events=len(expected), kills=kills, lost=len(wanted - set(ledger)),
                           duplicated=_duplicated(ledger), seconds_to_finish=seconds)
     finally:
@@ -519,8 +521,8 @@ def outage_drill(stack: PrivateStack, postgres_down_s: float = 20.0, broker_down
         stop_sampling.set()
         sampler.join()
         ledger = observer.ledger_keys(source)
-        wanted = {(source, events.decode(r.value, r.headers).id) for batch in batches for r in batch}
-        wanted |= {(source, events.decode(r.value, r.headers).id) for r in probes}
+        wanted = {(source, events.decode(r.value, r.headers).data["request_id"]) for batch in batches for r in batch}
+        wanted |= {(source, events.decode(r.value, r.headers).data["request_id"]) for r in probes}
         return OutageReport(
             events=len(wanted), postgres_down_s=postgres_down_s, postgres_recovery_s=postgres_recovery,
             broker_down_s=broker_down_s, broker_recovery_s=broker_recovery, lost=len(wanted - set(ledger)),
@@ -561,7 +563,7 @@ def cold_start_drill(stack: PrivateStack, down_s: float = 5.0, events_count: int
         publish(settings, records)
         wait_for(lambda: (observer.ledger_count(source) or 0) >= events_count, 120, "events after the cold start",
                  intake)
-        wanted = {(source, events.decode(r.value, r.headers).id) for r in records}
+        wanted = {(source, events.decode(r.value, r.headers).data["request_id"]) for r in records}
         return ColdStartReport(down_s=down_s, intake_alive_while_down=alive, recovery_s=time.monotonic() - back,
                                events=events_count, lost=len(wanted - set(observer.ledger_keys(source))))
     finally:

@@ -1,7 +1,15 @@
-"""The erasure ledger in PostgreSQL: one row per request, idempotent on (source, event id)."""
+"""The erasure ledger in PostgreSQL: one row per request, idempotent on (source, event id).
+
+The event's `id` is kept only as a keyed hash (`event_key`: HMAC-SHA256 under the tombstone key):
+upstream chooses it, and nothing stops it being derived from a person. `source` is kept as text:
+it names the upstream system (a URN the intake's allow-list holds), never a person or an event.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import hmac
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +18,8 @@ from datetime import datetime, timezone
 import psycopg
 from psycopg.types.json import Jsonb
 
+from worker.config import get_settings
+from worker.data import tombstones
 from worker.events import rfc3339
 
 OPEN_STATUSES = ("received", "rows_deleted")
@@ -19,7 +29,6 @@ OPEN_STATUSES = ("received", "rows_deleted")
 class ErasureRequest:
     request_id: uuid.UUID
     source: str
-    event_id: str
     regulation: str
     subject_id: str | None
     sample_ids: list[str]
@@ -48,11 +57,24 @@ class RequestIdReused(ValueError):
 
 
 _INSERT = (
-    "INSERT INTO erasure_requests (request_id, source, event_id, regulation, subject_id,"
+    "INSERT INTO erasure_requests (request_id, source, event_key, regulation, subject_id,"
     " sample_ids, models, submitted_at, received_at, due_at)"
     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s::timestamptz, now(), erasure_due_at(%s::timestamptz, now()))"
     " ON CONFLICT DO NOTHING RETURNING request_id"
 )
+
+
+def event_key(source: str, event_id: str) -> bytes:
+    """The idempotency key (source, id) as the ledger keeps it, keyed by this deployment's
+    tombstone key (`UNLEARN_TOMBSTONE_KEY_FILE`): equal events give equal keys, and the id's text
+    cannot be read back from it."""
+    return hmac.digest(_key(str(tombstones.key_path(get_settings()))), f"event\x00{source}\x00{event_id}".encode(),
+                       hashlib.sha256)
+
+
+@functools.cache
+def _key(path: str) -> bytes:
+    return tombstones.load_key(get_settings())
 
 
 def record_many(conn: psycopg.Connection, requests: Sequence[NewRequest]) -> list[str]:
@@ -66,26 +88,24 @@ def record_many(conn: psycopg.Connection, requests: Sequence[NewRequest]) -> lis
     if not requests:
         return []
     rows = []
-    for request in requests:
+    keys = [event_key(request.source, request.event_id) for request in requests]
+    for request, key in zip(requests, keys):
         data = request.data
         rows.append((
-            uuid.UUID(data["request_id"]), request.source, request.event_id, data["regulation"],
+            uuid.UUID(data["request_id"]), request.source, key, data["regulation"],
             data.get("subject_id"), list(data.get("sample_ids", [])), data.get("models"),
             data["submitted_at"], data["submitted_at"],
         ))
     with conn.cursor() as cur:
         cur.executemany(_INSERT, rows, returning=True)
         inserted = [cur.fetchone() is not None for _ in cur.results()]
-    missed = [request for request, done in zip(requests, inserted) if not done]
-    known: set[tuple[str, str]] = set()
+    missed = [key for key, done in zip(keys, inserted) if not done]
+    known: set[bytes] = set()
     if missed:
-        known = set(conn.execute(
-            "SELECT source, event_id FROM erasure_requests"
-            " WHERE (source, event_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
-            ([r.source for r in missed], [r.event_id for r in missed]),
-        ).fetchall())
-    return [ACCEPTED if done else DUPLICATE if (request.source, request.event_id) in known else REQUEST_ID_REUSED
-            for request, done in zip(requests, inserted)]
+        known = {bytes(k) for (k,) in conn.execute(
+            "SELECT event_key FROM erasure_requests WHERE event_key = ANY(%s)", (missed,))}
+    return [ACCEPTED if done else DUPLICATE if key in known else REQUEST_ID_REUSED
+            for key, done in zip(keys, inserted)]
 
 
 def record(conn: psycopg.Connection, *, source: str, event_id: str, data: dict) -> bool:
@@ -102,7 +122,7 @@ def record(conn: psycopg.Connection, *, source: str, event_id: str, data: dict) 
 
 def lock(conn: psycopg.Connection, request_id: uuid.UUID) -> ErasureRequest | None:
     row = conn.execute(
-        "SELECT request_id, source, event_id, regulation, subject_id, sample_ids, models, status,"
+        "SELECT request_id, source, regulation, subject_id, sample_ids, models, status,"
         " rows_deleted, received_at, due_at FROM erasure_requests WHERE request_id = %s FOR UPDATE",
         (request_id,),
     ).fetchone()
