@@ -321,16 +321,25 @@ def fuzz_drill(stack: PrivateStack, cases: int = 1000, seed: int = 0, sentinels:
         seconds = time.monotonic() - started
         letters = observer.dead_letters()
         ledger = observer.ledger_keys()
-        ledgered, lost = 0, []
+        # an event is ledgered once per (source, id): a repeated id is a duplicate of whichever copy
+        # the intake took first, so each (source, id) counts as found when any copy's request is there
+        decoded: dict[tuple[int, int], tuple[str, str]] = {}
+        found_events: set[tuple[str, str]] = set()
         for record, position in zip(records, positions):
             if position in letters:
                 continue
             try:
                 event = events.decode(record.value, record.headers)
-                found = (event.source, event.data["request_id"]) in ledger
             except events.InvalidEvent:
-                found = False
-            if found:
+                continue
+            decoded[position] = (event.source, event.id)
+            if (event.source, event.data["request_id"]) in ledger:
+                found_events.add((event.source, event.id))
+        ledgered, lost = 0, []
+        for record, position in zip(records, positions):
+            if position in letters:
+                continue
+            if decoded.get(position) in found_events:
                 ledgered += 1
             else:
                 lost.append(f"{position[0]}@{position[1]} {record.kind}")
