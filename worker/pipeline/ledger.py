@@ -74,6 +74,7 @@ def event_key(source: str, event_id: str) -> bytes:
 
 @functools.cache
 def _key(path: str) -> bytes:
+    """The key at `path` (the process's configured key file), read once per process and file."""
     return tombstones.load_key(get_settings())
 
 
