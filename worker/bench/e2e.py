@@ -197,7 +197,15 @@ def _burst(settings: Settings, watcher: TopicWatcher, subjects: list[str], rate:
     version_at: dict[str, float] = {}
     receipt_at: dict[str, float] = {}
     deadline = time.monotonic() + timeout
-    while publisher.is_alive() or len(receipt_at) < len(sent):
+
+    def unanswered() -> bool:
+        # as `_arrivals`: a completed request's version is waited for too (a receipt may reach this
+        # consumer before the version event published with it, on another topic)
+        receipts = watcher.receipts()
+        return publisher.is_alive() or len(receipt_at) < len(sent) or any(
+            r not in version_at and receipts[r].data["status"] == "completed" for r in receipt_at)
+
+    while unanswered():
         if failure:
             raise RuntimeError(f"{label}: publishing failed") from failure[0]
         if time.monotonic() > deadline:
