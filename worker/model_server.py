@@ -23,6 +23,7 @@ import hmac
 import logging
 import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -199,13 +200,14 @@ class BodyLimit:
         await response({"type": "http"}, None, send)
 
 
-def _check_token(settings: Settings):
-    """A FastAPI dependency: with UNLEARN_SERVE_TOKEN_FILE set, `Authorization: Bearer <token>`."""
+def _check_token(settings: Settings) -> Callable[[str | None], None]:
+    """The check `/predict` makes of its Authorization header: with UNLEARN_SERVE_TOKEN_FILE set,
+    `Bearer <token>` (compared in constant time), else nothing. The file is read once, here."""
     token = settings.serve_token_file.read_text().strip().encode() if settings.serve_token_file else None
     if token is not None and not token:
         raise ValueError(f"UNLEARN_SERVE_TOKEN_FILE {settings.serve_token_file} is empty")
 
-    def check(authorization: str | None = Header(default=None)) -> None:
+    def check(authorization: str | None) -> None:
         if token is None:
             return
         scheme, _, given = (authorization or "").partition(" ")
