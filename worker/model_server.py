@@ -37,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, Field
 
-from worker import events, signing
+from worker import events, kafka_clients, signing
 from worker.config import Settings
 from worker.serving import Announcement, ServedModel
 
@@ -74,9 +74,9 @@ class VersionFollower(threading.Thread):
 
     def _follow(self) -> None:
         # no consumer group: every server replica reads every event
-        consumer = KafkaConsumer(**events.kafka_client(self.settings), group_id=None,
+        consumer = KafkaConsumer(**kafka_clients.kafka_client(self.settings), group_id=None,
                                  enable_auto_commit=False, auto_offset_reset="earliest",
-                                 fetch_max_wait_ms=events.FETCH_MAX_WAIT_MS)
+                                 fetch_max_wait_ms=kafka_clients.FETCH_MAX_WAIT_MS)
         try:
             partitions = self._partitions(consumer)
             if not partitions:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from worker import events
+from worker import kafka_clients
 from worker.config import Settings
 from worker.pipeline.outbox import KafkaPublisher, Publisher
 
@@ -36,5 +36,5 @@ def from_settings(settings: Settings) -> Context:
     return Context(
         settings=settings,
         connect=lambda: psycopg.connect(settings.database_url, connect_timeout=10),
-        publisher=KafkaPublisher(events.kafka_client(settings)),
+        publisher=KafkaPublisher(kafka_clients.kafka_client(settings)),
     )

@@ -43,7 +43,7 @@ class DeadLetters:
     """
 
     def __init__(self, client: dict, topic: str, max_forward_bytes: int = MAX_FORWARD_BYTES):
-        self.client = client  # events.kafka_client
+        self.client = client  # kafka_clients.kafka_client
         self.topic = topic
         self.max_forward_bytes = max_forward_bytes
         self._producer: KafkaProducer | None = None

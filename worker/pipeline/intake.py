@@ -30,7 +30,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, CorruptRecordError, KafkaError
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential_jitter
 
-from worker import events, policy
+from worker import events, kafka_clients, policy
 from worker.config import Settings
 from worker.pipeline import context, failpoints, ledger, outbox, tasks
 from worker.pipeline.context import Context
@@ -89,7 +89,7 @@ def check(record: ConsumerRecord, allowed_sources: frozenset[str] = frozenset())
 def make_consumer(settings: Settings) -> KafkaConsumer:
     return KafkaConsumer(
         settings.topic_requests,
-        **events.kafka_client(settings),
+        **kafka_clients.kafka_client(settings),
         group_id=settings.consumer_group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -98,7 +98,7 @@ def make_consumer(settings: Settings) -> KafkaConsumer:
         heartbeat_interval_ms=1000,
         max_poll_records=MAX_POLL_RECORDS,
         max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
-        fetch_max_wait_ms=events.FETCH_MAX_WAIT_MS,
+        fetch_max_wait_ms=kafka_clients.FETCH_MAX_WAIT_MS,
     )
 
 
@@ -194,7 +194,7 @@ class Intake:
         assigned partition's next record is read once more on its own to find it."""
         for partition in self.consumer.assignment():
             offset = self.consumer.position(partition)
-            client = {key: self.consumer.config[key] for key in events.kafka_client_keys(self.consumer.config)}
+            client = {key: self.consumer.config[key] for key in kafka_clients.kafka_client_keys(self.consumer.config)}
             probe = KafkaConsumer(**client,
                                   enable_auto_commit=False, max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES)
             try:
@@ -334,7 +334,7 @@ def run(settings: Settings, max_seconds: float | None = None) -> None:
     companions = Companions(settings)
     companions.check()
     database = Database(settings.database_url)
-    dead_letters = DeadLetters(events.kafka_client(settings), settings.topic_dlq)
+    dead_letters = DeadLetters(kafka_clients.kafka_client(settings), settings.topic_dlq)
     consumer = until_available()(make_consumer, settings)
     intake = Intake(consumer, dead_letters, database, allowed_sources=settings.allowed_source_set)
     try:

@@ -63,7 +63,7 @@ class KafkaPublisher:
     `UnknownProducerIdError` forever."""
 
     def __init__(self, client: dict):
-        self.client = client  # events.kafka_client
+        self.client = client  # kafka_clients.kafka_client
         self._producer: KafkaProducer | None = None
 
     def _open(self) -> KafkaProducer:
