@@ -14,6 +14,7 @@ from typing import Any
 from cloudevents.core.v1.event import CloudEvent
 from kafka import KafkaProducer
 
+from worker import policy
 from worker.events import encode
 
 # How long the broker may hold a consumer's fetch that found nothing new (kafka-python's default is
@@ -48,7 +49,8 @@ def open_producer(client: dict[str, Any]) -> KafkaProducer:
 
 
 def publish(
-    producer: KafkaProducer, topic: str, event: CloudEvent, *, key: bytes, timeout: float = 30.0
+    producer: KafkaProducer, topic: str, event: CloudEvent, *, key: bytes,
+    timeout: float = policy.KAFKA_ACK_TIMEOUT_S,
 ) -> None:
     """Send `event` to `topic` and wait for the broker's acknowledgement.
 
