@@ -20,7 +20,7 @@ from worker.core.amnesiac import (
     storage,
 )
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet, TrainResult
-from worker.core.training import UpdateRule
+from worker.core.steps import UpdateRule
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 
-from worker import data, events, registry, signing
+from worker import data, events, kafka_clients, registry, signing
 from worker.artifacts import read_manifest
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
@@ -50,7 +50,7 @@ def _rejected(server: str) -> dict[str, float]:
 
 def _publish(settings: Settings, *records) -> None:
     """Events, or raw (value, headers) as a hostile producer writes them, keyed by the model."""
-    producer = events.open_producer(events.kafka_client(settings))
+    producer = kafka_clients.open_producer(kafka_clients.kafka_client(settings))
     try:
         for record in records:
             value, headers = record if isinstance(record, tuple) else events.encode(record)

@@ -20,7 +20,7 @@ import redis
 from dateutil.relativedelta import relativedelta
 from kafka import KafkaProducer
 
-from worker import events
+from worker import events, kafka_clients
 from worker import stack as local_stack
 from worker.config import Settings, get_settings
 from worker.drills import Observer, header, publish, request
@@ -52,7 +52,7 @@ def make_intake(lane):
 
     def make(max_forward_bytes: int | None = None, dispatch=None, allowed_sources: frozenset[str] = frozenset()):
         dispatched: list[str] = []
-        letters = DeadLetters(events.kafka_client(lane), lane.topic_dlq)
+        letters = DeadLetters(kafka_clients.kafka_client(lane), lane.topic_dlq)
         if max_forward_bytes is not None:
             letters.max_forward_bytes = max_forward_bytes
         intake = Intake(make_consumer(lane), letters, Database(lane.database_url), dispatch or dispatched.extend,

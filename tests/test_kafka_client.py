@@ -1,4 +1,4 @@
-"""Every Kafka client of ours reaches the broker the same way, `events.kafka_client(settings)`:
+"""Every Kafka client of ours reaches the broker the same way, `kafka_clients.kafka_client(settings)`:
 its address and, where configured, TLS and SASL (`UNLEARN_KAFKA_*`), so a deployment whose broker
 authenticates its clients (SASL/SCRAM) needs only configuration. The plaintext case is exercised
 by every test that talks to the embedded broker; the embedded broker does not authenticate."""
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from worker import events
+from worker import kafka_clients
 from worker.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,17 +19,17 @@ CLIENTS = {"KafkaConsumer", "KafkaProducer", "KafkaAdminClient"}
 
 
 def test_plaintext_by_default_and_sasl_ssl_when_configured(tmp_path):
-    assert events.kafka_client(Settings(kafka_bootstrap="kafka:9092")) == {
+    assert kafka_clients.kafka_client(Settings(kafka_bootstrap="kafka:9092")) == {
         "bootstrap_servers": "kafka:9092", "security_protocol": "PLAINTEXT"}
     ca = tmp_path / "ca.pem"
     secured = Settings(kafka_bootstrap="kafka:9093", kafka_security_protocol="SASL_SSL",
                        kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username="unlearn-worker",
                        kafka_sasl_password="s3cret", kafka_ssl_cafile=ca)
-    client = events.kafka_client(secured)
+    client = kafka_clients.kafka_client(secured)
     assert client == {"bootstrap_servers": "kafka:9093", "security_protocol": "SASL_SSL",
                       "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "unlearn-worker",
                       "sasl_plain_password": "s3cret", "ssl_cafile": str(ca)}
-    assert events.kafka_client_keys(client) == list(client)
+    assert kafka_clients.kafka_client_keys(client) == list(client)
     # the password never shows in `unlearn config`
     shown = dict(secured.public_items())
     assert shown["UNLEARN_KAFKA_SASL_PASSWORD"] == "***" and "s3cret" not in str(shown)

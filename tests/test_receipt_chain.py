@@ -19,7 +19,7 @@ from kafka import KafkaConsumer
 
 import pipeline_steps as steps
 from conftest import MemoryPublisher
-from worker import events, registry, signing
+from worker import events, kafka_clients, registry, signing
 from worker.cli import main
 from worker.core.base import TrainConfig
 from worker.pipeline import outbox, receipts
@@ -135,7 +135,7 @@ def test_the_relay_publishes_to_the_broker_and_marks_rows_after_its_acknowledgem
                                          "topic_requests": f"erasure.requests.{suffix}",
                                          "topic_dlq": f"erasure.requests.dlq.{suffix}"})
     create_topics(settings)
-    ctx = Context(settings, ctx.connect, outbox.KafkaPublisher(events.kafka_client(settings)))
+    ctx = Context(settings, ctx.connect, outbox.KafkaPublisher(kafka_clients.kafka_client(settings)))
     registry.train_model(conn, settings, "m", "sisa", "digits", CONFIG)
     request_id = steps.request(conn, settings, steps.subjects(conn, 1))
     steps.run_passes(ctx, "m")  # drains the outbox through the real broker

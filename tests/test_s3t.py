@@ -29,7 +29,7 @@ from worker.core.s3t import (
     partial_shards,
     serves,
 )
-from worker.core.training import observing_steps
+from worker.core.steps import observing_steps
 
 SHARDS, SLICES, ORDERS = 2, 3, 3
 CONFIG = TrainConfig(hidden=(32,), epochs=4, batch_size=32, lr=1e-2, seed=7, shards=SHARDS, slices=SLICES,

@@ -27,7 +27,8 @@ from worker.core.base import DeletedSample, TrainConfig, TrainingSet, lineage_sh
 from worker.core.peft_adapters import LoraNet, LoraSpec, resolve_targets, train_layer
 from worker.core.placement import slice_of
 from worker.core.s3t import S3T, lost_shards
-from worker.core.training import observing_steps, predict_proba
+from worker.core.steps import observing_steps
+from worker.core.training import predict_proba
 
 T, CLASSES, VOCAB = 8, 2, 200
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB,

@@ -28,7 +28,7 @@ import pytest
 import s3fs
 from rich.console import Console
 
-from worker import data, events, registry, signing
+from worker import data, events, kafka_clients, registry, signing
 from worker.artifacts import manifest_versions, write_revocation
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
@@ -147,9 +147,9 @@ def _erase(cluster: Cluster) -> str:
     event = events.build_event(events.ERASURE_REQUESTED, {
         "request_id": request_id, "regulation": "gdpr", "subject_id": subject,
         "submitted_at": datetime.now(timezone.utc).isoformat()}, source="urn:test:crm")
-    producer = events.open_producer(events.kafka_client(cluster.settings))
+    producer = kafka_clients.open_producer(kafka_clients.kafka_client(cluster.settings))
     try:
-        events.publish(producer, cluster.settings.topic_requests, event, key=request_id.encode())
+        kafka_clients.publish(producer, cluster.settings.topic_requests, event, key=request_id.encode())
     finally:
         producer.close()
     return request_id

@@ -14,22 +14,19 @@ from sklearn.datasets import load_digits
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from worker.core import runtime, training
+from worker.core import runtime
 from worker.core.base import TrainConfig, TrainingSet
 from worker.core.nets import FeatureScaling, state_tensors
 from worker.core.networks import build
+from worker.core.batches import epoch_batches, iterate_steps, lane_schedule, stacked_plan
+from worker.core.steps import FusedAdamW, StackedStep, UpdateRule
 from worker.core.training import (
     ADAMW,
-    FusedAdamW,
     Lane,
     ParameterLayout,
-    StackedStep,
-    UpdateRule,
     batch_size_for,
-    epoch_batches,
     fit,
     fit_lanes,
-    iterate_steps,
     predict_proba,
 )
 
@@ -187,10 +184,10 @@ def test_a_stacks_plan_is_every_lanes_batches_padded_to_one_size(digits):
     rows = shards_of(digits, 3)
     rows[1] = rows[1].select(np.arange(len(rows[1])) < 100)
     lanes = [Lane(build(CONFIG, (64,), 10, "shard", k), r, ("shard", k)) for k, r in enumerate(rows)] + [None]
-    schedules = [training._schedule(lane, 2, 32, False) for lane in lanes[:3]] + [[]]
+    schedules = [lane_schedule(lane, 2, 32, False) for lane in lanes[:3]] + [[]]
 
     # When the plan is built
-    plan = training._stacked_plan(lanes, schedules, [0, 1, 2], 32)
+    plan = stacked_plan(lanes, schedules, [0, 1, 2], 32)
 
     # Then step t of lane g holds that lane's batch t, padded with the zero row, and nothing for
     # a finished or idle lane
@@ -235,9 +232,9 @@ def test_a_stacked_step_runs_on_the_device_alone_without_waiting_for_the_host(di
     from the device, so it can run ahead of the host (and be captured in a CUDA graph)."""
     rows = shards_of(digits, 3)
     lanes = [Lane(build(CONFIG, (64,), 10, "shard", k), r, ("shard", k)) for k, r in enumerate(rows)]
-    schedules = [training._schedule(lane, 1, 32, False) for lane in lanes]
+    schedules = [lane_schedule(lane, 1, 32, False) for lane in lanes]
     meta = torch.device("meta")
-    plan = training._stacked_plan(lanes, schedules, [0, 1, 2], 32).to(meta)
+    plan = stacked_plan(lanes, schedules, [0, 1, 2], 32).to(meta)
     layout = ParameterLayout.of(lanes[0].net)
     rule = UpdateRule("adamw", 1e-2, weight_decay=0.01)
     step = StackedStep(copy.deepcopy(lanes[0].net).to(meta), layout, torch.zeros(3, layout.size, device=meta), {},

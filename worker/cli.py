@@ -189,7 +189,7 @@ def erase(
 
     from kafka.errors import KafkaError
 
-    from worker import events
+    from worker import events, kafka_clients
 
     if subject_id is None and not sample_ids:
         raise click.UsageError("give --subject ID and/or --sample ID")
@@ -211,10 +211,10 @@ def erase(
     except events.InvalidEvent as exc:
         raise click.UsageError(exc.error) from None
     try:
-        producer = events.open_producer(events.kafka_client(settings))
+        producer = kafka_clients.open_producer(kafka_clients.kafka_client(settings))
         try:
             # keyed by request id: the subject must never appear in a Kafka key
-            events.publish(producer, settings.topic_requests, event, key=request_id.encode())
+            kafka_clients.publish(producer, settings.topic_requests, event, key=request_id.encode())
         finally:
             producer.close()
     except KafkaError as exc:

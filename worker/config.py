@@ -14,6 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker import policy
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UNLEARN_", extra="ignore")
@@ -76,14 +78,14 @@ class Settings(BaseSettings):
     # An idle model starts unlearning at once; erasures arriving while a pass runs are taken
     # together by the next pass (group commit). Operators who prefer fewer versions can add a
     # minimum wait before a pass starts, and cap how many requests one pass takes.
-    coalesce_seconds: float = Field(0.0, ge=0)
-    max_batch_requests: int = Field(1000, ge=1)
+    coalesce_seconds: float = Field(policy.COALESCE_S, ge=0)
+    max_batch_requests: int = Field(policy.MAX_BATCH_REQUESTS, ge=1)
     # a pass retraining two or more shards of a method that can (SISA) sends one task per shard to
     # the `gpu` queue, runs the ones no other worker has taken and publishes once all are done
     fanout: bool = True
     # the intake's sweeper re-drives requests untouched this long (a lost Celery message, a crash)
-    stuck_after_seconds: float = Field(60.0, gt=0)
-    sweep_interval_seconds: float = Field(15.0, gt=0)
+    stuck_after_seconds: float = Field(policy.STUCK_AFTER_S, gt=0)
+    sweep_interval_seconds: float = Field(policy.SWEEP_INTERVAL_S, gt=0)
 
     # where training runs: auto (CUDA when present), cpu, cuda or cuda:N (worker.core.runtime)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from worker import data, db, events, registry
+from worker import data, db, events, kafka_clients, registry
 from worker.config import Settings
 from worker.core.base import TrainConfig
 from worker.pipeline import unlearning
@@ -189,14 +189,14 @@ def run(settings: Settings, console: Console, subjects: int = 3) -> None:
         console.print(f"`unlearn serve --model {MODEL}` at {server}: serves v{shown['version']};"
                       f" POST /predict on 5 holdout rows -> {answer['predictions']} (v{answer['version']})")
         watcher = TopicWatcher(settings)
-        producer = events.open_producer(events.kafka_client(settings))
+        producer = kafka_clients.open_producer(kafka_clients.kafka_client(settings))
         request_ids = []
         for subject in chosen:
             request_id = str(uuid4())
             event = events.build_event(events.ERASURE_REQUESTED, {
                 "request_id": request_id, "regulation": "gdpr", "subject_id": subject,
                 "submitted_at": datetime.now(timezone.utc).isoformat()}, source="urn:demo:crm")
-            events.publish(producer, settings.topic_requests, event, key=request_id.encode())
+            kafka_clients.publish(producer, settings.topic_requests, event, key=request_id.encode())
             request_ids.append(request_id)
             console.print(f"published erasure request {request_id}")
         producer.close()

@@ -24,7 +24,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
-from worker import events
+from worker import events, kafka_clients
 from worker import stack as local_stack
 from worker.config import Settings
 from worker.pipeline import failpoints
@@ -161,7 +161,7 @@ def lane(stack: PrivateStack, name: str) -> tuple[Settings, dict[str, str]]:
 
 def publish(settings: Settings, records: list[Record]) -> list[tuple[int, int]]:
     """Publish to the requests topic; returns each record's (partition, offset)."""
-    producer = KafkaProducer(**events.kafka_client(settings), acks="all", max_request_size=8_000_000,
+    producer = KafkaProducer(**kafka_clients.kafka_client(settings), acks="all", max_request_size=8_000_000,
                              linger_ms=5)
     try:
         futures = [producer.send(settings.topic_requests, value=r.value, headers=r.headers,
@@ -213,7 +213,7 @@ class Observer:
         """The group's committed offset per partition of the requests topic ({} while unknown)."""
         try:
             if self._consumer is None:
-                self._consumer = KafkaConsumer(**events.kafka_client(self.settings),
+                self._consumer = KafkaConsumer(**kafka_clients.kafka_client(self.settings),
                                                group_id=self.settings.consumer_group, enable_auto_commit=False)
             topic = self.settings.topic_requests
             return {p: self._consumer.committed(TopicPartition(topic, p)) or 0
@@ -236,7 +236,7 @@ class Observer:
 
     def dead_letters(self) -> dict[tuple[int, int], ConsumerRecord]:
         """Every dead letter, by the (partition, offset) of the record it stands for."""
-        consumer = KafkaConsumer(**events.kafka_client(self.settings), enable_auto_commit=False)
+        consumer = KafkaConsumer(**kafka_clients.kafka_client(self.settings), enable_auto_commit=False)
         try:
             partitions = [TopicPartition(self.settings.topic_dlq, p)
                           for p in consumer.partitions_for_topic(self.settings.topic_dlq) or ()]
@@ -516,7 +516,7 @@ def outage_drill(stack: PrivateStack, postgres_down_s: float = 20.0, broker_down
         # lets the intake find the new start (out-of-range → earliest) before the real events come.
         local_stack.create_topics(settings)
         probes = [request(source, subject_id=f"probe-{p}") for p in partitions]
-        producer = KafkaProducer(**events.kafka_client(settings), acks="all")
+        producer = KafkaProducer(**kafka_clients.kafka_client(settings), acks="all")
         for probe, p in zip(probes, partitions):
             producer.send(settings.topic_requests, value=probe.value, headers=probe.headers, partition=p)
         producer.flush()

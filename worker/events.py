@@ -7,6 +7,8 @@ PostgreSQL cannot store (NUL, lone surrogates), over-long ids and timestamps out
 component can hold, and turns every problem into an `InvalidEvent`, never another exception.
 Error texts end up in the DLQ's `dlq_error` header and in logs, so they name the field and the rule
 it broke and never echo a value from the record (it may hold a subject identifier).
+
+How our clients reach the broker and publish what `encode` makes is `worker.kafka_clients`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from cloudevents.core.exceptions import CloudEventValidationError
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 from jsonschema import Draft202012Validator, FormatChecker, ValidationError, validators
-from kafka import KafkaProducer
 from rfc3339_validator import validate_rfc3339
 
 ERASURE_REQUESTED = "gdpr.erasure.requested.v1"
@@ -268,48 +269,6 @@ def receipt_digest(receipt_data: dict[str, Any]) -> str:
         body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-# How long the broker may hold a consumer's fetch that found nothing new (kafka-python's default is
-# 500 ms). Measured on the local stack: a version or receipt reached a consumer about 80 ms after the
-# broker had it with the default, 10 ms with 20 ms; the cost is an idle consumer's 50 fetches a second.
-FETCH_MAX_WAIT_MS = 20
-
-
-def kafka_client(settings) -> dict[str, Any]:
-    """How every Kafka client of ours reaches the broker (kafka-python keyword arguments): its
-    address and, where configured, TLS and SASL (`UNLEARN_KAFKA_*`)."""
-    client: dict[str, Any] = {"bootstrap_servers": settings.kafka_bootstrap,
-                              "security_protocol": settings.kafka_security_protocol}
-    if settings.kafka_sasl_mechanism is not None:
-        client.update(sasl_mechanism=settings.kafka_sasl_mechanism, sasl_plain_username=settings.kafka_sasl_username,
-                      sasl_plain_password=settings.kafka_sasl_password)
-    if settings.kafka_ssl_cafile is not None:
-        client["ssl_cafile"] = str(settings.kafka_ssl_cafile)
-    return client
-
-
-def kafka_client_keys(config: dict[str, Any]) -> list[str]:
-    """The keys of a kafka-python client's `config` that `kafka_client` sets (to open another
-    client to the same broker, the same way)."""
-    return [key for key in ("bootstrap_servers", "security_protocol", "sasl_mechanism", "sasl_plain_username",
-                            "sasl_plain_password", "ssl_cafile") if config.get(key) is not None]
-
-
-def open_producer(client: dict[str, Any]) -> KafkaProducer:
-    """An idempotent producer that waits for every in-sync replica (`client`: `kafka_client`)."""
-    return KafkaProducer(**client, acks="all", enable_idempotence=True)
-
-
-def publish(
-    producer: KafkaProducer, topic: str, event: CloudEvent, *, key: bytes, timeout: float = 30.0
-) -> None:
-    """Send `event` to `topic` and wait for the broker's acknowledgement.
-
-    `key` must never be derived from a subject identifier (keys are visible to every operator).
-    """
-    value, headers = encode(event)
-    producer.send(topic, value=value, key=key, headers=headers).get(timeout=timeout)
 
 
 def _check_content_type(headers: list[tuple[str, bytes]]) -> None:

@@ -37,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, Field
 
-from worker import events, signing
+from worker import events, kafka_clients, policy, signing
 from worker.config import Settings
 from worker.serving import Announcement, ServedModel
 
@@ -67,16 +67,16 @@ class VersionFollower(threading.Thread):
                 self._follow()
             except KafkaError as exc:
                 log.warning("cannot read %s (%s); retrying", self.settings.topic_versions, exc.__class__.__name__)
-                self._stop.wait(2)
+                self._stop.wait(policy.SERVE_FOLLOW_RETRY_S)
             except Exception:  # noqa: BLE001 - the thread must outlive any one failure, or serving freezes
                 log.exception("following %s failed; starting over", self.settings.topic_versions)
-                self._stop.wait(2)
+                self._stop.wait(policy.SERVE_FOLLOW_RETRY_S)
 
     def _follow(self) -> None:
         # no consumer group: every server replica reads every event
-        consumer = KafkaConsumer(**events.kafka_client(self.settings), group_id=None,
+        consumer = KafkaConsumer(**kafka_clients.kafka_client(self.settings), group_id=None,
                                  enable_auto_commit=False, auto_offset_reset="earliest",
-                                 fetch_max_wait_ms=events.FETCH_MAX_WAIT_MS)
+                                 fetch_max_wait_ms=kafka_clients.FETCH_MAX_WAIT_MS)
         try:
             partitions = self._partitions(consumer)
             if not partitions:
@@ -108,7 +108,7 @@ class VersionFollower(threading.Thread):
             if found:
                 return [TopicPartition(topic, p) for p in sorted(found)]
             log.info("waiting for topic %s to exist", topic)
-            self._stop.wait(1)
+            self._stop.wait(policy.SERVE_TOPIC_WAIT_S)
         return []
 
     def _announce(self, batch: dict) -> bool:

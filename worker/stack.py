@@ -366,11 +366,11 @@ def create_topics(settings: Settings) -> list[str]:
     import kafka.errors
     from kafka.admin import KafkaAdminClient
 
-    from worker import events
+    from worker import kafka_clients
 
     names = [settings.topic_requests, settings.topic_dlq, settings.topic_versions, settings.topic_receipts]
     try:
-        admin = KafkaAdminClient(**events.kafka_client(settings), client_id="unlearn-stack")
+        admin = KafkaAdminClient(**kafka_clients.kafka_client(settings), client_id="unlearn-stack")
         try:
             response = admin.create_topics(
                 {name: {"num_partitions": TOPIC_PARTITIONS, "replication_factor": 1} for name in names},

@@ -33,7 +33,7 @@ import numpy as np
 import psycopg
 from rich.console import Console
 
-from worker import data, events, registry
+from worker import data, events, kafka_clients, registry
 from worker.artifacts import ArtifactStore
 from worker.bench.base import Figure, Progress, new_figure, require_services, save, table
 from worker.config import Settings, get_settings
@@ -156,14 +156,14 @@ Arrivals = dict[str, tuple[float, float | None, float, str]]  # request -> (sent
 
 def _one_at_a_time(settings: Settings, watcher: TopicWatcher, subjects: list[str], progress: Progress,
                    done: int, steps: int, label: str) -> Arrivals:
-    producer = events.open_producer(events.kafka_client(settings))
+    producer = kafka_clients.open_producer(kafka_clients.kafka_client(settings))
     arrivals: Arrivals = {}
     try:
         for subject in subjects:
             progress(done + 1 + len(arrivals), steps, f"{label}: erasure {len(arrivals) + 1}/{len(subjects)}")
             request_id, event = _event(subject)
             sent = time.perf_counter()
-            events.publish(producer, settings.topic_requests, event, key=request_id.encode())
+            kafka_clients.publish(producer, settings.topic_requests, event, key=request_id.encode())
             version_at, receipt_at, status = _arrivals(watcher, request_id)
             arrivals[request_id] = (sent, version_at, receipt_at, status)
     finally:
@@ -179,14 +179,14 @@ def _burst(settings: Settings, watcher: TopicWatcher, subjects: list[str], rate:
     failure: list[BaseException] = []
 
     def publish() -> None:
-        producer = events.open_producer(events.kafka_client(settings))
+        producer = kafka_clients.open_producer(kafka_clients.kafka_client(settings))
         try:
             start = time.perf_counter()
             for i, subject in enumerate(subjects):
                 time.sleep(max(0.0, start + i / rate - time.perf_counter()))
                 request_id, event = _event(subject)
                 sent[request_id] = time.perf_counter()
-                events.publish(producer, settings.topic_requests, event, key=request_id.encode())
+                kafka_clients.publish(producer, settings.topic_requests, event, key=request_id.encode())
         except BaseException as exc:
             failure.append(exc)
         finally:

@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 from rich.console import Console
 
-from worker import data, events, registry
+from worker import data, events, kafka_clients, registry
 from worker.bench.base import Figure, Progress, require_services, table
 from worker.bench.e2e import _arrivals
 from worker.config import Settings, get_settings
@@ -72,7 +72,7 @@ def _passes(settings: Settings, concurrency: int, erasures: list[list[str]]) -> 
     found = []
     with running(settings, Console(quiet=True), (worker, intake_process(settings))):
         watcher = TopicWatcher(settings)
-        producer = events.open_producer(events.kafka_client(settings))
+        producer = kafka_clients.open_producer(kafka_clients.kafka_client(settings))
         try:
             for sample_ids in erasures:
                 before = _retrain_seconds(port)
@@ -81,7 +81,7 @@ def _passes(settings: Settings, concurrency: int, erasures: list[list[str]]) -> 
                     "request_id": request_id, "regulation": "gdpr", "sample_ids": sample_ids,
                     "submitted_at": datetime.now(timezone.utc).isoformat()}, source="urn:bench")
                 sent = time.perf_counter()
-                events.publish(producer, settings.topic_requests, event, key=request_id.encode())
+                kafka_clients.publish(producer, settings.topic_requests, event, key=request_id.encode())
                 version_at, _, status = _arrivals(watcher, request_id)
                 if status != "completed":
                     raise RuntimeError(f"fan-out bench: erasure ended {status}; see {settings.stack_dir / 'demo'}")

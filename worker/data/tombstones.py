@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 
+from worker import policy
 from worker.config import Settings
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,11 @@ def load_key(settings: Settings) -> bytes:
             pass
         finally:
             os.unlink(draft)
-    for _ in range(50):
+    for _ in range(policy.TOMBSTONE_KEY_READS):
         key = path.read_bytes()
         if len(key) >= KEY_BYTES:
             return key
-        time.sleep(0.01)  # a key file written by hand, still being written
+        time.sleep(policy.TOMBSTONE_KEY_READ_PAUSE_S)  # a key file written by hand, still being written
     raise ValueError(f"tombstone key {path} holds {len(key)} bytes; it needs at least {KEY_BYTES}")
 
 

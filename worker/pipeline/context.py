@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from worker import events
+from worker import kafka_clients, policy
 from worker.config import Settings
 from worker.pipeline.outbox import KafkaPublisher, Publisher
 
@@ -35,6 +35,6 @@ def from_settings(settings: Settings) -> Context:
     """PostgreSQL connections with a connect timeout, and Kafka through the outbox publisher."""
     return Context(
         settings=settings,
-        connect=lambda: psycopg.connect(settings.database_url, connect_timeout=10),
-        publisher=KafkaPublisher(events.kafka_client(settings)),
+        connect=lambda: psycopg.connect(settings.database_url, connect_timeout=policy.DB_CONNECT_TIMEOUT_S),
+        publisher=KafkaPublisher(kafka_clients.kafka_client(settings)),
     )

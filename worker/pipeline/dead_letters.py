@@ -20,12 +20,13 @@ from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 
+from worker import policy
+
 log = logging.getLogger(__name__)
 
 # Forwarded whole up to this many bytes (value + headers); Kafka's default limit is 1 MiB.
 MAX_FORWARD_BYTES = 1_000_000
 _RECORD_OVERHEAD = 512  # record framing, our own headers
-_ACK_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class DeadLetters:
     """
 
     def __init__(self, client: dict, topic: str, max_forward_bytes: int = MAX_FORWARD_BYTES):
-        self.client = client  # events.kafka_client
+        self.client = client  # kafka_clients.kafka_client
         self.topic = topic
         self.max_forward_bytes = max_forward_bytes
         self._producer: KafkaProducer | None = None
@@ -54,13 +55,13 @@ class DeadLetters:
         try:
             producer = self._open()
             futures = [self._send(producer, letter, whole=True) for letter in letters]
-            producer.flush(timeout=_ACK_TIMEOUT_S)
+            producer.flush(timeout=policy.KAFKA_ACK_TIMEOUT_S)
             for letter, future in zip(letters, futures):
                 try:
-                    future.get(timeout=_ACK_TIMEOUT_S)
+                    future.get(timeout=policy.KAFKA_ACK_TIMEOUT_S)
                 except (MessageSizeTooLargeError, RecordListTooLargeError):
                     # the broker's limit is lower than ours: the stub still says what was there
-                    self._send(producer, letter, whole=False).get(timeout=_ACK_TIMEOUT_S)
+                    self._send(producer, letter, whole=False).get(timeout=policy.KAFKA_ACK_TIMEOUT_S)
         except KafkaError:
             self.close()
             raise
@@ -71,14 +72,14 @@ class DeadLetters:
     def close(self) -> None:
         if self._producer is not None:
             producer, self._producer = self._producer, None
-            producer.close(timeout=1)
+            producer.close(timeout=policy.DEAD_LETTERS_CLOSE_TIMEOUT_S)
 
     def _open(self) -> KafkaProducer:
         if self._producer is None:
             # not idempotent: after a broker restart its producer id would be unknown and every send
             # refused; a letter sent twice is told apart by its origin headers
             self._producer = KafkaProducer(**self.client, acks="all", linger_ms=5,
-                                           request_timeout_ms=10_000)
+                                           request_timeout_ms=policy.KAFKA_REQUEST_TIMEOUT_MS)
         return self._producer
 
     def _send(self, producer: KafkaProducer, letter: DeadLetter, whole: bool):

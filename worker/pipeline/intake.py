@@ -30,7 +30,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, CorruptRecordError, KafkaError
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential_jitter
 
-from worker import events, policy
+from worker import events, kafka_clients, policy
 from worker.config import Settings
 from worker.pipeline import context, failpoints, ledger, outbox, tasks
 from worker.pipeline.context import Context
@@ -89,16 +89,16 @@ def check(record: ConsumerRecord, allowed_sources: frozenset[str] = frozenset())
 def make_consumer(settings: Settings) -> KafkaConsumer:
     return KafkaConsumer(
         settings.topic_requests,
-        **events.kafka_client(settings),
+        **kafka_clients.kafka_client(settings),
         group_id=settings.consumer_group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         # joins take about half the session timeout on the embedded broker
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1000,
+        session_timeout_ms=policy.INTAKE_SESSION_TIMEOUT_MS,
+        heartbeat_interval_ms=policy.INTAKE_HEARTBEAT_INTERVAL_MS,
         max_poll_records=MAX_POLL_RECORDS,
         max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
-        fetch_max_wait_ms=events.FETCH_MAX_WAIT_MS,
+        fetch_max_wait_ms=kafka_clients.FETCH_MAX_WAIT_MS,
     )
 
 
@@ -107,7 +107,7 @@ def until_available(on_outage: Callable[[RetryCallState], None] | None = None) -
     `policy.INTAKE_BACKOFF_MAX_S`."""
     return Retrying(retry=retry_if_exception(is_outage), reraise=True,
                     wait=wait_exponential_jitter(multiplier=policy.INTAKE_BACKOFF_START_S, max=policy.INTAKE_BACKOFF_MAX_S,
-                                                   jitter=0.5),
+                                                   jitter=policy.INTAKE_BACKOFF_JITTER_S),
                     before_sleep=on_outage or _log_outage)
 
 
@@ -129,8 +129,8 @@ class Database:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self.close()
             # keepalives notice a peer that vanished without closing the socket within ~10 s
-            self._conn = psycopg.connect(self.url, connect_timeout=5, keepalives=1, keepalives_idle=4,
-                                         keepalives_interval=2, keepalives_count=3)
+            self._conn = psycopg.connect(self.url, connect_timeout=policy.INTAKE_DB_CONNECT_TIMEOUT_S,
+                                         **policy.INTAKE_DB_KEEPALIVES)
         return self._conn
 
     def close(self) -> None:
@@ -194,13 +194,13 @@ class Intake:
         assigned partition's next record is read once more on its own to find it."""
         for partition in self.consumer.assignment():
             offset = self.consumer.position(partition)
-            client = {key: self.consumer.config[key] for key in events.kafka_client_keys(self.consumer.config)}
+            client = {key: self.consumer.config[key] for key in kafka_clients.kafka_client_keys(self.consumer.config)}
             probe = KafkaConsumer(**client,
                                   enable_auto_commit=False, max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES)
             try:
                 probe.assign([partition])
                 probe.seek(partition, offset)
-                probe.poll(timeout_ms=2000, max_records=1)
+                probe.poll(timeout_ms=policy.INTAKE_PROBE_TIMEOUT_MS, max_records=1)
                 continue
             except CorruptRecordError as exc:
                 error = f"the Kafka client cannot parse it ({exc.__class__.__name__})"
@@ -264,7 +264,7 @@ class Intake:
             offsets[partition] = max(offsets.get(partition, 0), record.offset + 1)
         try:
             self.consumer.commit({partition: OffsetAndMetadata(offset, "", -1) for partition, offset in offsets.items()},
-                                 timeout_ms=10_000)
+                                 timeout_ms=policy.INTAKE_COMMIT_TIMEOUT_MS)
         except CommitFailedError:
             log.warning("the consumer group rebalanced before this batch's offsets were committed; its records"
                         " will be delivered again and counted as duplicates")
@@ -279,7 +279,8 @@ _REUSED = "request_id is already taken by another event (another source or id)"
 
 
 class Sweeper(threading.Thread):
-    def __init__(self, ctx: Context, interval: float = 15.0, older_than: float = 60.0):
+    def __init__(self, ctx: Context, interval: float = policy.SWEEP_INTERVAL_S,
+                 older_than: float = policy.STUCK_AFTER_S):
         super().__init__(name="ledger-sweeper", daemon=True)
         self.ctx = ctx
         self.interval = interval
@@ -303,7 +304,7 @@ class Companions:
     """The intake's background threads, the outbox relay and the ledger sweeper, restarted when
     one has died (the relay cannot even start while the broker is down)."""
 
-    RESTART_AFTER_S = 5.0
+    RESTART_AFTER_S = policy.COMPANION_RESTART_AFTER_S
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -334,7 +335,7 @@ def run(settings: Settings, max_seconds: float | None = None) -> None:
     companions = Companions(settings)
     companions.check()
     database = Database(settings.database_url)
-    dead_letters = DeadLetters(events.kafka_client(settings), settings.topic_dlq)
+    dead_letters = DeadLetters(kafka_clients.kafka_client(settings), settings.topic_dlq)
     consumer = until_available()(make_consumer, settings)
     intake = Intake(consumer, dead_letters, database, allowed_sources=settings.allowed_source_set)
     try:

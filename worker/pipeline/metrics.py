@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from worker import policy
+
 log = logging.getLogger(__name__)
 
 # from seconds (an S3T deactivation) to days (a queue stuck behind full retrains)
@@ -53,7 +55,7 @@ class LedgerCollector:
             "unlearning_deletion_budget_remaining",
             "Expected deletions before a full retrain is needed.", labels=["model", "method"])
         try:
-            with psycopg.connect(self.database_url, connect_timeout=3) as conn:
+            with psycopg.connect(self.database_url, connect_timeout=policy.METRICS_DB_CONNECT_TIMEOUT_S) as conn:
                 count, age = conn.execute(
                     "SELECT count(*), coalesce(extract(epoch FROM now() - min(received_at)), 0)"
                     " FROM erasure_requests WHERE status IN ('received', 'rows_deleted')"

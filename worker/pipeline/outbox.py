@@ -19,13 +19,12 @@ from typing import Protocol
 import psycopg
 from kafka import KafkaProducer
 
-from worker import events
+from worker import events, policy
 from worker.pipeline.locks import session_lock
 
 log = logging.getLogger(__name__)
 HEADERS = [("content-type", events.CONTENT_TYPE.encode())]
 RELAY_LOCK_KEY = 0x6F7574626F78  # one relay at a time keeps per-key order
-SEND_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -63,15 +62,15 @@ class KafkaPublisher:
     `UnknownProducerIdError` forever."""
 
     def __init__(self, client: dict):
-        self.client = client  # events.kafka_client
+        self.client = client  # kafka_clients.kafka_client
         self._producer: KafkaProducer | None = None
 
     def _open(self) -> KafkaProducer:
         if self._producer is None:
             self._producer = KafkaProducer(
                 **self.client, acks="all", enable_idempotence=True,
-                linger_ms=5, request_timeout_ms=10_000, delivery_timeout_ms=int(SEND_TIMEOUT_S * 1000),
-                max_block_ms=10_000,
+                linger_ms=5, request_timeout_ms=policy.KAFKA_REQUEST_TIMEOUT_MS,
+                delivery_timeout_ms=int(policy.KAFKA_ACK_TIMEOUT_S * 1000), max_block_ms=policy.OUTBOX_MAX_BLOCK_MS,
             )
         return self._producer
 
@@ -80,14 +79,14 @@ class KafkaPublisher:
         try:
             producer = self._open()
             futures = [producer.send(m.topic, key=m.key, value=m.value, headers=m.headers) for m in messages]
-            producer.flush(timeout=SEND_TIMEOUT_S)
+            producer.flush(timeout=policy.KAFKA_ACK_TIMEOUT_S)
         except Exception as exc:
             log.warning("outbox: broker unavailable (%s); will retry", exc.__class__.__name__)
             self.close()
             return [False] * len(messages)
         for future in futures:
             try:
-                future.get(timeout=SEND_TIMEOUT_S)
+                future.get(timeout=policy.KAFKA_ACK_TIMEOUT_S)
                 acked.append(True)
             except Exception as exc:
                 log.warning("outbox: a message was not acknowledged (%s); will retry", exc.__class__.__name__)
@@ -100,7 +99,7 @@ class KafkaPublisher:
         producer, self._producer = self._producer, None
         if producer is not None:
             try:
-                producer.close(timeout=5)
+                producer.close(timeout=policy.OUTBOX_CLOSE_TIMEOUT_S)
             except Exception:  # a broken producer may fail to close; it is dropped either way
                 log.debug("outbox: producer did not close cleanly")
 
@@ -144,7 +143,8 @@ def drain(connect: Callable[[], psycopg.Connection], publisher: Publisher) -> in
 class Relay(threading.Thread):
     """Background relay loop for a long-running process (the intake runs one)."""
 
-    def __init__(self, connect: Callable[[], psycopg.Connection], publisher: Publisher, interval: float = 0.5):
+    def __init__(self, connect: Callable[[], psycopg.Connection], publisher: Publisher,
+                 interval: float = policy.OUTBOX_RELAY_INTERVAL_S):
         super().__init__(name="outbox-relay", daemon=True)
         self.connect = connect
         self.publisher = publisher

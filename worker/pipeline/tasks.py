@@ -40,12 +40,13 @@ app.conf.update(
     broker_url=get_settings().celery_broker,
     # a broker outage pauses the worker, however long it lasts, instead of ending it
     broker_connection_retry_on_startup=True,
-    broker_connection_max_retries=None,
+    broker_connection_max_retries=policy.BROKER_CONNECTION_MAX_RETRIES,
     broker_channel_error_retry=True,
     # sending a task while Redis is down gives up after a few seconds instead of blocking a step;
     # the ledger still holds the work and the sweeper re-sends it
     task_publish_retry_policy=policy.TASK_PUBLISH_RETRY,
-    broker_transport_options={"socket_connect_timeout": 5, "socket_timeout": 30, "retry_on_timeout": True,
+    broker_transport_options={"socket_connect_timeout": policy.BROKER_SOCKET_CONNECT_TIMEOUT_S,
+                              "socket_timeout": policy.BROKER_SOCKET_TIMEOUT_S, "retry_on_timeout": True,
                               "visibility_timeout": policy.BROKER_VISIBILITY_TIMEOUT_S},
     task_acks_late=True,
     task_reject_on_worker_lost=True,
@@ -222,7 +223,7 @@ def dispatch_many(request_ids: list[str]) -> None:
             erase_rows.apply_async((str(request_id),), producer=producer)
 
 
-def redrive(ctx: context.Context, older_than_seconds: float = 60.0) -> int:
+def redrive(ctx: context.Context, older_than_seconds: float = policy.STUCK_AFTER_S) -> int:
     """Finish what a crash or a lost Celery message left behind; returns the requests re-sent.
 
     Purges artifact files queued longer than `older_than_seconds` (the publishing process purges
@@ -234,7 +235,8 @@ def redrive(ctx: context.Context, older_than_seconds: float = 60.0) -> int:
     with ctx.connect() as conn:
         registry.purge_artifacts(conn, settings, queued_before_s=older_than_seconds)
         registry.record_revocations(conn, settings)
-        for model, shard in unlearning.shards_awaiting_retrain(conn, settings, 10 * older_than_seconds):
+        for model, shard in unlearning.shards_awaiting_retrain(conn, settings,
+                                                              policy.SHARD_RETRAIN_RESEND_FACTOR * older_than_seconds):
             retrain_shard.delay(model, shard)
         with conn.transaction():
             stuck = ledger.stuck(conn, older_than_seconds)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from kafka import KafkaConsumer
 
-from worker import events
+from worker import events, kafka_clients
 from worker.config import Settings
 
 
@@ -28,9 +28,9 @@ class TopicWatcher:
         self.settings = settings
         topics = [settings.topic_versions, settings.topic_receipts] + ([settings.topic_dlq] if with_dlq else [])
         self.consumer = KafkaConsumer(
-            *topics, **events.kafka_client(settings), auto_offset_reset="latest",
+            *topics, **kafka_clients.kafka_client(settings), auto_offset_reset="latest",
             group_id=f"watch-{uuid.uuid4().hex[:8]}", session_timeout_ms=6000, heartbeat_interval_ms=1000,
-            fetch_max_wait_ms=events.FETCH_MAX_WAIT_MS,
+            fetch_max_wait_ms=kafka_clients.FETCH_MAX_WAIT_MS,
         )
         self.seen: dict[str, Seen] = {}
         self.dlq: list = []

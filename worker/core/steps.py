@@ -1,0 +1,294 @@
+"""Taking a fit's optimizer steps: the update rule per lane, one network alone, a stack on the device.
+
+In a stack the update rule is written out (torch.optim's AdamW and SGD arithmetic, bit for bit per
+lane) because it needs a learning rate per lane inside one tensor, which `torch.optim` does not
+offer: a few kernels over the whole (G, P) stack, with each lane's scalars at each step computed
+once on the host (`UpdateRule.lane_table`). One network alone steps with torch's fused AdamW kernel
+(`FusedAdamW`) or `torch.optim`'s plain SGD.
+
+On the device. A fit's batch plan (`worker.core.batches.BatchPlan`), rows, labels and update table
+are moved to the device once; the step loop only indexes them there, so it never waits on the
+host. A stack's step (`StackedStep`) reads its step count from the device too: it runs eagerly,
+or, in the runtime's `graph` mode (CUDA), is captured once in a CUDA graph and replayed every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from worker.core import runtime
+from worker.core.batches import BatchPlan
+
+if TYPE_CHECKING:
+    from worker.core.training import Lane, ParameterLayout
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """The optimizer step, per lane. AdamW (decoupled weight decay) or momentum-free SGD, whose
+    step is -lr * gradient of that batch alone (what Amnesiac needs to roll a batch back)."""
+
+    optimizer: str
+    lr: float
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be cosine or constant, not {self.schedule!r}")
+
+    def optimizer_for(self, params: list[nn.Parameter]) -> FusedAdamW | PlainSGD:
+        """The optimizer of a lone network: `zero_grad()`, then `step(lr)` at each step's rate."""
+        if self.optimizer == "sgd":
+            return PlainSGD(params, self.lr)
+        return FusedAdamW(params, self)
+
+    def lane_table(self, totals: Sequence[int], steps: int) -> torch.Tensor:
+        """(T, G, 3) float32: each lane's update scalars at every step of a stack, computed once on
+        the host in Python floats exactly as `torch.optim` computes them (so the device never waits
+        on the host for a learning rate): AdamW's [-lr / (1 - β1^t), 1 - lr * weight decay,
+        √(1 - β2^t)], or SGD's [lr, 1, 1]. A finished (or idle) lane's learning rate is 0."""
+        beta1, beta2 = self.betas
+        rows = []
+        for t in range(steps):
+            rates = [self.rate(t, total) for total in totals]
+            if self.optimizer == "sgd":
+                rows.append([[lr, 1.0, 1.0] for lr in rates])
+                continue
+            # torch.optim.adam._single_tensor_adam, step t + 1: `** 0.5` is not always math.sqrt
+            correction1, correction2 = 1 - beta1 ** (t + 1), 1 - beta2 ** (t + 1)
+            rows.append([[-(lr / correction1), 1 - lr * self.weight_decay, correction2 ** 0.5] for lr in rates])
+        return torch.tensor(rows, dtype=torch.float32).reshape(steps, len(totals), 3)
+
+    def step_lanes(self, flat: torch.Tensor, grad: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor],
+                   scalars: torch.Tensor) -> None:
+        """One update of every lane of a (G, P) stack, a few kernels over the whole stack whatever G;
+        `scalars` (G, 3) is this step's row of `lane_table`. Per lane, bit for bit the arithmetic of
+        `torch.optim.AdamW` (foreach=False, its CPU default) and of momentum-free `torch.optim.SGD`'s
+        `p - lr * g` (`tests/test_training.py` holds the AdamW stack to torch's, lane by lane)."""
+        if self.optimizer == "sgd":
+            flat.sub_(scalars[:, 0:1] * grad)
+            return
+        beta1, beta2 = self.betas
+        exp_avg, exp_avg_sq = moments
+        if self.weight_decay:
+            flat.mul_(scalars[:, 1:2])
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denominator = (exp_avg_sq.sqrt() / scalars[:, 2:3]).add_(self.eps)
+        # addcdiv_(exp_avg, denominator, value=-step size) computes (value * exp_avg) / denominator
+        flat.add_(scalars[:, 0:1] * exp_avg / denominator)
+
+    def rate(self, step: int, total: int) -> float:
+        """Learning rate of step `step` (0-based) of a run of `total` steps; 0 once it is over."""
+        if step >= total:
+            return 0.0
+        if self.schedule == "constant":
+            return self.lr
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+# on_step(epoch, step, row indices, parameters before the step (P,), parameters after it (P,),
+# which the callback may change in place); single-lane training only
+StepHook = Callable[[int, int, np.ndarray, torch.Tensor, torch.Tensor], None]
+
+
+# told of every optimizer step `fit_lanes` takes, alone or stacked (`observing_steps`)
+_step_observers: list[Callable[[], None]] = []
+
+
+@contextmanager
+def observing_steps(observer: Callable[[], None]) -> Iterator[None]:
+    """Call `observer` once for every optimizer step any network takes meanwhile (a stacked step
+    counts once per stack): how a caller can tell that something trained, or did not."""
+    _step_observers.append(observer)
+    try:
+        yield
+    finally:
+        _step_observers.remove(observer)
+
+
+def _stepped() -> None:
+    for observer in _step_observers:
+        observer()
+
+
+class FusedAdamW:
+    """The step of `torch.optim.AdamW(fused=True)` without its per-step bookkeeping (hooks,
+    profiler records, dynamo guards, state lookups), which costs a small network more than the
+    update itself: the same fused kernel (`torch._fused_adamw_`, what AdamW calls) on the same
+    state, so bit for bit the same parameters (`tests/test_training.py` holds it to
+    torch.optim.AdamW), in about 60% of the time per step on a CPU for the networks SISA trains."""
+
+    def __init__(self, params: list[nn.Parameter], rule: UpdateRule):
+        self.params, self.rule = params, rule
+        self.exp_avgs = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sqs = [torch.zeros_like(p) for p in params]
+        # AdamW keeps a fused step count as a float32 scalar tensor beside each parameter
+        self.counts = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        beta1, beta2 = self.rule.betas
+        torch._foreach_add_(self.counts, 1)
+        torch._fused_adamw_(self.params, [p.grad for p in self.params], self.exp_avgs, self.exp_avg_sqs, [],
+                            self.counts, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=self.rule.weight_decay, eps=self.rule.eps, maximize=False,
+                            grad_scale=None, found_inf=None)
+
+
+class PlainSGD:
+    """`torch.optim.SGD` without momentum, stepped at the learning rate of each step."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float):
+        self.optimizer = torch.optim.SGD(params, lr=lr, momentum=0.0)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+
+
+def fit_alone(net: nn.Module, plan: BatchPlan, steps: Iterable[int], schedule: list[tuple[int, int, np.ndarray]],
+              rule: UpdateRule, on_step: StepHook | None, layout: ParameterLayout | None) -> None:
+    """One network, a torch optimizer: a stack of width 1 needs no per-lane learning rate. The
+    learning rate goes to the kernel as an argument (a Python float), not as a copied tensor.
+    `layout` (the network's, given with `on_step`) flattens the parameters the hook sees."""
+    net.to(plan.features.device).train()
+    optimizer = rule.optimizer_for([p for p in net.parameters() if p.requires_grad])
+    for t in steps:
+        rows = plan.index[plan.bounds[t]:plan.bounds[t + 1]]
+        before = layout.flatten(net) if layout is not None else None
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(plan.features[rows]), plan.labels[rows]).backward()
+        optimizer.step(rule.rate(t, len(schedule)))
+        _stepped()
+        if layout is not None:
+            after = layout.flatten(net)
+            epoch, step, batch = schedule[t]
+            on_step(epoch, step, batch, before, after)
+            layout.load(net, after)
+    net.cpu()
+
+
+class StackedStep:
+    """One optimizer step of every lane of a (G, P) stack, with everything it reads and writes on
+    the device: the plan, the update scalars (`UpdateRule.lane_table`) and the step count, which
+    the step itself advances. A call takes no argument and never waits on the host, so the same
+    call runs eagerly or is captured once in a CUDA graph and replayed (`run`)."""
+
+    def __init__(self, model: nn.Module, layout: ParameterLayout, flat: torch.Tensor, frozen: dict[str, torch.Tensor],
+                 plan: BatchPlan, table: torch.Tensor, rule: UpdateRule):
+        self.layout, self.flat, self.frozen, self.plan, self.table, self.rule = layout, flat, frozen, plan, table, rule
+        self.moments = (torch.zeros_like(flat), torch.zeros_like(flat))
+        self.count = torch.zeros(1, dtype=torch.int64, device=flat.device)  # steps taken
+
+        def forward(params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return functional_call(model, {**params, **fixed}, (x,))
+
+        self.batched = vmap(forward)
+
+    def __call__(self) -> None:
+        index = self.plan.index.index_select(0, self.count).squeeze(0)  # (G, B)
+        mask = self.plan.mask.index_select(0, self.count).squeeze(0)
+        # leaves sharing memory with `flat`: gradients per parameter, no (G, P) zeros per slice
+        leaves = {name: view.detach().requires_grad_(True) for name, view in self.layout.views(self.flat).items()}
+        logits = self.batched(leaves, self.frozen, self.plan.features[index])  # (G, B, classes)
+        losses = nn.functional.cross_entropy(logits.flatten(0, 1), self.plan.labels[index].flatten(), reduction="none")
+        lane_loss = (losses.view(mask.shape) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        grads = torch.autograd.grad(lane_loss.sum(), list(leaves.values()))
+        with torch.no_grad():
+            grad = torch.cat([g.reshape(len(self.flat), -1) for g in grads], dim=1)
+            self.rule.step_lanes(self.flat, grad, self.moments, self.table.index_select(0, self.count).squeeze(0))
+            self.count.add_(1)
+
+    def run(self, steps: Iterable[int], graphed: bool) -> None:
+        """Take every step: eagerly, or (`graphed`, CUDA only) by replaying one captured step."""
+        if not graphed:
+            for _ in steps:
+                self()
+                _stepped()
+            return
+        graph = self.captured()
+        for _ in steps:
+            graph.replay()
+            _stepped()
+
+    def captured(self) -> torch.cuda.CUDAGraph:
+        """The step captured in a CUDA graph: a few warm-up steps on a side stream (autograd and
+        the allocator settle), the state put back as it was, then one step captured (capture
+        runs nothing, so the state is still untouched)."""
+        state = [self.flat, *self.moments, self.count]
+        saved = [t.clone() for t in state]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(min(3, self.plan.steps)):
+                self()
+        torch.cuda.current_stream().wait_stream(side)
+        for tensor, before in zip(state, saved):
+            tensor.copy_(before)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self()
+        return graph
+
+
+def fit_stacked(lanes: Sequence[Lane | None], active: list[int], layout: ParameterLayout, plan: BatchPlan,
+                steps: Iterable[int], totals: list[int], rule: UpdateRule) -> None:
+    """G networks as one (G, P) tensor (`layout`: the first active lane's), one vmapped forward per
+    step, the update rule per lane."""
+    device = plan.features.device
+    template = lanes[active[0]].net
+    flat = torch.zeros(len(lanes), layout.size, dtype=torch.float32)
+    for i in active:
+        flat[i] = layout.flatten(lanes[i].net)
+    frozen = {name: t.to(device) for name, t in _frozen_parameters(lanes, template, set(layout.names), active).items()}
+    model = copy.deepcopy(template).to(device).train()
+    step = StackedStep(model, layout, flat.to(device), frozen, plan, rule.lane_table(totals, plan.steps).to(device),
+                       rule)
+    try:
+        step.run(steps, graphed=runtime.current().graphed)
+    except RuntimeError as exc:  # vmap's refusal of a random draw: say what to do about it
+        if "random operation" not in str(exc):
+            raise
+        raise ValueError("the network draws random numbers in training (dropout?), which a stack (torch.func.vmap) "
+                         "refuses: train one network at a time (--option stack=1)") from exc
+    result = step.flat.cpu()
+    for i in active:
+        layout.load(lanes[i].net, result[i])
+
+
+def _frozen_parameters(lanes: Sequence[Lane | None], template: nn.Module, trainable: set[str],
+                       active: list[int]) -> dict[str, torch.Tensor]:
+    """(G, *shape) stacks of every parameter that is not trained (idle lanes borrow the template's)."""
+    names = [name for name, _ in template.named_parameters() if name not in trainable]
+    stacks = {}
+    for name in names:
+        per_lane = [dict(lanes[i].net.named_parameters())[name] if i in active else template.get_parameter(name)
+                    for i in range(len(lanes))]
+        stacks[name] = torch.stack([p.detach() for p in per_lane])
+    return stacks
