@@ -10,9 +10,11 @@ runs in four phases, so no database transaction waits on training or storage:
 3. publish (one short transaction): the model must still serve the version the pass started from
    (compare-and-swap), then the version, its event, the finished requests' receipts and the purge
    queue are written together;
-4. after the commit: the outbox is relayed (a server learns of the new version before its
-   parent's revocation record appears), tainted files are deleted, revocation records written and
-   metrics counted. A crash here is finished later by the sweeper.
+4. after the commit (`publishing.after_commit`): the outbox is relayed (a server learns of the new
+   version before its parent's revocation record appears), tainted files are deleted, revocation
+   records written and metrics counted. A crash here is finished later by the sweeper.
+The method is reached only through the protocols of `worker.core.base`; a shard the deletion left
+serving nothing is reported (`Unlearned.retrain_shards`) and brought back by `recovery`.
 
 Deletions arriving while a pass runs are picked up by the next one (group commit): an unlearning
 task finding the model busy leaves, and the lock holder looks again after releasing the lock.
