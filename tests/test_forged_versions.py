@@ -24,7 +24,7 @@ from worker.artifacts import read_manifest
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
 from worker.demo import running, server_process, wait_for_version
-from worker.pipeline.unlearning import version_event
+from worker.pipeline.publishing import version_event
 from worker.sandbox import free_port, isolated
 
 pytestmark = pytest.mark.services

@@ -12,7 +12,7 @@ from worker import events, registry
 from worker.artifacts import ArtifactStore, read_manifest
 from worker.cli import main
 from worker.core.base import TrainConfig
-from worker.pipeline import unlearning
+from worker.pipeline import ledger, recovery, unlearning
 from worker.pipeline.verify import verify_request
 
 import pipeline_steps as steps
@@ -79,11 +79,11 @@ def test_s3t_deletion_takes_no_gradient_step_and_dead_shard_is_retrained(conn, d
     second = steps.run_passes(ctx, "s3t")
     assert second.retrain_shards == [0]
     # Then retraining the shard brings it back into service
-    version = unlearning.retrain_shard(ctx, "s3t", 0)
+    version = recovery.retrain_shard(ctx, "s3t", 0)
     state = registry.load_state(digits, "s3t", version)
     assert state["shards"][0]["status"] == "serving"
     # And a repeated retrain task does nothing
-    assert unlearning.retrain_shard(ctx, "s3t", 0) is None
+    assert recovery.retrain_shard(ctx, "s3t", 0) is None
 
 
 def s3t_shard_lost(conn, settings, ctx) -> None:
@@ -126,7 +126,7 @@ def test_erasures_are_answered_while_an_s3t_shard_retrains_and_their_rows_stay_o
     monkeypatch.setattr(S3T, "retrain_shard", retrain_while_erasing)
 
     # When the retrained shard is published
-    version = unlearning.retrain_shard(ctx, "s3t", 0)
+    version = recovery.retrain_shard(ctx, "s3t", 0)
 
     # Then the shard served its first adapter after a quick retrain, before the full one
     [quick] = served_before
@@ -153,7 +153,7 @@ def test_erasures_are_answered_while_an_s3t_shard_retrains_and_their_rows_stay_o
     for r in retrains:
         assert not (S3T.files(r.state) - S3T.files(state)) & store.digests()
     # and a repeated retrain task does nothing
-    assert unlearning.retrain_shard(ctx, "s3t", 0) is None
+    assert recovery.retrain_shard(ctx, "s3t", 0) is None
 
 
 def test_an_erasure_left_to_a_retrain_publishing_its_shard_is_answered_before_the_next_retrain(
@@ -184,7 +184,7 @@ def test_an_erasure_left_to_a_retrain_publishing_its_shard_is_answered_before_th
     monkeypatch.setattr(S3T, "retrain_shard", full_retrain_sees)
 
     # When the retrain task brings the shard back
-    unlearning.retrain_shard(ctx, "s3t", 0)
+    recovery.retrain_shard(ctx, "s3t", 0)
 
     # Then that erasure was answered as soon as the lock was released, before the full retrain
     # started (not after it, seconds later)
@@ -205,19 +205,19 @@ def test_a_shard_whose_full_retrain_never_came_is_completed_by_the_sweeper(conn,
 
     monkeypatch.setattr(S3T, "retrain_shard", worker_dies_in_the_full_retrain)
     with pytest.raises(SystemExit):
-        unlearning.retrain_shard(ctx, "s3t", 0)
+        recovery.retrain_shard(ctx, "s3t", 0)
     monkeypatch.setattr(S3T, "retrain_shard", retrain)
     entry = registry.load_state(digits, "s3t", registry.current_version(conn, "s3t").version)["shards"][0]
     assert entry["status"] == "serving" and entry["partial"] and [len(o["layers"]) for o in entry["orders"]] == [1, 0]
 
     # When the sweeper looks for shards owed a retrain, it finds it, and the task it sends
-    assert unlearning.shards_awaiting_retrain(conn, digits, 0) == [("s3t", 0)]
-    version = unlearning.retrain_shard(ctx, "s3t", 0)
+    assert recovery.shards_awaiting_retrain(conn, digits, 0) == [("s3t", 0)]
+    version = recovery.retrain_shard(ctx, "s3t", 0)
 
     # Then the shard is whole again: every order, every layer, nothing owed
     entry = registry.load_state(digits, "s3t", version)["shards"][0]
     assert not entry.get("partial") and [len(o["layers"]) for o in entry["orders"]] == [2, 2]
-    assert unlearning.shards_awaiting_retrain(conn, digits, 0) == []
+    assert recovery.shards_awaiting_retrain(conn, digits, 0) == []
     conn.commit()
 
 
@@ -261,7 +261,7 @@ def test_naming_one_model_never_exempts_another_that_trained_on_the_rows(conn, d
     # When a request names only model "b"
     request_id = steps.request(conn, digits, steps.subjects(conn, 1), models=["b"])
     # Then both models must unlearn, and the request is not complete after "b" alone
-    assert unlearning.pending_models(conn) == ["a", "b"]
+    assert ledger.pending_models(conn) == ["a", "b"]
     steps.run_passes(ctx, "b")
     assert steps.outbox_events(conn, events.ERASURE_COMPLETED) == []
     steps.run_passes(ctx, "a")
@@ -281,7 +281,7 @@ def test_unknown_subject_completes_with_nothing_deleted(conn, digits):
     [receipt] = steps.outbox_events(conn, events.ERASURE_COMPLETED)
     assert receipt["request_id"] == str(request_id)
     assert receipt["rows_deleted"] == 0 and receipt["model_versions"] == []
-    assert unlearning.pending_models(conn) == []
+    assert ledger.pending_models(conn) == []
 
 
 def test_verify_rechecks_a_receipt_and_catches_tampering(conn, digits, ctx):

@@ -138,7 +138,7 @@ def train_cmd(name: str, method: str, dataset: str, seed: int, options: dict, ag
     from worker import registry
     from worker.core import runtime
     from worker.core.base import TrainConfig
-    from worker.pipeline import context, outbox, unlearning
+    from worker.pipeline import context, outbox, publishing
 
     if aggregation is not None:
         options["aggregation"] = aggregation
@@ -155,7 +155,7 @@ def train_cmd(name: str, method: str, dataset: str, seed: int, options: dict, ag
                                  options=options, **{key: value for key, value in hyper.items() if value is not None})
             version = registry.train_model(
                 conn, settings, name, method, dataset, config, progress=track, base_weights=base_weights,
-                announce=lambda conn, version: unlearning.announce(conn, settings, version))
+                announce=lambda conn, version: publishing.announce(conn, settings, version))
     except (ValueError, ImportError) as exc:  # ImportError: NetworkUnavailable
         raise click.ClickException(str(exc)) from None
     ctx = context.from_settings(settings)

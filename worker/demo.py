@@ -32,7 +32,7 @@ from rich.table import Table
 from worker import data, db, events, kafka_clients, registry
 from worker.config import Settings
 from worker.core.base import TrainConfig
-from worker.pipeline import unlearning
+from worker.pipeline import publishing
 from worker.pipeline.watch import TopicWatcher
 from worker.sandbox import free_port
 
@@ -171,7 +171,7 @@ def run(settings: Settings, console: Console, subjects: int = 3) -> None:
         current = registry.current_version(conn, MODEL)
         if current is None:
             current = registry.train_model(conn, settings, MODEL, "sisa", "letter", DEMO_CONFIG, progress=track,
-                                           announce=lambda conn, version: unlearning.announce(conn, settings, version))
+                                           announce=lambda conn, version: publishing.announce(conn, settings, version))
         console.print(f"{MODEL} v{current.version}: holdout accuracy {current.metrics.get('holdout_accuracy', 0):.3f},"
                       f" deletion budget {current.deletion_budget_remaining:.1f}")
         chosen = [s for (s,) in conn.execute(

@@ -43,6 +43,14 @@ class TensorStore(Protocol):
         """Bytes stored under `digest`."""
         ...
 
+    def digests(self) -> set[str]:
+        """Every digest stored (a full retrain tells the model's old files from its new ones)."""
+        ...
+
+    def delete_all(self, digests: Iterable[str]) -> int:
+        """Delete the files filed under `digests` (those absent are skipped); returns how many went."""
+        ...
+
 
 class Progress(Protocol):
     """`rich.progress.track` has this shape; `no_progress` is the silent default."""
@@ -364,3 +372,43 @@ class ShardedRetrain(Protocol[S]):
     def part_from_json(self, data: dict[str, Any]) -> Any: ...
 
     def merge(self, state: S, retrained: Sequence[Any]) -> UnlearnResult[S]: ...
+
+
+@runtime_checkable
+class ShardRecovery(Protocol[S]):
+    """A method whose deletions can leave a shard serving nothing (S3T: every slice order of the
+    shard switched off), brought back by retraining that shard alone, with no lock on the model,
+    and adopting the result into whatever version is current by then (`worker.pipeline.recovery`
+    drives it: first a quick retrain so the shard serves at once, then a full one)."""
+
+    def lost_shards(self, state: S) -> list[int]:
+        """Shards that serve nothing until retrained."""
+        ...
+
+    def partial_shards(self, state: S) -> list[int]:
+        """Shards a quick retrain brought back that are still owed a full one."""
+        ...
+
+    def serves(self, state: S, shard: int) -> tuple[int, ...]:
+        """How much of the shard serves, comparable: a retrain is worth publishing only if more."""
+        ...
+
+    def complete(self, state: S, shard: int) -> bool:
+        """Whether a full retrain would add nothing to the shard."""
+        ...
+
+    def retrain_shard(self, state: S, shard: int, remaining: TrainingSet, public: TrainingSet | None,
+                      store: TensorStore, progress: Progress = no_progress, *, quick: bool = False) -> UnlearnResult[S]:
+        """The shard trained again on `remaining` (`quick`: only as much as makes it serve)."""
+        ...
+
+    def adopt_shard(self, state: S, retrained: UnlearnResult[S], shard: int,
+                    erased_since: Sequence[DeletedSample] = ()) -> UnlearnResult[S]:
+        """Put a shard retrained from an earlier version into `state`, switching off what saw the
+        rows erased since."""
+        ...
+
+    def files(self, state: S) -> set[str]:
+        """Every file `state` refers to (what a discarded retrain wrote is the difference)."""
+        ...
+

@@ -507,6 +507,12 @@ class S3T:
             return Ensemble([AdaptedNet(trunk, AdapterStack([], head))], [1.0], "mean")
         return Ensemble(nets, weights, state["aggregation"])
 
+    # the rest of `ShardRecovery` (worker.core.base): how the pipeline tells a lost or partial shard
+    lost_shards = staticmethod(lost_shards)
+    partial_shards = staticmethod(partial_shards)
+    serves = staticmethod(serves)
+    complete = staticmethod(complete)
+
     @staticmethod
     def files(state: S3TState) -> set[str]:
         """Every file `state` refers to: the base and each layer of each order, served or not."""

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import psycopg
 
 from worker import kafka_clients, policy
+from worker.artifacts import ArtifactStore
 from worker.config import Settings
+from worker.core.base import TensorStore
 from worker.pipeline.outbox import KafkaPublisher, Publisher
 
 Connect = Callable[[], psycopg.Connection]
@@ -29,6 +31,10 @@ class Context:
     # sends one shard task of a fanned-out pass (`worker.pipeline.fanout`) to other workers; None:
     # no one else runs parts, so a pass retrains its shards itself, in one go
     dispatch_part: Callable[[uuid.UUID], None] | None = None
+
+    def model_store(self, model: str) -> TensorStore:
+        """The model's files: the one place the pipeline opens a store (`worker.artifacts`)."""
+        return ArtifactStore(self.settings.artifact_dir, model)
 
 
 def from_settings(settings: Settings) -> Context:

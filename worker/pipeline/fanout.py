@@ -34,9 +34,9 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from worker import registry
-from worker.artifacts import ArtifactStore
 from worker.core import discovery
-from worker.core.base import DeletionPlan, Progress, ShardedRetrain, TrainingSet, UnlearnResult, lineage_sha256
+from worker.core.base import (DeletionPlan, Progress, ShardedRetrain, TensorStore, TrainingSet, UnlearnResult,
+                               lineage_sha256)
 from worker.pipeline import failpoints, rowcache
 from worker.pipeline.context import Context
 from worker.pipeline.failures import FailureCode, is_transient
@@ -68,7 +68,7 @@ def part_lock_key(part_id: uuid.UUID) -> int:
 
 
 def retrain(ctx: Context, conn: psycopg.Connection, base: registry.ModelVersion, method: ShardedRetrain,
-            state: Any, plan: DeletionPlan, remaining: TrainingSet, store: ArtifactStore,
+            state: Any, plan: DeletionPlan, remaining: TrainingSet, store: TensorStore,
             progress: Progress) -> UnlearnResult:
     """The coordinator: the merged result of retraining every shard of `plan`, each a part that
     any worker may run. The caller holds the model's lock and has no transaction open."""
@@ -158,7 +158,7 @@ def run_part(ctx: Context, conn: psycopg.Connection, part_id: uuid.UUID, method:
             state = registry.load_state(ctx.settings, model, version, manifest_sha256)
         rows = _rows(conn, dataset, generation, sample_ids)
         started = time.perf_counter()
-        [retrained] = method.retrain_shards(state, {shard: start}, rows, ArtifactStore(ctx.settings.artifact_dir, model),
+        [retrained] = method.retrain_shards(state, {shard: start}, rows, ctx.model_store(model),
                                             progress or failpoints.progress_hitting("mid_part"))
         with conn.transaction():
             conn.execute("UPDATE pass_parts SET status = 'done', result = %s, finished_at = now()"

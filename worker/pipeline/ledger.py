@@ -219,3 +219,24 @@ def extend_deadline(conn: psycopg.Connection, request_id: uuid.UUID, reason: str
     if row is None:
         raise ValueError(f"request {request_id} was extended already; GDPR allows one extension of two months")
     return row[0]
+
+
+def received_at(conn: psycopg.Connection, request_ids: list[uuid.UUID]) -> dict[uuid.UUID, datetime]:
+    """When each request reached us (the erasure-duration histogram measures from there)."""
+    return dict(conn.execute(
+        "SELECT request_id, received_at FROM erasure_requests WHERE request_id = ANY(%s)", (request_ids,)
+    ).fetchall())
+
+
+def has_pending(conn: psycopg.Connection, model: str) -> bool:
+    """Whether deletions still wait for `model` (ends the read: a pass looks again after its lock)."""
+    found = conn.execute("SELECT 1 FROM pending_unlearning WHERE model = %s LIMIT 1", (model,)).fetchone()
+    conn.commit()
+    return found is not None
+
+
+def pending_models(conn: psycopg.Connection) -> list[str]:
+    """Models owing a pass: deletions pending, or a full retrain asked for (`unlearn retry`)."""
+    return [m for (m,) in conn.execute(
+        "SELECT DISTINCT model FROM pending_unlearning UNION SELECT name FROM models"
+        " WHERE status = 'full_retrain_requested' ORDER BY 1")]

@@ -23,7 +23,7 @@ from celery.signals import task_postrun, task_prerun, worker_process_init, worke
 
 from worker import logs, policy, registry
 from worker.config import get_settings
-from worker.pipeline import context, erasure, failpoints, failures, fanout, ledger, unlearning
+from worker.pipeline import context, erasure, failpoints, failures, fanout, ledger, publishing, recovery, unlearning
 from worker.pipeline.failures import FailureCode
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def erase_rows(self, request_id: str) -> None:
 def _erase_rows(request_id: str) -> None:
     ctx = _context()
     request = uuid.UUID(request_id)
-    if not _delivery(ERASE_ROWS, request_id, lambda: unlearning.fail_request(
+    if not _delivery(ERASE_ROWS, request_id, lambda: publishing.fail_request(
             ctx, request, FailureCode.WORKER_CRASHED, "the worker process died repeatedly while deleting its rows")):
         return
     try:
@@ -109,14 +109,14 @@ def _erase_rows(request_id: str) -> None:
             except Exception as exc:
                 log.error("request %s: rows could not be deleted (%s)", request_id, exc.__class__.__name__)
                 conn.rollback()
-                unlearning.fail_request(ctx, request, FailureCode.ROW_DELETION_FAILED, "its rows could not be deleted")
+                publishing.fail_request(ctx, request, FailureCode.ROW_DELETION_FAILED, "its rows could not be deleted")
                 return
         if outcome is None:
             return
         failpoints.hit("after_rows_deleted")
         if outcome.receipt is not None:
             with ctx.connect() as conn:
-                unlearning.after_commit(ctx, conn, [outcome.receipt])
+                publishing.after_commit(ctx, conn, [outcome.receipt])
         wait = ctx.settings.coalesce_seconds
         for model in outcome.models:
             # an idle model starts at once; a busy one picks these up in its next pass
@@ -158,7 +158,7 @@ def retrain_part(self, part_id: str) -> None:
 @app.task(name=RETRAIN_SHARD, bind=True, **RETRY_POLICY, **policy.time_limits("retrain_shard"))
 def retrain_shard(self, model: str, shard: int) -> None:
     # deletions left to it while it held the model's lock are unlearned as it lets go of the lock
-    unlearning.retrain_shard(_context(), model, shard)
+    recovery.retrain_shard(_context(), model, shard)
 
 
 @worker_process_init.connect
@@ -235,13 +235,13 @@ def redrive(ctx: context.Context, older_than_seconds: float = policy.STUCK_AFTER
     with ctx.connect() as conn:
         registry.purge_artifacts(conn, settings, queued_before_s=older_than_seconds)
         registry.record_revocations(conn, settings)
-        for model, shard in unlearning.shards_awaiting_retrain(conn, settings,
-                                                              policy.SHARD_RETRAIN_RESEND_FACTOR * older_than_seconds):
+        for model, shard in recovery.shards_awaiting_retrain(conn, settings,
+                                                            policy.SHARD_RETRAIN_RESEND_FACTOR * older_than_seconds):
             retrain_shard.delay(model, shard)
         with conn.transaction():
             stuck = ledger.stuck(conn, older_than_seconds)
             ledger.touch(conn, [request_id for request_id, _ in stuck])
-        models = unlearning.pending_models(conn) if stuck else []
+        models = ledger.pending_models(conn) if stuck else []
     for request_id, status in stuck:
         if status == "received":
             erase_rows.delay(str(request_id))
