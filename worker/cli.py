@@ -236,12 +236,13 @@ def _print_states(states) -> None:
 
 
 def _run_stack(action: str):
-    """Run worker.stack.<action> on the configured settings; failures become one clear line."""
-    from worker import stack as local
+    """Run worker.devstack.stack.<action> on the configured settings; failures become one clear line."""
+    from worker.devstack import stack as local
+    from worker.devstack.endpoints import StackError
 
     try:
         return getattr(local, action)(get_settings())
-    except (local.StackError, ValueError) as exc:
+    except (StackError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -436,7 +437,7 @@ def demo_cmd(subjects: int) -> None:
     """The whole story on the local stack: load, train, erase, receipts, new versions, metrics."""
     from rich.console import Console
 
-    from worker import demo
+    from worker.devstack import demo
 
     console = Console()
     demo.run(get_settings(), console if console.is_terminal else Console(width=120), subjects)
