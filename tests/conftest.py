@@ -74,7 +74,7 @@ def s3_endpoint() -> str:
     """A real S3 API on loopback (moto's server: no MinIO binary installs here)."""
     from moto.server import ThreadedMotoServer
 
-    from worker.sandbox import free_port
+    from worker.devstack.sandbox import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -106,9 +106,9 @@ def s3_root(s3_env, monkeypatch) -> str:
 def private_stack(tmp_path_factory):
     """A private tansu, PostgreSQL and Redis on free loopback ports, under the test's own
     directory, torn down after the module. Tests may `kill`, `stop` and `start` each service and
-    `spawn` `unlearn` processes against it (`worker.private_stack.PrivateStack`); the shared
+    `spawn` `unlearn` processes against it (`worker.devstack.private_stack.PrivateStack`); the shared
     services are never touched."""
-    from worker.private_stack import PrivateStack
+    from worker.devstack.private_stack import PrivateStack
 
     with PrivateStack(tmp_path_factory.mktemp("private-stack")) as stack:
         yield stack

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from jsonschema import Draft202012Validator
 
 from worker import events
-from worker.drills import hostile_record_strategy
 from worker.cli import main
 from worker.config import get_settings
+from worker.devstack.drills.hostile import hostile_record_strategy
 
 SOURCE = "urn:test"
 SECRET_SUBJECT = "subject-Zq9-SECRET-4711"

@@ -25,15 +25,15 @@ from rich.console import Console
 
 from worker import registry
 from worker.config import get_settings
-from worker.demo import (
+from worker.devstack.demo import (
     intake_process,
     running,
     server_process,
     wait_for_version,
     worker_process,
 )
+from worker.devstack.sandbox import free_port, isolated
 from worker.pipeline.watch import TopicWatcher
-from worker.sandbox import free_port, isolated
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 

@@ -21,11 +21,11 @@ from worker.config import get_settings
 from worker.core.base import DeletedSample, TrainConfig
 from worker.core.placement import shard_of, slice_of
 from worker.core.sisa import Sisa
-from worker.demo import running
+from worker.devstack.demo import running
+from worker.devstack.sandbox import isolated
 from worker.pipeline import failpoints
 from worker.pipeline.verify import verify_request
 from worker.pipeline.watch import TopicWatcher
-from worker.sandbox import isolated
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.faults]
 

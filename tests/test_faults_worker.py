@@ -21,11 +21,11 @@ from rich.console import Console
 from worker import data, events, registry, serving
 from worker.config import get_settings
 from worker.core.base import TrainConfig
-from worker.demo import intake_process, running, worker_process
+from worker.devstack.demo import intake_process, running, worker_process
+from worker.devstack.sandbox import isolated
 from worker.pipeline import failpoints
 from worker.pipeline.verify import verify_request
 from worker.pipeline.watch import TopicWatcher
-from worker.sandbox import isolated
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.faults]
 

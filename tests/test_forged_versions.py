@@ -23,9 +23,9 @@ from worker import data, events, kafka_clients, registry, signing
 from worker.artifacts import read_manifest
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
-from worker.demo import running, server_process, wait_for_version
+from worker.devstack.demo import running, server_process, wait_for_version
+from worker.devstack.sandbox import free_port, isolated
 from worker.pipeline.publishing import version_event
-from worker.sandbox import free_port, isolated
 
 pytestmark = pytest.mark.services
 

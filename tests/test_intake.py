@@ -21,10 +21,10 @@ from dateutil.relativedelta import relativedelta
 from kafka import KafkaProducer
 
 from worker import events, kafka_clients
-from worker import stack as local_stack
 from worker.config import Settings, get_settings
-from worker.drills import Observer, header, publish, request
-from worker.drills import Record as Published
+from worker.devstack import stack as local_stack
+from worker.devstack.drills.harness import Observer, header, publish, request
+from worker.devstack.drills.harness import Record as Published
 from worker.pipeline import ledger, tasks
 from worker.pipeline.dead_letters import DeadLetters
 from worker.pipeline.intake import Companions, Database, Intake, make_consumer

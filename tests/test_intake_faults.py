@@ -1,15 +1,15 @@
 """Fault drills through a real `unlearn intake` process on a private stack: a thousand hostile
 events, kill -9 mid-batch, a replay of the whole topic, and PostgreSQL and the broker restarted
-under a running intake. The drills (`worker/drills.py`) report what they observed in the broker and
-the database; these tests judge it. `unlearn bench --only reliability` runs the same drills.
+under a running intake. The drills (`worker/devstack/drills/`) report what they observed in the
+broker and the database; these tests judge it. `unlearn bench --only reliability` runs the same drills.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from worker import drills
 from worker.bench import reliability
+from worker.devstack.drills import intake as drills
 
 pytestmark = [pytest.mark.services, pytest.mark.faults, pytest.mark.slow]
 

@@ -75,7 +75,7 @@ def test_a_worker_with_text_logs_says_it_is_ready_and_logs_a_failed_task_with_it
     from celery import Celery
 
     from worker.config import get_settings
-    from worker.sandbox import free_port
+    from worker.devstack.sandbox import free_port
 
     # Given a worker of its own (a Redis database no other test uses), logging text to a file
     broker = get_settings().celery_broker.rsplit("/", 1)[0] + "/13"

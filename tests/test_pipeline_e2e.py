@@ -23,10 +23,10 @@ from rich.console import Console
 from worker import data, events, registry, serving
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
-from worker.demo import running
+from worker.devstack.demo import running
+from worker.devstack.sandbox import isolated
 from worker.pipeline import ledger
 from worker.pipeline.watch import TopicWatcher
-from worker.sandbox import isolated
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 

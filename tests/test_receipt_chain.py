@@ -126,7 +126,7 @@ def test_the_outbox_marks_only_the_acknowledged_prefix_sent(conn, digits, databa
 
 
 def test_the_relay_publishes_to_the_broker_and_marks_rows_after_its_acknowledgement(conn, digits, ctx):
-    from worker.stack import create_topics
+    from worker.devstack.stack import create_topics
 
     # Given a completed erasure whose events are in the outbox, and fresh topics on the real broker
     suffix = uuid.uuid4().hex[:8]

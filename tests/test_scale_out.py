@@ -32,9 +32,9 @@ from worker import data, events, kafka_clients, registry, signing
 from worker.artifacts import manifest_versions, write_revocation
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
-from worker.demo import intake_process, running, server_process, stop, wait_for_version, worker_process
+from worker.devstack.demo import intake_process, running, server_process, stop, wait_for_version, worker_process
+from worker.devstack.sandbox import free_port, isolated
 from worker.pipeline.watch import TopicWatcher
-from worker.sandbox import free_port, isolated
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 

@@ -15,9 +15,9 @@ from rich.console import Console
 
 from worker import data, events
 from worker.config import get_settings
-from worker.demo import running, server_process, wait_for_version
+from worker.devstack.demo import running, server_process, wait_for_version
+from worker.devstack.sandbox import free_port, isolated
 from worker.pipeline.watch import TopicWatcher
-from worker.sandbox import free_port, isolated
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 

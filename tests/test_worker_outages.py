@@ -9,8 +9,8 @@ from dataclasses import asdict
 
 import pytest
 
-from worker import drills
 from worker.bench import reliability
+from worker.devstack.drills import worker as drills
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.faults]
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from worker.cli_data import data
 from worker.cli_keys import key_or_exit, keys
 from worker.config import get_settings
+from worker.devstack.cli import bench_cmd, demo_cmd, erase, stack
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,6 +17,8 @@ def main() -> None:
 
 main.add_command(data)
 main.add_command(keys)
+for development in (erase, stack, demo_cmd, bench_cmd):  # worker.devstack.cli
+    main.add_command(development)
 
 
 @main.command("config")
@@ -173,103 +174,6 @@ def train_cmd(name: str, method: str, dataset: str, seed: int, options: dict, ag
     click.echo(f"  deletion_budget_remaining: {'unknown' if budget is None else f'{budget:g}'}")
     click.echo(f"  manifest: {version.manifest_uri}")
     click.echo(f"  sha256: {version.manifest_sha256}")
-
-
-@main.command("erase")
-@click.option("--subject", "subject_id", help="Data subject whose rows all go.")
-@click.option("--sample", "sample_ids", multiple=True, help="A training row to erase (repeatable).")
-@click.option("--model", "models", multiple=True, help="Only unlearn from this model (repeatable).")
-@click.option("--regulation", default="gdpr", show_default=True, help="gdpr, uk-gdpr, ccpa or lgpd.")
-def erase(
-    subject_id: str | None, sample_ids: tuple[str, ...], models: tuple[str, ...], regulation: str
-) -> None:
-    """Publish a gdpr.erasure.requested.v1 event (an upstream stand-in); print its request id."""
-    import uuid
-    from datetime import datetime, timezone
-
-    from kafka.errors import KafkaError
-
-    from worker import events, kafka_clients
-
-    if subject_id is None and not sample_ids:
-        raise click.UsageError("give --subject ID and/or --sample ID")
-    request_id = str(uuid.uuid4())
-    data: dict[str, object] = {
-        "request_id": request_id,
-        "regulation": regulation,
-        "submitted_at": datetime.now(timezone.utc).isoformat(),
-    }
-    if subject_id is not None:
-        data["subject_id"] = subject_id
-    if sample_ids:
-        data["sample_ids"] = list(dict.fromkeys(sample_ids))
-    if models:
-        data["models"] = list(dict.fromkeys(models))
-    settings = get_settings()
-    try:
-        event = events.build_event(events.ERASURE_REQUESTED, data, source=settings.event_source)
-    except events.InvalidEvent as exc:
-        raise click.UsageError(exc.error) from None
-    try:
-        producer = kafka_clients.open_producer(kafka_clients.kafka_client(settings))
-        try:
-            # keyed by request id: the subject must never appear in a Kafka key
-            kafka_clients.publish(producer, settings.topic_requests, event, key=request_id.encode())
-        finally:
-            producer.close()
-    except KafkaError as exc:
-        raise click.ClickException(f"could not publish to {settings.kafka_bootstrap}: {exc!r}") from None
-    click.echo(request_id)
-
-
-@main.group()
-def stack() -> None:
-    """Local services: reuse what answers at the configured URLs, start the rest on loopback."""
-
-
-def _print_states(states) -> None:
-    rows = [("SERVICE", "URL", "ANSWERING", "PROVIDED BY")]
-    rows += [(s.name, s.url, "yes" if s.answering else "no", s.provider) for s in states]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-
-
-def _run_stack(action: str):
-    """Run worker.stack.<action> on the configured settings; failures become one clear line."""
-    from worker import stack as local
-
-    try:
-        return getattr(local, action)(get_settings())
-    except (local.StackError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
-@stack.command("up")
-def stack_up() -> None:
-    """Start what does not answer (Kafka-compatible broker, PostgreSQL, Redis); migrate; create topics."""
-    report = _run_stack("up")
-    for state in report.services:
-        where = f", log {state.log}" if state.log else ""
-        click.echo(f"{state.name}: {state.action} at {state.url}{where}")
-    database = "created" if report.database_created else "exists"
-    migrations = ", ".join(report.migrations_applied) or "none to apply"
-    click.echo(f"postgres: database {database}; migrations: {migrations}")
-    click.echo(f"kafka: topics created: {', '.join(report.topics_created) or 'none (all exist)'}")
-    _print_states(report.services)
-
-
-@stack.command("down")
-def stack_down() -> None:
-    """Stop the embedded services `stack up` started; external ones are left running."""
-    for state in _run_stack("down"):
-        click.echo(f"{state.name}: {state.action}")
-
-
-@stack.command("status")
-def stack_status() -> None:
-    """Show each service: URL, whether it answers, and whether it is embedded (pid) or external."""
-    _print_states(_run_stack("status"))
 
 
 def _logging():
@@ -430,18 +334,6 @@ def extend_cmd(request_id, reason: str) -> None:
     click.echo(f"{request_id}: due {due:%Y-%m-%d %H:%M} UTC (extended by two months)")
 
 
-@main.command("demo")
-@click.option("--subjects", type=int, default=3, show_default=True, help="How many subjects to erase.")
-def demo_cmd(subjects: int) -> None:
-    """The whole story on the local stack: load, train, erase, receipts, new versions, metrics."""
-    from rich.console import Console
-
-    from worker import demo
-
-    console = Console()
-    demo.run(get_settings(), console if console.is_terminal else Console(width=120), subjects)
-
-
 @main.command("verify")
 @click.option("--request", "request_id", type=click.UUID, required=True, help="The erasure request to re-check.")
 def verify_cmd(request_id) -> None:
@@ -461,41 +353,3 @@ def verify_cmd(request_id) -> None:
         raise SystemExit(1)
 
 
-def _benchmark_names(ctx, param, value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    from worker.bench import selected
-
-    try:
-        return selected([name.strip() for name in value.split(",") if name.strip()])
-    except ValueError as exc:
-        raise click.BadParameter(str(exc).removeprefix("only: ")) from None
-
-
-@main.command("bench")
-@click.option("--quick", is_flag=True, help="Small datasets, few epochs and runs: the suite in well under a minute.")
-@click.option("--only", callback=_benchmark_names,
-              help="Comma-separated subset of sisa,frontier,amnesiac,s3t,budget,arcane,puma,memorising,e2e,fanout,intake,"
-                   "reliability,scale,examples,gpu.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-report"),
-              show_default=True, help="Directory for the JSON files, PNG figures and report.md.")
-def bench_cmd(quick: bool, only: list[str] | None, out: Path) -> None:
-    """The benchmark suite: SISA, Amnesiac, S3T, ARCANE, PUMA, membership inference where models memorise,
-    end-to-end latency, intake throughput, reliability under faults and cost at scale; writes a report with figures."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from worker import bench
-
-    columns = (TextColumn("{task.fields[name]:<10}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-               TimeElapsedColumn(), TextColumn("{task.description}"))
-    with Progress(*columns, console=Console(stderr=True)) as display:
-        tasks = {name: display.add_task("waiting", name=name, total=None, start=False)
-                 for name in bench.selected(only)}
-
-        def progress(name: str, done: float, total: float, note: str) -> None:
-            display.start_task(tasks[name])  # the clock runs from a benchmark's first step
-            display.update(tasks[name], completed=done, total=total, description=note)
-
-        report = bench.run(out, quick=quick, only=only, progress=progress)
-    click.echo(f"wrote {report}")

@@ -29,7 +29,7 @@ class Skipped(Exception):
 
 def require_services(settings: Any, benchmark: str) -> None:
     """`Skipped`, naming each, when Kafka, PostgreSQL or Redis of `settings` does not answer."""
-    from worker import stack as local_stack
+    from worker.devstack import stack as local_stack
 
     silent = [s for s in local_stack.status(settings) if not s.answering]
     if silent:

@@ -38,8 +38,8 @@ from worker.artifacts import ArtifactStore
 from worker.bench.base import Figure, Progress, new_figure, require_services, save, table
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
+from worker.devstack.sandbox import isolated
 from worker.pipeline.watch import TopicWatcher
-from worker.sandbox import isolated
 
 TITLE = "End to end: erasure event → receipt, through Kafka, the intake and a Celery worker"
 REDIS_DB = 14  # the tests use 13; the default broker is 0
@@ -80,7 +80,7 @@ def run_label(run: Run) -> str:
 
 
 def one_run(base: Settings, dataset: str, run: Run, progress: Progress, done: int, steps: int) -> dict:
-    from worker.demo import running  # the demo's intake + worker runner
+    from worker.devstack.demo import running  # the demo's intake + worker runner
 
     label, model = run_label(run), f"bench-{run.method}"
     with (tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp,

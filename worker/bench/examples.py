@@ -43,7 +43,7 @@ from worker.core.s3t import NEEDS_RETRAIN, S3T
 from worker.core.sisa import Sisa
 from worker.data import mapping as mappings
 from worker.data import sources
-from worker.sandbox import fresh_database
+from worker.devstack.sandbox import fresh_database
 
 TITLE = "Your rows, your network: the Adult census and MiniLM with LoRA against the monolith's retrain"
 

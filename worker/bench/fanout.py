@@ -33,8 +33,8 @@ from worker.bench.e2e import _arrivals
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
 from worker.core.placement import shard_of, slice_of
+from worker.devstack.sandbox import isolated
 from worker.pipeline.watch import TopicWatcher
-from worker.sandbox import isolated
 
 TITLE = "Fan-out: a pass over 4 SISA shards with 1 and 2 worker processes"
 REDIS_DB = 9  # its own: the e2e benchmark uses 14, the tests 11 to 13
@@ -65,7 +65,7 @@ def _retrain_seconds(port: int) -> float:
 def _passes(settings: Settings, concurrency: int, erasures: list[list[str]]) -> list[dict[str, float]]:
     """One worker of `concurrency` processes (and the intake) for every erasure, one after the other;
     the first warms the worker's processes (imports, the rows in memory) and is not counted."""
-    from worker.demo import Process, intake_process, running
+    from worker.devstack.demo import Process, intake_process, running
 
     port = settings.worker_metrics_port
     worker = Process("worker", ("worker", "--concurrency", str(concurrency)), f"http://127.0.0.1:{port}/metrics")

@@ -23,9 +23,9 @@ from typing import Any
 
 import psutil
 
-from worker import drills
 from worker.bench.base import Figure, Progress, new_figure, save, table
-from worker.private_stack import PrivateStack
+from worker.devstack.drills import harness as drills
+from worker.devstack.private_stack import PrivateStack
 
 TITLE = "Intake: valid events per second into the ledger, from a backlog"
 TARGET_PER_S = 2000

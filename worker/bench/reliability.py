@@ -1,7 +1,7 @@
 """Reliability of the intake under hostile input and faults, on a private stack.
 
-The fault drills of `worker/drills.py` (the same ones `tests/test_intake_faults.py` judges): a
-flood of hypothesis-generated hostile events with valid ones behind them, kill -9 of `unlearn
+The fault drills of `worker/devstack/drills/` (the same ones `tests/test_intake_faults.py` judges):
+a flood of hypothesis-generated hostile events with valid ones behind them, kill -9 of `unlearn
 intake` at each step of a batch and from outside, a replay of the whole requests topic by a new
 consumer group, and PostgreSQL then the broker taken down under a running intake. The figures are
 what was read back from the broker and the database: cases, kills, replays, lost, duplicated and
@@ -25,10 +25,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from worker import drills
 from worker.bench.base import Figure, Progress, new_figure, save, table
+from worker.devstack.drills import intake as drills
+from worker.devstack.drills import worker as worker_drills
+from worker.devstack.private_stack import PrivateStack
 from worker.pipeline import failpoints
-from worker.private_stack import PrivateStack
 
 TITLE = "Reliability: hostile events, kill -9, replay and outages under a running intake"
 
@@ -66,7 +67,7 @@ def measure(quick: bool, progress: Progress) -> dict[str, Any]:
         progress(4, 6, "started while PostgreSQL and the broker are down")
         reports["cold_start"] = drills.cold_start_drill(stack, down_s=params.broker_down_s)
         progress(5, 6, f"Redis, PostgreSQL, the broker each down {params.worker_down_s:g} s under a worker")
-        reports["worker_outage"] = drills.worker_outage_drill(stack, down_s=params.worker_down_s)
+        reports["worker_outage"] = worker_drills.worker_outage_drill(stack, down_s=params.worker_down_s)
         progress(6, 6, "done")
     return as_result(reports)
 

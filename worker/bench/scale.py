@@ -42,8 +42,8 @@ from worker import data, registry
 from worker.bench.base import Figure, Progress, Skipped, new_figure, save, table, timed
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
+from worker.devstack.sandbox import fresh_database
 from worker.pipeline import erasure, ledger, unlearning
-from worker.sandbox import fresh_database
 
 TITLE = "Scale: per-erasure database cost and storage at 10^4, 10^5 and 10^6 rows"
 SISA = TrainConfig(shards=10, slices=5, epochs=1, hidden=(8,))

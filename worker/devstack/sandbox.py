@@ -21,8 +21,8 @@ import psycopg
 import redis
 
 from worker import db
-from worker import stack as local_stack
 from worker.config import Settings, get_settings
+from worker.devstack import stack as local_stack
 
 
 def free_port() -> int:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import psutil
 
-from worker import stack as local_stack
 from worker.config import Settings
-from worker.sandbox import free_port
+from worker.devstack import stack as local_stack
+from worker.devstack.sandbox import free_port
 
 SERVICES = ("kafka", "postgres", "redis")
 
