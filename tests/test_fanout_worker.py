@@ -19,8 +19,8 @@ from worker import data, events, registry
 from worker.artifacts import ArtifactStore
 from worker.config import get_settings
 from worker.core.base import DeletedSample, TrainConfig
-from worker.core.placement import shard_of, slice_of
-from worker.core.sisa import Sisa
+from worker.core.sharding import shard_of, slice_of
+from worker.core.methods.sisa import Sisa
 from worker.demo import running
 from worker.pipeline import failpoints
 from worker.pipeline.verify import verify_request

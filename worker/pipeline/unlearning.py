@@ -40,7 +40,7 @@ import psycopg
 from worker import data, events, policy, registry, signing
 from worker.artifacts import ArtifactStore
 from worker.config import Settings
-from worker.core import discovery, s3t
+from worker.core.methods import method_for, s3t
 from worker.core.base import DeletedSample, RememberingPredictor, TrainingSet, UnlearnResult
 from worker.pipeline import failpoints, fanout, ledger, outbox, receipts, rowcache
 from worker.pipeline.context import Context
@@ -225,7 +225,7 @@ def _compute(ctx: Context, conn: psycopg.Connection, snapshot: Snapshot):
     """Plan and apply the deletion (or retrain from scratch) and stage the new version; a plan
     over several shards is fanned out to other workers (`fanout`) when the method allows it."""
     settings, model, current = ctx.settings, snapshot.model, snapshot.current
-    method = discovery.method_for(current.method)()
+    method = method_for(current.method)()
     store = ArtifactStore(settings.artifact_dir, model)
     full = snapshot.status == "full_retrain_requested"
     if full:
@@ -500,7 +500,7 @@ def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard
             rows = rowcache.read(conn, dataset, "train", generation)
             public = rowcache.read(conn, dataset, "public", generation)
             conn.commit()
-            method = discovery.method_for(current.method)()
+            method = method_for(current.method)()
             started = time.perf_counter()
             result = method.retrain_shard(state, shard, rows, public, store, _progress_with_failpoint, quick=quick)
             written, seconds = result.state, time.perf_counter() - started
