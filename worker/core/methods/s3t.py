@@ -19,7 +19,7 @@ adapter layer); the training of the adapters, stacked or as LoRA inside a pretra
 runs at the training's stack width, so it equals a from-scratch run of the same model.
 
 Options (`config.options`): `orders` (B, 1..L, default min(3, L)), `deletion_prior` (L per-slice
-probabilities: BMS), `rank` (adapter rank, default 16), `base_epochs` (see `base_epochs`),
+probabilities: BMS), `rank` (adapter rank, default 16), `base_epochs` (see `s3t_state.base_epochs`),
 `aggregation` (`mean`, `vote` or `weighted` by rows, default `mean`), `stack`, `epochs_per_slice`,
 `lora_targets` (module names), `lora_alpha` (LoRA's alpha, default the rank: updates scaled by 1).
 """
@@ -332,7 +332,7 @@ class S3T:
                               scaling=scaling_of(state), schema=networks.schema_from_json(state.get("schema")))
         return freeze(load_tensors(base, store.get(state["base"]["sha256"])))
 
-    # LoRA inside the network (option lora_targets): see the module docstring
+    # LoRA inside the network (option lora_targets): see worker.core.s3t_adapters
 
     def _train_lora(self, data: TrainingSet, config: TrainConfig, store: TensorStore,
                     progress: Progress) -> TrainResult[S3TState]:
