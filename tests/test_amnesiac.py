@@ -11,16 +11,10 @@ import torch
 from sklearn.datasets import load_digits
 
 from worker.artifacts import ArtifactStore
-from worker.core.amnesiac import (
-    DEFAULT_MAX_REVERT_FRACTION,
-    Amnesiac,
-    decode_update,
-    encode_update,
-    step_key,
-    storage,
-)
+from worker.core.methods.amnesiac import DEFAULT_MAX_REVERT_FRACTION, Amnesiac, step_key, storage
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet, TrainResult
 from worker.core.steps import UpdateRule
+from worker.core.updates import decode_update, encode_update
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,10 @@ import torch
 from sklearn.datasets import load_digits
 
 from worker.artifacts import ArtifactStore
-from worker.core.arcane import Arcane, class_rows, component_name, entropy_scores
+from worker.core.methods.arcane import Arcane, class_rows, component_name, entropy_scores
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet
 from worker.core.networks import build
-from worker.core.placement import slice_of
-from worker.core.sisa import expected_deletions_until_full_retrain
+from worker.core.sharding import expected_deletions_until_full_retrain, slice_of
 
 CONFIG = TrainConfig(hidden=(32,), epochs=2, batch_size=32, lr=0.05, seed=5, slices=3)
 

@@ -21,7 +21,7 @@ import pipeline_steps
 from worker import data, registry
 from worker.artifacts import ArtifactStore, read_manifest
 from worker.cli import main
-from worker.core import discovery
+from worker.core import methods
 from worker.config import Settings, get_settings
 from worker.core.base import FeatureSchema, TrainConfig
 from worker.data import mapping, sources, tombstones
@@ -304,7 +304,7 @@ def test_rows_appended_after_training_stay_out_of_the_model_and_unlearning_is_st
     public = data.read_training_set(conn, "team", "public", generation=0)
     conn.commit()
     assert not any(s.startswith("b-") for s in remaining.sample_ids)
-    scratch = discovery.method_for("sisa")().train(remaining, config, ArtifactStore(tmp_path / "scratch", "x"),
+    scratch = methods.method_for("sisa")().train(remaining, config, ArtifactStore(tmp_path / "scratch", "x"),
                                                  public=public)
     current = registry.current_version(conn, "team-sisa")
     manifest = read_manifest(settings.artifact_dir, "team-sisa", 2, current.manifest_sha256)

@@ -13,7 +13,7 @@ import pipeline_steps
 from worker import data, registry
 from worker.artifacts import ArtifactStore, read_manifest
 from worker.cli import main
-from worker.core import discovery
+from worker.core import methods
 from worker.config import get_settings
 from worker.core.base import TrainConfig
 from worker.data import register
@@ -157,7 +157,7 @@ def test_rows_added_to_a_registered_table_in_a_later_batch_stay_out_of_a_model_t
     remaining = data.read_training_set(conn, "team", "train", generation=0)
     public = data.read_training_set(conn, "team", "public", generation=0)
     conn.commit()
-    scratch = discovery.method_for("sisa")().train(remaining, config, ArtifactStore(tmp_path / "s", "x"), public=public)
+    scratch = methods.method_for("sisa")().train(remaining, config, ArtifactStore(tmp_path / "s", "x"), public=public)
     current = registry.current_version(conn, "team-sisa")
     manifest = read_manifest(settings.artifact_dir, "team-sisa", 2, current.manifest_sha256)
     assert [c["sha256"] for c in manifest["components"]] == [c.sha256 for c in scratch.components]

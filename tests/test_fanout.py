@@ -18,7 +18,7 @@ import pytest
 import pipeline_steps as steps
 from worker import registry
 from worker.core.base import TrainConfig, lineage_sha256
-from worker.core.placement import shard_of
+from worker.core.sharding import shard_of
 from worker.pipeline import fanout, unlearning
 from worker.pipeline.failures import FailureCode
 

@@ -10,7 +10,7 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
-from worker.core.amnesiac import NetPredictor
+from worker.core.aggregate import NetPredictor
 from worker.core.base import RememberingPredictor, TrainConfig, TrainingSet
 from worker.core.mia import (
     advantage_at,

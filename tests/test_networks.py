@@ -25,14 +25,14 @@ from worker.artifacts import ArtifactStore, read_manifest
 from worker.cli import main
 from worker.config import get_settings
 from worker.core import networks, nets
-from worker.core.amnesiac import Amnesiac
-from worker.core.arcane import Arcane
+from worker.core.methods.amnesiac import Amnesiac
+from worker.core.methods.arcane import Arcane
 from worker.core.base import DeletedSample, FeatureSchema, TrainConfig, TrainingSet
 from worker.core.nets import FeatureScaling, derive_seed
-from worker.core.placement import shard_of, slice_of
-from worker.core.puma import Puma
-from worker.core.s3t import S3T
-from worker.core.sisa import Sisa
+from worker.core.sharding import shard_of, slice_of
+from worker.core.methods.puma import Puma
+from worker.core.methods.s3t import S3T
+from worker.core.methods.sisa import Sisa
 from worker.serving import NetworkUnavailable, load_version
 
 TEAM_PACKAGE = Path(__file__).parent / "team_package" / "teamnet"

@@ -15,7 +15,8 @@ from worker.artifacts import ArtifactStore
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet
 from worker.core.mia import sample_losses
 from worker.core.networks import build
-from worker.core.puma import Puma, factors_from_tensors, layer_factors, linear_layers
+from worker.core.influence import factors_from_tensors, layer_factors, linear_layers
+from worker.core.methods.puma import Puma
 
 CONFIG = TrainConfig(hidden=(128,), epochs=60, batch_size=32, seed=3,
                      options={"max_removed_fraction": 0.05})

@@ -9,10 +9,10 @@ import pytest
 
 from worker import data, registry
 from worker.artifacts import ArtifactIntegrityError, ArtifactStore, manifest_uri, open_root, read_manifest, sha256_bytes
-from worker.core import discovery
+from worker.core import methods
 from worker.config import get_settings
 from worker.core.base import DeletedSample, TrainConfig
-from worker.core.placement import place, shard_of, slice_of
+from worker.core.sharding import place, shard_of, slice_of
 from worker.serving import VersionRevoked, load_version
 
 pytestmark = pytest.mark.services
@@ -100,7 +100,7 @@ def test_publishing_an_unlearned_version(conn, trained):
     conn.commit()
 
     # When SISA unlearns them and the result is published
-    method = discovery.method_for(trained.method)()
+    method = methods.method_for(trained.method)()
     state = registry.load_state(settings, "digits-sisa", 1, trained.manifest_sha256)
     store = ArtifactStore(settings.artifact_dir, "digits-sisa")
     plan = method.plan(state, [DeletedSample(s, shard, slice_) for s, shard, slice_ in erased])

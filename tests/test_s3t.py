@@ -16,19 +16,9 @@ from sklearn.datasets import load_digits
 from worker.artifacts import ArtifactStore
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet, lineage_sha256
 from worker.core.deletion_sim import paper_rate, simulate
-from worker.core.placement import shard_of, slice_of
-from worker.core.s3t import (
-    BASE_STEPS,
-    S3T,
-    base_epochs,
-    bms_orders,
-    complete,
-    cyclic_orders,
-    lost_shards,
-    orders_for,
-    partial_shards,
-    serves,
-)
+from worker.core.sharding import cyclic_orders, shard_of, slice_of
+from worker.core.methods.s3t import S3T, complete, lost_shards, partial_shards, serves
+from worker.core.s3t_state import BASE_STEPS, base_epochs, bms_orders, orders_for
 from worker.core.steps import observing_steps
 
 SHARDS, SLICES, ORDERS = 2, 3, 3

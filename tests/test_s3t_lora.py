@@ -25,8 +25,8 @@ import torch
 from worker.artifacts import ArtifactStore
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet, lineage_sha256
 from worker.core.peft_adapters import LoraNet, LoraSpec, resolve_targets, train_layer
-from worker.core.placement import slice_of
-from worker.core.s3t import S3T, lost_shards
+from worker.core.sharding import slice_of
+from worker.core.methods.s3t import S3T, lost_shards
 from worker.core.steps import observing_steps
 from worker.core.training import predict_proba
 

@@ -14,8 +14,8 @@ from sklearn.datasets import load_digits
 from worker.artifacts import ArtifactStore
 from worker.core import aggregate
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet, lineage_sha256
-from worker.core.placement import shard_of, slice_of
-from worker.core.sisa import DEFAULT_ACCURACY_DROP, Sisa, SliceCheckpoint, expected_deletions_until_full_retrain
+from worker.core.methods.sisa import DEFAULT_ACCURACY_DROP, Sisa
+from worker.core.sharding import SliceCheckpoint, expected_deletions_until_full_retrain, shard_of, slice_of
 
 CONFIG = TrainConfig(hidden=(32,), epochs=5, batch_size=32, lr=1e-2, seed=7, shards=3, slices=4)
 

@@ -97,8 +97,8 @@ def s3t_shard_lost(conn, settings, ctx) -> None:
 @pytest.mark.parametrize("slices_hit", [1, 2], ids=["late-rows-in-one-slice", "late-rows-in-both-slices"])
 def test_erasures_are_answered_while_an_s3t_shard_retrains_and_their_rows_stay_off(conn, digits, ctx, monkeypatch,
                                                                                    slices_hit):
-    from worker.core.placement import shard_of, slice_of
-    from worker.core.s3t import S3T
+    from worker.core.sharding import shard_of, slice_of
+    from worker.core.methods.s3t import S3T
 
     # Given an S3T model whose only shard lost every order
     s3t_shard_lost(conn, digits, ctx)
@@ -158,7 +158,7 @@ def test_erasures_are_answered_while_an_s3t_shard_retrains_and_their_rows_stay_o
 
 def test_an_erasure_left_to_a_retrain_publishing_its_shard_is_answered_before_the_next_retrain(
         conn, digits, ctx, monkeypatch):
-    from worker.core.s3t import S3T
+    from worker.core.methods.s3t import S3T
 
     # Given an S3T model whose only shard lost every order
     s3t_shard_lost(conn, digits, ctx)
@@ -192,7 +192,7 @@ def test_an_erasure_left_to_a_retrain_publishing_its_shard_is_answered_before_th
 
 
 def test_a_shard_whose_full_retrain_never_came_is_completed_by_the_sweeper(conn, digits, ctx, monkeypatch):
-    from worker.core.s3t import S3T
+    from worker.core.methods.s3t import S3T
 
     # Given an S3T shard brought back by a quick retrain, whose full retrain then died
     s3t_shard_lost(conn, digits, ctx)

@@ -77,15 +77,15 @@ def _key_values(ctx, param, values: tuple[str, ...]) -> dict:
 
 
 class MethodChoice(click.Choice):
-    """The methods `worker.core.discovery.method_names` finds in worker/core, listed only when the option
-    is parsed or its help shown: finding them imports torch, which no other verb should wait for."""
+    """The methods `worker.core.methods.method_names` finds in worker/core/methods, listed only when the
+    option is parsed or its help shown: finding them imports torch, which no other verb should wait for."""
 
     def __init__(self) -> None:
         super().__init__([])
 
     @property
     def choices(self):
-        from worker.core.discovery import method_names
+        from worker.core.methods import method_names
 
         return method_names()
 

@@ -36,7 +36,7 @@ from worker.artifacts import (
     write_revocation,
 )
 from worker.config import Settings
-from worker.core.discovery import method_for
+from worker.core.methods import method_for
 from worker.core import networks
 from worker.signing import write_signed_manifest
 from worker.core.base import (

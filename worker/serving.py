@@ -34,7 +34,7 @@ from worker.config import Settings, get_settings
 from worker.core import networks
 from worker.core.base import Predictor
 from worker.core.networks import NetworkUnavailable
-from worker.core.discovery import method_for
+from worker.core.methods import method_for
 from worker.signing import signed_manifest_digest
 
 log = logging.getLogger(__name__)

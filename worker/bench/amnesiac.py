@@ -28,7 +28,7 @@ import numpy as np
 from worker.artifacts import ArtifactStore
 from worker.bench.base import Figure, Progress, accuracy, new_figure, save, table
 from worker.bench.rows import Splits, loaded_splits
-from worker.core.amnesiac import Amnesiac, storage
+from worker.core.methods.amnesiac import Amnesiac, storage
 from worker.core.base import DeletedSample, DeletionPlan, Predictor, TrainConfig, TrainingSet, TrainResult
 from worker.core.mia import membership_evidence
 from worker.core.networks import build

@@ -26,8 +26,8 @@ import numpy as np
 from worker.artifacts import ArtifactStore
 from worker.bench.base import Figure, Progress, accuracy, new_figure, save, table, timed
 from worker.bench.rows import loaded_splits
-from worker.core.amnesiac import NetPredictor
-from worker.core.arcane import Arcane
+from worker.core.aggregate import NetPredictor
+from worker.core.methods.arcane import Arcane
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet
 from worker.core.networks import build
 from worker.core.training import ADAMW, fit

@@ -24,10 +24,10 @@ from worker.artifacts import ArtifactStore
 from worker.bench.amnesiac import deleted_samples
 from worker.bench.base import Figure, Progress, accuracy, new_figure, save, table
 from worker.bench.rows import Splits, loaded_splits
-from worker.core.amnesiac import Amnesiac
+from worker.core.methods.amnesiac import Amnesiac
 from worker.core.base import DeletedSample, TrainConfig
-from worker.core.s3t import NEEDS_RETRAIN, S3T
-from worker.core.sisa import Sisa
+from worker.core.methods.s3t import NEEDS_RETRAIN, S3T
+from worker.core.methods.sisa import Sisa
 
 TITLE = "Deletion budget: the gauge over a run of erasures"
 UNITS = {"sisa": "rows before the accuracy floor", "s3t": "deletions before no shard has a live order",

@@ -133,7 +133,7 @@ def one_run(base: Settings, dataset: str, run: Run, progress: Progress, done: in
 def _last_slice_retrain_seconds(conn: psycopg.Connection, settings: Settings, model: str, dataset: str) -> float:
     """Seconds to retrain one shard's last slice on the trained model, in process: the unit of the
     SISA latency target (the largest single-slice retrain; it rewrites the same files)."""
-    from worker.core.sisa import Sisa
+    from worker.core.methods.sisa import Sisa
 
     current = registry.current_version(conn, model)
     state = registry.load_state(settings, model, current.version, current.manifest_sha256)

@@ -37,10 +37,10 @@ from worker import data
 from worker.artifacts import ArtifactStore
 from worker.bench.base import Figure, Progress, Skipped, accuracy, new_figure, require_services, save, table, timed
 from worker.config import get_settings
-from worker.core.amnesiac import Amnesiac
+from worker.core.methods.amnesiac import Amnesiac
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet
-from worker.core.s3t import NEEDS_RETRAIN, S3T
-from worker.core.sisa import Sisa
+from worker.core.methods.s3t import NEEDS_RETRAIN, S3T
+from worker.core.methods.sisa import Sisa
 from worker.data import mapping as mappings
 from worker.data import sources
 from worker.devstack.sandbox import fresh_database

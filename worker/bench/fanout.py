@@ -32,7 +32,7 @@ from worker.bench.base import Figure, Progress, require_services, table
 from worker.bench.e2e import _arrivals
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
-from worker.core.placement import shard_of, slice_of
+from worker.core.sharding import shard_of, slice_of
 from worker.devstack.sandbox import isolated
 from worker.pipeline.watch import TopicWatcher
 

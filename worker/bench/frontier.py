@@ -31,8 +31,8 @@ from worker.bench.base import Figure, Progress, accuracy, new_figure, save, tabl
 from worker.bench.rows import Splits, loaded_splits
 from worker.core import runtime
 from worker.core.base import DeletedSample, TrainConfig
-from worker.core.s3t import NEEDS_RETRAIN, S3T
-from worker.core.sisa import Sisa
+from worker.core.methods.s3t import NEEDS_RETRAIN, S3T
+from worker.core.methods.sisa import Sisa
 
 TITLE = "Frontier: accuracy against one-row unlearning speed-up over the monolith's retrain"
 

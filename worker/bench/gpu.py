@@ -36,8 +36,8 @@ from worker.bench.base import Figure, Progress, table
 from worker.bench.rows import loaded_splits
 from worker.core import networks, runtime
 from worker.core.base import TrainConfig, TrainingSet
-from worker.core.s3t import S3T
-from worker.core.sisa import Sisa
+from worker.core.methods.s3t import S3T
+from worker.core.methods.sisa import Sisa
 from worker.core.training import ADAMW, Lane, fit_lanes
 
 TITLE = "GPU: training throughput, CPU (one thread) and CUDA side by side"

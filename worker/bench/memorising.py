@@ -33,11 +33,12 @@ from worker.artifacts import ArtifactStore
 from worker.bench.amnesiac import deleted_samples
 from worker.bench.base import Figure, Progress, accuracy, new_figure, save, table
 from worker.bench.rows import loaded_splits
-from worker.core.amnesiac import Amnesiac, NetPredictor
+from worker.core.aggregate import NetPredictor
+from worker.core.methods.amnesiac import Amnesiac
 from worker.core.base import DeletedSample, Predictor, TrainConfig, TrainingSet
 from worker.core.mia import auc_high_score_is_member, erasure_evidence, lira, membership_evidence
 from worker.core.networks import build
-from worker.core.puma import Puma
+from worker.core.methods.puma import Puma
 from worker.core.training import ADAMW, fit
 
 TITLE = "Membership inference in a memorising setting: approximate unlearning vs retrain"

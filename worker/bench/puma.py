@@ -24,7 +24,7 @@ from worker.bench.base import Figure, Progress, accuracy, new_figure, save, tabl
 from worker.bench.rows import Splits, loaded_splits
 from worker.core.base import DeletedSample, DeletionPlan, Predictor, TrainConfig, TrainingSet
 from worker.core.mia import sample_losses
-from worker.core.puma import Puma, PumaState
+from worker.core.methods.puma import Puma, PumaState
 
 TITLE = "PUMA: influence removal vs retrain from scratch"
 SUBJECT_COUNTS = (1, 4, 20)

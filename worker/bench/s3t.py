@@ -35,8 +35,8 @@ from worker.bench.base import Figure, Progress, accuracy, new_figure, save, tabl
 from worker.bench.rows import loaded_splits
 from worker.core.base import DeletedSample, TrainConfig, TrainingSet
 from worker.core.deletion_sim import paper_rate, simulate
-from worker.core.s3t import NEEDS_RETRAIN, S3T
-from worker.core.sisa import Sisa
+from worker.core.methods.s3t import NEEDS_RETRAIN, S3T
+from worker.core.methods.sisa import Sisa
 
 TITLE = "S3T: accuracy, deletions survived, deletion latency"
 CHECKPOINTS = (0, 10, 25, 50)

@@ -30,8 +30,8 @@ from worker.bench.base import Figure, Progress, accuracy, new_figure, save, tabl
 from worker.bench.rows import loaded_splits
 from worker.core.aggregate import RULES
 from worker.core.base import DeletedSample, TrainConfig
-from worker.core.placement import slice_of
-from worker.core.sisa import Sisa
+from worker.core.sharding import slice_of
+from worker.core.methods.sisa import Sisa
 
 TITLE = "SISA: accuracy and single-row unlearning vs full retrain"
 

@@ -1,14 +1,17 @@
-"""Combining the class probabilities of several component models into one prediction.
+"""Networks as `Predictor`s: one network alone (`NetPredictor`), or several component networks
+whose class probabilities are combined into one prediction (`Ensemble`).
 
-Every rule takes the components' posteriors stacked as (m, n, c) — m components, n rows,
-c classes — and returns (n, c) rows that sum to one.
+Every aggregation rule takes the components' posteriors stacked as (m, n, c) — m components,
+n rows, c classes — and returns (n, c) rows that sum to one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from torch import nn
 
 from worker.core.training import predict_proba
 
@@ -73,3 +76,13 @@ class Ensemble:
         probas = np.stack([predict_proba(net, features) for net in self.nets])  # (m, n, c)
         return aggregate(self.rule, probas, self.weights)
 
+
+@dataclass
+class NetPredictor:
+    """A single network as a `Predictor` (Amnesiac's, PUMA's, or any one network)."""
+
+    net: nn.Module
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """(n, *input_shape) float32 -> (n, num_classes) probabilities."""
+        return predict_proba(self.net, features)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker.core.s3t import cyclic_orders
+from worker.core.sharding import cyclic_orders
 
 
 def simulate(orders: Sequence[Sequence[int]], shards: int, *, slice_rows: np.ndarray | None = None,

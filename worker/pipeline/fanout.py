@@ -34,7 +34,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from worker import registry
-from worker.core import discovery
+from worker.core.methods import method_for
 from worker.core.base import (DeletionPlan, Progress, ShardedRetrain, TensorStore, TrainingSet, UnlearnResult,
                                lineage_sha256)
 from worker.pipeline import failpoints, rowcache
@@ -154,7 +154,7 @@ def run_part(ctx: Context, conn: psycopg.Connection, part_id: uuid.UUID, method:
         conn.execute("UPDATE pass_parts SET attempts = attempts + 1 WHERE part_id = %s", (part_id,))
         conn.commit()  # no transaction stays open: the blocks below must commit, not be savepoints
         if method is None:
-            method = discovery.method_for(method_name)()
+            method = method_for(method_name)()
             state = registry.load_state(ctx.settings, model, version, manifest_sha256)
         rows = _rows(conn, dataset, generation, sample_ids)
         started = time.perf_counter()

@@ -17,7 +17,7 @@ import psycopg
 
 from worker import policy, registry
 from worker.config import Settings
-from worker.core import discovery as methods
+from worker.core import methods
 from worker.core.base import DeletedSample, ShardRecovery, TensorStore
 from worker.pipeline import publishing, rowcache, unlearning
 from worker.pipeline.context import Context

@@ -41,7 +41,7 @@ import psycopg
 
 from worker import data, registry
 from worker.config import Settings
-from worker.core import discovery as methods
+from worker.core import methods
 from worker.core.base import DeletedSample, RememberingPredictor, ShardRecovery, TensorStore, TrainingSet, UnlearnResult
 from worker.pipeline import failpoints, fanout, ledger, publishing, receipts, rowcache
 from worker.pipeline.context import Context

@@ -28,7 +28,6 @@ No batch norm: our networks have no running statistics a subtraction could leave
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, NotRequired, TypedDict
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from worker.core import runtime
+from worker.core.aggregate import NetPredictor
 from worker.core.base import (
     BatchRecord,
     Component,
@@ -54,15 +54,12 @@ from worker.core.base import (
 )
 from worker.core import networks
 from worker.core.nets import FeatureScaling, load_tensors, scaling_of, state_tensors
-from worker.core.training import ParameterLayout, Recipe, fit, predict_proba
+from worker.core.training import ParameterLayout, Recipe, fit
+from worker.core.updates import UPDATE_CODECS, UPDATE_DTYPES, decode_update, encode_update
 
 # momentum-free SGD (see above); small nets and batches keep the update log and a subject's
 # share of the steps small
 RECIPE = Recipe("sgd", lr=0.2, epochs=20, hidden=(128, 128), batch_size=64)
-UPDATE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-}
-UPDATE_CODECS = ("none", "zlib")
 # Graves et al. observe that rolling back works while the sensitive batches are a small share of
 # training (about 1% of batches); beyond that accuracy suffers and retraining is the honest answer.
 DEFAULT_MAX_REVERT_FRACTION = 0.01
@@ -115,51 +112,6 @@ class AmnesiacOptions:
         if parsed.finetune_lr is not None and parsed.finetune_lr <= 0:
             raise ValueError("options.finetune_lr must be positive")
         return parsed
-
-
-def encode_update(update: dict[str, torch.Tensor], dtype: str, codec: str) -> dict[str, torch.Tensor]:
-    """Δθ (float32 tensors, on any device) -> the tensors to store, on the CPU: cast to `dtype`,
-    optionally zlib-packed.
-
-    The zlib codec packs all tensors into one uint8 tensor `packed` after a byte shuffle (all
-    first bytes, then all second bytes...), so the slowly varying exponent bytes sit together.
-    """
-    cast = {name: t.detach().to("cpu", UPDATE_DTYPES[dtype]).contiguous() for name, t in update.items()}
-    if codec == "none":
-        return cast
-    flat = torch.cat([t.flatten() for t in cast.values()])
-    width = flat.element_size()
-    raw = flat.view(torch.uint8).numpy().reshape(-1, width).T.tobytes()
-    return {"packed": torch.frombuffer(bytearray(zlib.compress(raw, 6)), dtype=torch.uint8)}
-
-
-def decode_update(stored: dict[str, torch.Tensor], layout: dict[str, list[int]], dtype: str,
-                  codec: str) -> dict[str, torch.Tensor]:
-    """Inverse of `encode_update`, returned as float32 tensors shaped by `layout` (name -> shape)."""
-    if codec == "none":
-        return {name: stored[name].to(torch.float32) for name in layout}
-    torch_dtype = UPDATE_DTYPES[dtype]
-    width = torch.empty((), dtype=torch_dtype).element_size()
-    shuffled = np.frombuffer(zlib.decompress(stored["packed"].numpy().tobytes()), dtype=np.uint8)
-    raw = np.ascontiguousarray(shuffled.reshape(width, -1).T).reshape(-1)
-    flat = torch.from_numpy(raw.copy()).view(torch_dtype)
-    out, start = {}, 0
-    for name, shape in layout.items():
-        count = int(np.prod(shape))
-        out[name] = flat[start:start + count].reshape(shape).to(torch.float32)
-        start += count
-    return out
-
-
-@dataclass
-class NetPredictor:
-    """The single Amnesiac network as a `Predictor`."""
-
-    net: nn.Module
-
-    def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """(n, *input_shape) float32 -> (n, num_classes) probabilities."""
-        return predict_proba(self.net, features)
 
 
 class AmnesiacState(TypedDict):

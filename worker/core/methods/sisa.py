@@ -1,7 +1,7 @@
 """SISA: Sharded, Isolated, Sliced, Aggregated training (Bourtoule et al., IEEE S&P 2021).
 
-Every row goes to one shard and one slice by a hash of its sample id (`placement`), so its place
-never moves when other rows come or go. Each shard trains its own network in stages: stage r
+Every row goes to one shard and one slice by a hash of its sample id (`worker.core.sharding`),
+so its place never moves when other rows come or go. Each shard trains its own network in stages: stage r
 trains on slices 0..r together, starting from the checkpoint of stage r-1, and is checkpointed.
 Erasing a row from slice r of shard k therefore only needs stages r..R-1 of shard k redone on
 the remaining rows, starting from checkpoint r-1, which never saw the row. Every stage's batches
@@ -23,13 +23,11 @@ Budget: rows that can be erased before the model's accuracy is expected to fall 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar, NotRequired, TypedDict
 
 import numpy as np
-from scipy import integrate
 
 from worker.core import runtime
 from worker.core.aggregate import Ensemble, check_rule
@@ -48,19 +46,23 @@ from worker.core.base import (
 )
 from worker.core import networks
 from worker.core.nets import load_tensors, scaling_of, state_tensors
-from worker.core.placement import place, shard_of, slice_of
+from worker.core.sharding import (
+    CheckpointState,
+    ShardRows,
+    SliceCheckpoint,
+    epochs_per_slice,
+    first_changed_slice,
+    place,
+    resolve,
+    shard_of,
+    shard_rows,
+    slice_of,
+    stack_width,
+)
 from worker.core.training import ADAMW, Lane, fit_lanes
 
 # the accuracy floor, unless option accuracy_floor sets one: this far below the trained model
 DEFAULT_ACCURACY_DROP = 0.02
-
-
-class CheckpointState(TypedDict):
-    slice: int
-    sha256: str
-    lineage_sha256: str
-    n_seen: int
-    steps: int
 
 
 class ShardState(TypedDict):
@@ -93,35 +95,6 @@ class SisaState(TypedDict):
 
 
 @dataclass(frozen=True)
-class SliceCheckpoint:
-    """A shard's network after training on its slices 0..slice."""
-
-    slice: int
-    sha256: str  # of the safetensors file in the artifact store
-    lineage_sha256: str  # of the sample ids of slices 0..slice
-    n_seen: int  # rows in slices 0..slice
-    steps: int  # optimizer steps of this stage alone
-
-    def to_json(self) -> CheckpointState:
-        return CheckpointState(**asdict(self))
-
-    @classmethod
-    def from_json(cls, data: CheckpointState) -> SliceCheckpoint:
-        return cls(**data)
-
-
-@dataclass(frozen=True)
-class ShardRows:
-    """The rows of one shard and, for each row, its slice."""
-
-    rows: TrainingSet
-    slices: np.ndarray  # (n,) int64
-
-    def up_to(self, last_slice: int) -> TrainingSet:
-        return self.rows.select(self.slices <= last_slice)
-
-
-@dataclass(frozen=True)
 class RetrainedShard:
     """One shard retrained from slice `start` on: its new checkpoints for slices start..R-1."""
 
@@ -142,79 +115,6 @@ class RetrainedShard:
 
 def component_name(shard: int) -> str:
     return f"shard-{shard}"
-
-
-def resolve(config: TrainConfig, rows: int) -> TrainConfig:
-    """The config with the recipe's defaults (batch size from the rows of one shard)."""
-    return ADAMW.resolve(config, rows / config.shards)
-
-
-def epochs_per_slice(config: TrainConfig) -> int:
-    """Epochs of each stage: option `epochs_per_slice`, else ceil(2E / (R + 1)) (Bourtoule et al.:
-    stage r sees (r+1)/R of the rows, so R stages of that many epochs cost about E epochs)."""
-    default = math.ceil(2 * config.epochs / (config.slices + 1))
-    epochs = config.options.get("epochs_per_slice", default)
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise ValueError(f"option epochs_per_slice must be a positive integer, not {epochs!r}")
-    return epochs
-
-
-def stack_width(config: TrainConfig, lanes: int) -> int:
-    """Option `stack` (lanes trained at once, 1..lanes); default all of them on CUDA, 1 on a CPU,
-    where a stack saves no time (one thread does the lanes' arithmetic one after another)."""
-    default = lanes if runtime.current().device.type == "cuda" else 1
-    width = config.options.get("stack", default)
-    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-        raise ValueError(f"option stack must be a positive integer, not {width!r}")
-    return min(width, lanes)
-
-
-def shard_rows(data: TrainingSet, shards: int, slices: int, wanted: Sequence[int]) -> dict[int, ShardRows]:
-    """The rows of each wanted shard with their slice indices, by hash of the sample id."""
-    shard_index = np.array([shard_of(s, shards) for s in data.sample_ids], dtype=np.int64)
-    out = {}
-    for k in wanted:
-        rows = data.select(shard_index == k)
-        out[k] = ShardRows(rows, np.array([slice_of(s, slices) for s in rows.sample_ids], dtype=np.int64))
-    return out
-
-
-def first_changed_slice(clean: list[SliceCheckpoint], rows: ShardRows, first_tainted: int) -> int:
-    """The slice to retrain a shard from: `first_tainted`, or an earlier slice whose rows in
-    `rows` are not the rows its checkpoint saw (e.g. a row erased after the plan was made).
-
-    Resuming from a checkpoint whose lineage matches the remaining rows is what makes the
-    retrain equal to training from scratch on exactly those rows.
-    """
-    for checkpoint in clean:
-        if lineage_sha256(rows.up_to(checkpoint.slice).sample_ids) != checkpoint.lineage_sha256:
-            return checkpoint.slice
-    return first_tainted
-
-
-def expected_deletions_until_full_retrain(first_slice_shares: Sequence[float]) -> float:
-    """Coupon collector with unequal probabilities.
-
-    Deletions are independent uniform draws over the rows; a draw lands in the first non-empty
-    slice of shard k with probability p_k. The expected number of draws until every shard has
-    been hit there is E = ∫_0^∞ 1 - ∏_k (1 - exp(-p_k t)) dt (Poissonisation: the time until
-    shard k is hit is Exp(p_k), independent across shards, and E[draws] = E[time] at rate 1).
-    """
-    shares = np.asarray([p for p in first_slice_shares if p > 0], dtype=np.float64)
-    if shares.size == 0:
-        return 0.0
-    if shares.sum() > 1 + 1e-9:
-        raise ValueError("first-slice shares must sum to at most 1")
-
-    def not_all_hit(t: float) -> float:
-        with np.errstate(divide="ignore"):  # log(0) = -inf at t = 0 gives the right value, 1
-            return float(-np.expm1(np.sum(np.log1p(-np.exp(-shares * t)))))
-
-    # the integrand is ~1 until the rarest shard is likely hit, then decays like exp(-p_min t)
-    knee = float(np.log(shares.size + 1) / shares.min())
-    head, _ = integrate.quad(not_all_hit, 0.0, knee, limit=200, epsabs=1e-9, epsrel=1e-10)
-    tail, _ = integrate.quad(not_all_hit, knee, math.inf, limit=200, epsabs=1e-9, epsrel=1e-10)
-    return head + tail
 
 
 def rows_at_floor(curve: LearningCurve) -> float:

@@ -60,8 +60,13 @@ from worker.core.base import (
 )
 from worker.core import networks
 from worker.core.nets import load_tensors, state_tensors
-from worker.core.placement import slice_of
-from worker.core.sisa import ShardRows, SliceCheckpoint, expected_deletions_until_full_retrain, first_changed_slice
+from worker.core.sharding import (
+    ShardRows,
+    SliceCheckpoint,
+    expected_deletions_until_full_retrain,
+    first_changed_slice,
+    slice_of,
+)
 from worker.core.stored_rows import rows_from_tensors, rows_to_tensors
 from worker.core.training import Recipe, fit, predict_proba
 
