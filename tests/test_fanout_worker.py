@@ -22,7 +22,7 @@ from worker.core.base import DeletedSample, TrainConfig
 from worker.core.placement import shard_of, slice_of
 from worker.core.sisa import Sisa
 from worker.demo import running
-from worker.pipeline import failpoints
+from worker import failpoints
 from worker.pipeline.verify import verify_request
 from worker.pipeline.watch import TopicWatcher
 from worker.sandbox import isolated

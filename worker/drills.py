@@ -27,7 +27,7 @@ from kafka.errors import KafkaError
 from worker import events
 from worker import stack as local_stack
 from worker.config import Settings
-from worker.pipeline import failpoints
+from worker import failpoints
 from worker.private_stack import Child, PrivateStack
 from worker.sandbox import free_port
 

@@ -52,7 +52,7 @@ from worker.core.base import (
     no_progress,
 )
 from worker.events import rfc3339
-from worker.pipeline import failpoints
+from worker import failpoints
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from worker import drills
 from worker.bench.base import Figure, Progress, new_figure, save, table
-from worker.pipeline import failpoints
+from worker import failpoints
 from worker.private_stack import PrivateStack
 
 TITLE = "Reliability: hostile events, kill -9, replay and outages under a running intake"

@@ -37,7 +37,8 @@ from worker import registry
 from worker.artifacts import ArtifactStore
 from worker.core import discovery
 from worker.core.base import DeletionPlan, Progress, ShardedRetrain, TrainingSet, UnlearnResult, lineage_sha256
-from worker.pipeline import failpoints, rowcache
+from worker import failpoints
+from worker.pipeline import rowcache
 from worker.pipeline.context import Context
 from worker.pipeline.failures import FailureCode, is_transient
 from worker.pipeline.locks import lock_key, session_lock

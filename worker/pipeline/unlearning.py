@@ -42,7 +42,8 @@ from worker.artifacts import ArtifactStore
 from worker.config import Settings
 from worker.core import discovery, s3t
 from worker.core.base import DeletedSample, RememberingPredictor, TrainingSet, UnlearnResult
-from worker.pipeline import failpoints, fanout, ledger, outbox, receipts, rowcache
+from worker import failpoints
+from worker.pipeline import fanout, ledger, outbox, receipts, rowcache
 from worker.pipeline.context import Context
 from worker.pipeline.failures import FailureCode, ModelBusy, is_transient
 from worker.pipeline.locks import lock_key, session_lock
