@@ -19,11 +19,11 @@ from worker import data, events, registry
 from worker.artifacts import ArtifactStore
 from worker.config import get_settings
 from worker.core.base import DeletedSample, TrainConfig
+from worker import failpoints
 from worker.core.sharding import shard_of, slice_of
 from worker.core.methods.sisa import Sisa
 from worker.devstack.demo import running
 from worker.devstack.sandbox import isolated
-from worker.pipeline import failpoints
 from worker.pipeline.verify import verify_request
 from worker.pipeline.watch import TopicWatcher
 

@@ -1,5 +1,5 @@
 """Crash the worker at every named step, for real: a `celery worker` process (prefork) running the
-erasure tasks is killed with SIGKILL at a crash point (`worker.pipeline.failpoints`), Celery
+erasure tasks is killed with SIGKILL at a crash point (`worker.failpoints`), Celery
 redelivers the task to a fresh process, and the intake's sweeper re-drives anything left behind.
 
 Then, whatever was killed where: every request completes exactly once, each model's versions go
@@ -21,9 +21,9 @@ from rich.console import Console
 from worker import data, events, registry, serving
 from worker.config import get_settings
 from worker.core.base import TrainConfig
+from worker import failpoints
 from worker.devstack.demo import intake_process, running, worker_process
 from worker.devstack.sandbox import isolated
-from worker.pipeline import failpoints
 from worker.pipeline.verify import verify_request
 from worker.pipeline.watch import TopicWatcher
 

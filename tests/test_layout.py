@@ -16,8 +16,8 @@ CORE_BENCHMARKS = ("worker.bench", "worker.bench.base", "worker.bench.rows", "wo
                    "worker.bench.frontier", "worker.bench.amnesiac", "worker.bench.s3t", "worker.bench.budget",
                    "worker.bench.arcane", "worker.bench.puma", "worker.bench.memorising", "worker.bench.gpu")
 # what runs in production: none of it may import the development tools
-SERVICE_MODULES = ("worker/pipeline", "worker/core", "worker/data", "worker/db", "worker/registry.py",
-                   "worker/serving.py", "worker/model_server.py", "worker/artifacts.py", "worker/events.py")
+SERVICE_MODULES = ("worker/pipeline", "worker/core", "worker/data", "worker/db", "worker/registry", "worker/serving",
+                   "worker/artifacts.py", "worker/events.py", "worker/kafka_clients.py", "worker/failpoints.py")
 
 
 def test_the_core_benchmarks_import_without_any_service_client(tmp_path):

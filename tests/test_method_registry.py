@@ -63,7 +63,8 @@ def test_serving_finds_methods_without_the_database_driver():
     import subprocess
 
     done = subprocess.run([sys.executable, "-c", "import sys; sys.modules['psycopg'] = None\n"
-                           "import worker.serving, worker.core.methods as d; print(d.method_names())"],
+                           "import worker.serving.loading, worker.serving.served, worker.serving.server\n"
+                           "import worker.core.methods as d; print(d.method_names())"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "'sisa'" in done.stdout

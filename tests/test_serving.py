@@ -28,7 +28,7 @@ from worker.artifacts import (
 from worker.cli import main
 from worker.config import Settings, get_settings
 from worker.core.base import TrainConfig
-from worker.model_server import create_app
+from worker.serving.server import create_app
 from worker.serving import Announcement, ServedModel, VersionRevoked, load_version
 from worker.signing import write_signed_manifest
 

@@ -240,8 +240,8 @@ def worker_cmd(concurrency: int, queues: str) -> None:
               help="HTTP port (default: UNLEARN_SERVE_PORT, 8080).")
 def serve_cmd(name: str, port: int | None) -> None:
     """Serve a model over HTTP, following model.versions; never a revoked version."""
-    from worker import model_server
     from worker.artifacts import NAMESPACE
+    from worker.serving import server
 
     if not NAMESPACE.match(name):
         raise click.BadParameter(f"{name!r} is not a model name", param_hint="--model")
@@ -250,7 +250,7 @@ def serve_cmd(name: str, port: int | None) -> None:
     _logging()
     settings = get_settings()
     key_or_exit(lambda: signing.verifier(settings))
-    model_server.run(settings, name, settings.serve_port if port is None else port)
+    server.run(settings, name, settings.serve_port if port is None else port)
 
 
 @main.command("status")

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from worker.bench.base import Figure, Progress, new_figure, save, table
+from worker import failpoints
 from worker.devstack.drills import intake as drills
 from worker.devstack.drills import worker as worker_drills
 from worker.devstack.private_stack import PrivateStack
-from worker.pipeline import failpoints
 
 TITLE = "Reliability: hostile events, kill -9, replay and outages under a running intake"
 

@@ -34,10 +34,11 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from worker import registry
+from worker import failpoints
 from worker.core.methods import method_for
 from worker.core.base import (DeletionPlan, Progress, ShardedRetrain, TensorStore, TrainingSet, UnlearnResult,
                                lineage_sha256)
-from worker.pipeline import failpoints, rowcache
+from worker.pipeline import rowcache
 from worker.pipeline.context import Context
 from worker.pipeline.failures import FailureCode, is_transient
 from worker.pipeline.locks import lock_key, session_lock

@@ -30,9 +30,9 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, CorruptRecordError, KafkaError
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential_jitter
 
-from worker import events, kafka_clients, policy
+from worker import events, failpoints, kafka_clients, policy
 from worker.config import Settings
-from worker.pipeline import context, failpoints, ledger, outbox, tasks
+from worker.pipeline import context, ledger, outbox, tasks
 from worker.pipeline.context import Context
 from worker.pipeline.dead_letters import DeadLetter, DeadLetters
 from worker.pipeline.metrics import ERASURE_REQUESTS

@@ -21,9 +21,9 @@ from functools import cache
 from celery import Celery
 from celery.signals import task_postrun, task_prerun, worker_process_init, worker_process_shutdown, worker_ready
 
-from worker import logs, policy, registry
+from worker import failpoints, logs, policy, registry
 from worker.config import get_settings
-from worker.pipeline import context, erasure, failpoints, failures, fanout, ledger, publishing, recovery, unlearning
+from worker.pipeline import context, erasure, failures, fanout, ledger, publishing, recovery, unlearning
 from worker.pipeline.failures import FailureCode
 
 log = logging.getLogger(__name__)

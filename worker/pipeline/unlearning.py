@@ -41,9 +41,10 @@ import psycopg
 
 from worker import data, registry
 from worker.config import Settings
+from worker import failpoints
 from worker.core import methods
 from worker.core.base import DeletedSample, RememberingPredictor, ShardRecovery, TensorStore, TrainingSet, UnlearnResult
-from worker.pipeline import failpoints, fanout, ledger, publishing, receipts, rowcache
+from worker.pipeline import fanout, ledger, publishing, receipts, rowcache
 from worker.pipeline.context import Context
 from worker.pipeline.failures import FailureCode, ModelBusy, is_transient
 from worker.pipeline.locks import lock_key, session_lock

@@ -28,7 +28,7 @@ from worker.devstack.drills.harness import (
 from worker.devstack.drills.hostile import hostile_records
 from worker.devstack.private_stack import Child, PrivateStack
 from worker.devstack.sandbox import free_port
-from worker.pipeline import failpoints
+from worker import failpoints
 
 
 @dataclass

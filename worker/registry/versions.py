@@ -1,4 +1,4 @@
-"""Model versions: the adapter between PostgreSQL, the artifact store and any unlearning method.
+"""Model versions: the records of a model's versions, and how a new one is staged and committed.
 
 Publishing a version has two halves, so no database transaction waits on training or on storage:
 - `stage_version` (no transaction): computes the version's figures and writes its manifest to
@@ -8,13 +8,16 @@ Publishing a version has two halves, so no database transaction waits on trainin
   the parent the work started from (compare-and-swap), then records the version, revokes the
   parent, queues the tainted files for purging and rewrites placement and batch log.
 A manifest staged by a pass that then loses the race is never referenced and is overwritten by
-the next pass. `train_model` publishes version 1 the same way.
+the next pass. `worker.registry.training.train_model` publishes version 1 the same way.
+
+Also here: the reads of what a model is (its current version, a version's method state, its
+training configuration, its dataset and generation). The placement and batch-log rows a commit
+rewrites are written by `worker.registry.placements`.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -23,53 +26,31 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from safetensors.torch import load as load_safetensors
-
-from worker import data, policy
-from worker.data import rowsource
-from worker.artifacts import (
-    NAMESPACE,
-    ArtifactStore,
-    read_manifest,
-    read_uri,
-    sha256_bytes,
-    write_revocation,
-)
+from worker import data
+from worker.artifacts import ArtifactStore, read_manifest
 from worker.config import Settings
 from worker.core.methods import method_for
 from worker.core import networks
-from worker.signing import write_signed_manifest
 from worker.core.base import (
     BatchRecord,
     Placement,
     Predictor,
-    Progress,
     TrainConfig,
     TrainingSet,
     UnlearningMethod,
     UnlearnResult,
-    lineage_sha256,
-    no_progress,
 )
+from worker.data import rowsource
 from worker.events import rfc3339
-from worker.pipeline import failpoints
-
-log = logging.getLogger(__name__)
+from worker.registry.placements import copy_batches, write_placements
+from worker.signing import write_signed_manifest
 
 # the code of a marker version whose model has no training rows left (`stage_withdrawal`)
 EMPTIED = "no_rows_left"
 
 
-class ModelExists(ValueError):
-    """A model of that name was already trained; names are never reused."""
-
-
 class StaleVersion(RuntimeError):
     """The version an unlearning started from is no longer the model's current one."""
-
-
-class RowsErasedDuringTraining(RuntimeError):
-    """Training rows were erased while a model trained on them; it must train again."""
 
 
 @dataclass(frozen=True)
@@ -103,107 +84,6 @@ class StagedVersion:
     replace_batch_log: bool = False  # a full retrain: the whole batch log is new
 
 
-def train_model(conn: psycopg.Connection, settings: Settings, name: str, method: str, dataset: str,
-                config: TrainConfig, progress: Progress = no_progress,
-                base_weights: str | None = None,
-                announce: Callable[[psycopg.Connection, ModelVersion], None] | None = None) -> ModelVersion:
-    """Train `method` on the dataset's training rows and publish version 1 of model `name`.
-
-    `base_weights`: a safetensors file (local path, `file://` or `s3://` URI) of pretrained weights
-    that never saw erasable rows. It is read and checked here, filed in the model's store, and its
-    digest set as `config.base_weights`, so every retrain and every model server loads it verified
-    from the store. The method checks its keys against the network when it builds one.
-
-    Training runs outside any transaction; the model, its placement, batch log and version are
-    then written in one, which first locks the rows it trained on: a row erased meanwhile means
-    training again (an erasure that committed first would otherwise leave the new model holding
-    it unnoticed, and one that comes later waits for the lock and then sees the placement).
-    Refuses a name that is already taken, before and after training. `announce(conn, version)`
-    runs inside that transaction too (the pipeline's: version 1's event into the outbox).
-    """
-    if not NAMESPACE.match(name):
-        raise ValueError(f"model name {name!r} must be 1-128 letters, digits, '.', '_' or '-', starting alphanumeric")
-    implementation = method_for(method)()
-    source = None
-    if base_weights is not None:
-        config, source = _file_base_weights(config, base_weights, ArtifactStore(settings.artifact_dir, name))
-    for attempt in range(1, policy.TRAIN_ATTEMPTS + 1):
-        with conn.transaction():
-            if conn.execute("SELECT 1 FROM models WHERE name = %s", (name,)).fetchone():
-                raise ModelExists(f"model {name!r} already exists; choose another name")
-            # the dataset's rows as of now: rows imported later never enter this model, retrains included
-            generation = data.spec(conn, dataset).generation
-            rows = data.read_training_set(conn, dataset, "train", generation)
-            public = data.read_training_set(conn, dataset, "public", generation)
-            holdout = data.read_training_set(conn, dataset, "holdout", generation)
-        if len(rows) == 0:
-            raise ValueError(f"dataset {dataset!r} has no training rows left in PostgreSQL")
-        store = ArtifactStore(settings.artifact_dir, name)
-        result = implementation.train(rows, config, store, progress, public if len(public) else None)
-        unlearned = UnlearnResult(
-            state=result.state, components=result.components,
-            components_changed=[c.name for c in result.components], verification={},
-            placements=result.placements, batches=result.batches,
-        )
-        lineage = {
-            "dataset": dataset, "split": "train", "train_rows": len(rows),
-            "train_lineage_sha256": lineage_sha256(rows.sample_ids), "public_rows": len(public),
-            "seed": config.seed, "data_generation": generation,
-        }
-        if source is not None:
-            lineage["base_weights"] = source
-        staged = _stage(conn, settings, implementation, model=name, dataset=dataset, parent=None,
-                        result=unlearned, lineage=lineage, request_ids=[], holdout=holdout,
-                        extra_metrics={**result.metrics, "train_rows": float(len(rows))})
-        try:
-            with conn.transaction():
-                try:
-                    conn.execute(
-                        "INSERT INTO models (name, method, dataset, seed, options, data_generation)"
-                        " VALUES (%s, %s, %s, %s, %s, %s)",
-                        (name, method, dataset, config.seed, Jsonb(config.to_json()), generation),
-                    )
-                except psycopg.errors.UniqueViolation:
-                    raise ModelExists(f"model {name!r} already exists; choose another name") from None
-                _lock_rows_still_there(conn, dataset, rows.sample_ids)
-                version = commit_version(conn, replace(staged, placements=result.placements, placement_shards=None,
-                                                       batches=result.batches, replace_batch_log=True))
-                if announce is not None:
-                    announce(conn, version)
-                return version
-        except RowsErasedDuringTraining:
-            log.warning("model %s: training rows were erased while it trained; training again (%d/%d)",
-                        name, attempt, policy.TRAIN_ATTEMPTS)
-    raise RowsErasedDuringTraining(f"model {name!r}: training rows kept being erased while it trained; try again")
-
-
-def _file_base_weights(config: TrainConfig, uri: str, store: ArtifactStore) -> tuple[TrainConfig, dict[str, str]]:
-    """Read base weights from `uri`, check they are safetensors, file them in `store`; the config
-    that names them, and where they came from (for the first version's lineage). A training that
-    then fails leaves the file in the store, unreferenced: a name never trained serves nothing."""
-    try:
-        raw = read_uri(uri)
-    except FileNotFoundError:
-        raise ValueError(f"base weights: no file at {uri}") from None
-    try:
-        tensors = load_safetensors(raw)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for bad bytes
-        raise ValueError(f"base weights at {uri} are not a safetensors file: {exc}") from None
-    if not tensors:
-        raise ValueError(f"base weights at {uri} hold no tensors")
-    digest = store.put(tensors)
-    return replace(config, base_weights=digest), {"uri": uri, "file_sha256": sha256_bytes(raw), "sha256": digest}
-
-
-def _lock_rows_still_there(conn: psycopg.Connection, dataset: str, sample_ids: Sequence[str]) -> None:
-    still = conn.execute(rowsource.of(conn, dataset).query(
-        "SELECT count(*) FROM (SELECT 1 FROM {rows} WHERE sample_id = ANY(%s) FOR KEY SHARE) AS kept"),
-        (list(sample_ids),),
-    ).fetchone()[0]
-    if still != len(sample_ids):
-        raise RowsErasedDuringTraining(f"{len(sample_ids) - still} training rows were erased during training")
-
-
 def stage_version(conn: psycopg.Connection, settings: Settings, parent: ModelVersion, result: UnlearnResult,
                   request_ids: Sequence[str], *, full_retrain: bool = False,
                   holdout: TrainingSet | None = None, predictor: Predictor | None = None) -> StagedVersion:
@@ -224,7 +104,7 @@ def stage_version(conn: psycopg.Connection, settings: Settings, parent: ModelVer
         "verification": result.verification,
         "removed_artifacts": list(result.removed_artifacts),
     }
-    staged = _stage(conn, settings, implementation, model=parent.model, dataset=dataset, parent=parent,
+    staged = stage_manifest(conn, settings, implementation, model=parent.model, dataset=dataset, parent=parent,
                     result=result, lineage=lineage, request_ids=list(request_ids), holdout=holdout,
                     extra_metrics={"optimizer_steps": float(result.optimizer_steps)}, predictor=predictor)
     if full_retrain:
@@ -307,7 +187,7 @@ def commit_version(conn: psycopg.Connection, staged: StagedVersion) -> ModelVers
             (model, list(staged.removed_artifacts)),
         )
     if staged.placements is not None:
-        _write_placements(conn, model, rowsource.of(conn, staged.dataset), staged.placements, staged.placement_shards)
+        write_placements(conn, model, rowsource.of(conn, staged.dataset), staged.placements, staged.placement_shards)
     if staged.replace_batch_log:
         conn.execute("DELETE FROM batch_log WHERE model = %s", (model,))
     elif staged.removed_batches:
@@ -317,7 +197,7 @@ def commit_version(conn: psycopg.Connection, staged: StagedVersion) -> ModelVers
             " (SELECT * FROM unnest(%s::int[], %s::int[], %s::int[]))",
             (model, shard, epoch, step),
         )
-    _copy_batches(conn, model, staged.batches)
+    copy_batches(conn, model, staged.batches)
     return version
 
 
@@ -327,52 +207,6 @@ def publish_version(conn: psycopg.Connection, settings: Settings, model: str, pa
     staged = stage_version(conn, settings, parent, result, erasure_request_ids)
     with conn.transaction():
         return commit_version(conn, staged)
-
-
-def record_revocations(conn: psycopg.Connection, settings: Settings, model: str | None = None) -> int:
-    """Write the revocation record of every revoked version that lacks one (after the commit that
-    revoked it, and from the sweeper after a crash), so `serving.load_version` refuses it.
-    Returns how many were written."""
-    rows = conn.execute(
-        "SELECT v.model, v.version, v.superseded_by, s.servable FROM model_versions v"
-        " LEFT JOIN model_versions s ON s.model = v.model AND s.version = v.superseded_by"
-        " WHERE v.revoked AND NOT v.revocation_recorded AND (%s::text IS NULL OR v.model = %s)",
-        (model, model),
-    ).fetchall()
-    conn.commit()
-    for name, version, superseded_by, successor_servable in rows:
-        why = "superseded by an unlearned version" if successor_servable else "withdrawn: could not unlearn"
-        write_revocation(settings.artifact_dir, name, version, {"superseded_by": superseded_by, "reason": why})
-        conn.execute("UPDATE model_versions SET revocation_recorded = true WHERE model = %s AND version = %s",
-                     (name, version))
-        conn.commit()
-    return len(rows)
-
-
-def purge_artifacts(conn: psycopg.Connection, settings: Settings, queued_before_s: float = 0.0) -> int:
-    """Delete the queued files that carry erased rows; returns how many files were removed.
-
-    Call after the publishing transaction committed; safe to run concurrently and repeatedly:
-    a crash mid-purge leaves the rest queued for the next run. `queued_before_s`: only files
-    queued at least that long ago, by the clock, not the transaction's start (the sweeper's: what
-    a crash left, not what the publishing process is about to purge itself).
-    """
-    removed = 0
-    with conn.transaction():
-        rows = conn.execute(
-            "SELECT model, sha256 FROM artifact_purges WHERE queued_at <= clock_timestamp() - make_interval(secs => %s)"
-            " ORDER BY queued_at FOR UPDATE SKIP LOCKED", (queued_before_s,)
-        ).fetchall()
-        for i, (model, digest) in enumerate(rows):
-            removed += ArtifactStore(settings.artifact_dir, model).delete(digest)
-            if i == 0:
-                failpoints.hit("mid_purge")
-        if rows:
-            conn.execute(
-                "DELETE FROM artifact_purges WHERE (model, sha256) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
-                ([m for m, _ in rows], [d for _, d in rows]),
-            )
-    return removed
 
 
 def current_version(conn: psycopg.Connection, model: str) -> ModelVersion | None:
@@ -425,10 +259,10 @@ def _check_unpublished(conn: psycopg.Connection, model: str, version: int) -> No
     conn.commit()
 
 
-def _stage(conn: psycopg.Connection, settings: Settings, implementation: UnlearningMethod, *, model: str,
-           dataset: str, parent: ModelVersion | None, result: UnlearnResult, lineage: dict[str, Any],
-           request_ids: list[str], holdout: TrainingSet, extra_metrics: dict[str, float],
-           predictor: Predictor | None = None) -> StagedVersion:
+def stage_manifest(conn: psycopg.Connection, settings: Settings, implementation: UnlearningMethod, *,
+                   model: str, dataset: str, parent: ModelVersion | None, result: UnlearnResult,
+                   lineage: dict[str, Any], request_ids: list[str], holdout: TrainingSet,
+                   extra_metrics: dict[str, float], predictor: Predictor | None = None) -> StagedVersion:
     """Compute a version's figures and write its manifest (no transaction)."""
     version = 1 if parent is None else parent.version + 1
     _check_unpublished(conn, model, version)
@@ -485,63 +319,6 @@ def _holdout_metrics(predictor: Predictor | None, holdout: TrainingSet) -> dict[
     proba = predictor.predict_proba(holdout.features)
     return {"holdout_accuracy": float(np.mean(proba.argmax(axis=1) == holdout.labels)),
             "holdout_rows": float(len(holdout))}
-
-
-def _write_placements(conn: psycopg.Connection, model: str, rows: rowsource.RowSource,
-                      placements: Iterable[Placement], shards: Sequence[int] | None) -> None:
-    """Make the model's placements in `shards` (all of them: None) exactly `placements`, leaving
-    out rows erased since the work read them (their erasure already queued their unlearning; a
-    placement would make them look present).
-
-    With `shards`, only what differs is written: a pass retraining a few shards of a hash-placed
-    model keeps almost every row where it was, and rewriting all of them cost the pass tens of
-    milliseconds."""
-    if shards is None:
-        conn.execute("DELETE FROM sample_placement WHERE model = %s", (model,))
-        _copy_placements(conn, model, rows, placements)
-        return
-    wanted = {p.sample_id: (p.shard, p.slice, p.position) for p in placements}
-    held = {sample_id: (shard, slice_, position) for sample_id, shard, slice_, position in conn.execute(
-        "SELECT sample_id, shard, slice, position FROM sample_placement WHERE model = %s AND shard = ANY(%s)",
-        (model, list(shards)))}
-    gone = sorted(held.keys() - wanted.keys())
-    if gone:
-        conn.execute("DELETE FROM sample_placement WHERE model = %s AND sample_id = ANY(%s)", (model, gone))
-    moved = sorted(s for s, place in wanted.items() if held.get(s) != place)
-    if moved:
-        shard, slice_, position = (list(column) for column in zip(*(wanted[s] for s in moved)))
-        conn.execute(rows.query(
-            "INSERT INTO sample_placement (model, sample_id, shard, slice, position)"
-            " SELECT %s, p.* FROM unnest(%s::text[], %s::int[], %s::int[], %s::int[]) AS p (sample_id, shard, slice, position)"
-            " JOIN {rows} ON r.sample_id = p.sample_id"
-            " ON CONFLICT (model, sample_id) DO UPDATE"
-            " SET shard = EXCLUDED.shard, slice = EXCLUDED.slice, position = EXCLUDED.position"),
-            (model, moved, shard, slice_, position),
-        )
-
-
-def _copy_placements(conn: psycopg.Connection, model: str, rows: rowsource.RowSource,
-                     placements: Iterable[Placement]) -> None:
-    """Write placements, leaving out rows erased since the work read them."""
-    conn.execute("CREATE TEMP TABLE IF NOT EXISTS placement_in (LIKE sample_placement) ON COMMIT DROP")
-    with conn.cursor() as cur, cur.copy(
-        "COPY placement_in (model, sample_id, shard, slice, position) FROM STDIN"
-    ) as copy:
-        for p in placements:
-            copy.write_row((model, p.sample_id, p.shard, p.slice, p.position))
-    conn.execute(rows.query(
-        "INSERT INTO sample_placement SELECT p.* FROM placement_in p JOIN {rows} ON r.sample_id = p.sample_id"))
-    conn.execute("DROP TABLE placement_in")
-
-
-def _copy_batches(conn: psycopg.Connection, model: str, batches: Sequence[BatchRecord]) -> None:
-    if not batches:
-        return
-    with conn.cursor() as cur, cur.copy(
-        "COPY batch_log (model, shard, epoch, step, sample_ids, update_sha256, update_bytes) FROM STDIN"
-    ) as copy:
-        for b in batches:
-            copy.write_row((model, b.shard, b.epoch, b.step, list(b.sample_ids), b.update_sha256, b.update_bytes))
 
 
 def _now() -> datetime:

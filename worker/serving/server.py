@@ -5,7 +5,7 @@ model's newest version and every revocation (taking the newest manifest in the s
 event names the model), then hot-swaps to each version as it is published, re-checking every few
 seconds that the version it serves has not been revoked since. It acts only on events the worker
 signed (`worker.signing`): any other record is counted, logged and skipped, so a forged one
-changes nothing. `worker.serving.ServedModel` decides which version may answer; this module is
+changes nothing. `worker.serving.served.ServedModel` decides which version may answer; this module is
 its HTTP face and its Kafka feed:
 
     POST /predict   {"instances": [[...], ...]} (or rows by feature name, {"age": 39, "workclass": "Private"})
@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field
 
 from worker import events, kafka_clients, policy, signing
 from worker.config import Settings
-from worker.serving import Announcement, ServedModel
+from worker.serving.served import Announcement, ServedModel
 
 log = logging.getLogger(__name__)
 
