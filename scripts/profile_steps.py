@@ -34,7 +34,8 @@ from worker.bench.rows import loaded_splits
 from worker.core import networks, runtime
 from worker.core.base import TrainConfig
 from worker.core.steps import observing_steps
-from worker.core.training import ADAMW, Lane, fit, fit_lanes
+from worker.core.training import ADAMW, fit, fit_lanes
+from worker.core.batches import Lane
 
 PROFILED = ("aten::item", "aten::_local_scalar_dense", "aten::to", "aten::_to_copy", "aten::copy_")
 CUDA_CALLS = {"kernel launches": ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"),

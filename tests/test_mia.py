@@ -11,7 +11,8 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
 from worker.core.aggregate import NetPredictor
-from worker.core.base import RememberingPredictor, TrainConfig, TrainingSet
+from worker.core.aggregate import RememberingPredictor
+from worker.core.base import TrainConfig, TrainingSet
 from worker.core.mia import (
     advantage_at,
     auc_high_score_is_member,

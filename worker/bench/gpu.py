@@ -38,7 +38,8 @@ from worker.core import networks, runtime
 from worker.core.base import TrainConfig, TrainingSet
 from worker.core.methods.s3t import S3T
 from worker.core.methods.sisa import Sisa
-from worker.core.training import ADAMW, Lane, fit_lanes
+from worker.core.training import ADAMW, fit_lanes
+from worker.core.batches import Lane
 
 TITLE = "GPU: training throughput, CPU (one thread) and CUDA side by side"
 

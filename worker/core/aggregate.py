@@ -1,5 +1,6 @@
 """Networks as `Predictor`s: one network alone (`NetPredictor`), or several component networks
-whose class probabilities are combined into one prediction (`Ensemble`).
+whose class probabilities are combined into one prediction (`Ensemble`); and a predictor that
+answers each features array once (`RememberingPredictor`).
 
 Every aggregation rule takes the components' posteriors stacked as (m, n, c) — m components,
 n rows, c classes — and returns (n, c) rows that sum to one.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from worker.core.base import Predictor
 from worker.core.training import predict_proba
 
 RULES = ("vote", "mean", "weighted")
@@ -86,3 +88,21 @@ class NetPredictor:
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """(n, *input_shape) float32 -> (n, num_classes) probabilities."""
         return predict_proba(self.net, features)
+
+
+class RememberingPredictor:
+    """A predictor that answers each features array once: asked again about the same array (the
+    same object), it returns its first answer, read-only. A pass asks about the holdout rows once
+    per erasure request's evidence and once more for the version's metrics."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        self._answers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        seen = self._answers.get(id(features))
+        if seen is None or seen[0] is not features:  # an id is reused only once its object is gone
+            answer = self.predictor.predict_proba(features)
+            answer.setflags(write=False)
+            seen = self._answers[id(features)] = (features, answer)
+        return seen[1]

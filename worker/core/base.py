@@ -309,24 +309,6 @@ class Predictor(Protocol):
         ...
 
 
-class RememberingPredictor:
-    """A predictor that answers each features array once: asked again about the same array (the
-    same object), it returns its first answer, read-only. A pass asks about the holdout rows once
-    per erasure request's evidence and once more for the version's metrics."""
-
-    def __init__(self, predictor: Predictor):
-        self.predictor = predictor
-        self._answers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        seen = self._answers.get(id(features))
-        if seen is None or seen[0] is not features:  # an id is reused only once its object is gone
-            answer = self.predictor.predict_proba(features)
-            answer.setflags(write=False)
-            seen = self._answers[id(features)] = (features, answer)
-        return seen[1]
-
-
 class UnlearningMethod(Protocol[S]):
     name: ClassVar[str]
 

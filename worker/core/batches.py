@@ -13,16 +13,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
 from worker.core.base import TrainingSet
 from worker.core.nets import derive_seed
 
-if TYPE_CHECKING:
-    from worker.core.training import Lane
+
+@dataclass(frozen=True)
+class Lane:
+    """One network of a stack, trained in place on `rows` with batches seeded by `seed_parts`."""
+
+    net: nn.Module
+    rows: TrainingSet
+    seed_parts: tuple[object, ...]
 
 
 def epoch_batches(n: int, batch_size: int, *seed_parts: object, groups: np.ndarray | None = None) -> list[np.ndarray]:

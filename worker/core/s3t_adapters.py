@@ -41,7 +41,8 @@ from worker.core.lora import (
 from worker.core.nets import FeatureScaling, state_tensors
 from worker.core.s3t_state import SERVING, BaseState, LayerState, S3TState, ShardState, base_epochs, trained_shard
 from worker.core.sharding import shard_of, slice_of
-from worker.core.training import ADAMW, Lane, fit, fit_lanes
+from worker.core.training import ADAMW, fit, fit_lanes
+from worker.core.batches import Lane
 
 if TYPE_CHECKING:
     from worker.core.peft_adapters import LoraSpec

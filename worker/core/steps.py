@@ -19,7 +19,6 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,10 +26,43 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from worker.core import runtime
-from worker.core.batches import BatchPlan
+from worker.core.batches import BatchPlan, Lane
 
-if TYPE_CHECKING:
-    from worker.core.training import Lane, ParameterLayout
+
+@dataclass(frozen=True)
+class ParameterLayout:
+    """Where each trainable parameter of a network sits in one flat vector of P values."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    size: int
+
+    @classmethod
+    def of(cls, net: nn.Module) -> ParameterLayout:
+        named = [(name, tuple(p.shape)) for name, p in net.named_parameters() if p.requires_grad]
+        sizes = [math.prod(shape) for _, shape in named]
+        offsets = tuple(int(o) for o in np.cumsum([0, *sizes])[:-1])
+        return cls(tuple(n for n, _ in named), tuple(s for _, s in named), offsets, int(sum(sizes)))
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(..., P) -> {name: (..., *shape)} views into `flat`."""
+        lead = flat.shape[:-1]
+        return {name: flat[..., o:o + math.prod(shape)].view(*lead, *shape)
+                for name, shape, o in zip(self.names, self.shapes, self.offsets)}
+
+    def flatten(self, net: nn.Module) -> torch.Tensor:
+        """The network's trainable parameters as one (P,) vector."""
+        params = dict(net.named_parameters())
+        return torch.cat([params[name].detach().reshape(-1) for name in self.names])
+
+    def load(self, net: nn.Module, flat: torch.Tensor) -> None:
+        """Copy a (P,) vector into the network's trainable parameters."""
+        params = dict(net.named_parameters())
+        with torch.no_grad():
+            for name, view in self.views(flat).items():
+                params[name].copy_(view)
+
 
 OPTIMIZERS = ("adamw", "sgd")
 

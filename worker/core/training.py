@@ -30,9 +30,9 @@ from torch import nn
 
 from worker.core import runtime
 from worker.core.base import Progress, TrainConfig, TrainingSet, no_progress
-from worker.core.batches import lane_schedule, lone_plan, stacked_plan
+from worker.core.batches import Lane, lane_schedule, lone_plan, stacked_plan
 from worker.core.nets import derive_seed
-from worker.core.steps import StepHook, UpdateRule, fit_alone, fit_stacked
+from worker.core.steps import ParameterLayout, StepHook, UpdateRule, fit_alone, fit_stacked
 
 # a network should see about this many batches per epoch: small shards get small batches
 TARGET_BATCHES_PER_EPOCH = 64
@@ -71,50 +71,6 @@ def batch_size_for(rows: float) -> int:
     """A power of two giving about TARGET_BATCHES_PER_EPOCH batches an epoch, within 16..128."""
     target = max(rows, 1) / TARGET_BATCHES_PER_EPOCH
     return int(min(MAX_BATCH, max(MIN_BATCH, 2 ** math.floor(math.log2(max(target, 1))))))
-
-
-@dataclass(frozen=True)
-class ParameterLayout:
-    """Where each trainable parameter of a network sits in one flat vector of P values."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    offsets: tuple[int, ...]
-    size: int
-
-    @classmethod
-    def of(cls, net: nn.Module) -> ParameterLayout:
-        named = [(name, tuple(p.shape)) for name, p in net.named_parameters() if p.requires_grad]
-        sizes = [math.prod(shape) for _, shape in named]
-        offsets = tuple(int(o) for o in np.cumsum([0, *sizes])[:-1])
-        return cls(tuple(n for n, _ in named), tuple(s for _, s in named), offsets, int(sum(sizes)))
-
-    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(..., P) -> {name: (..., *shape)} views into `flat`."""
-        lead = flat.shape[:-1]
-        return {name: flat[..., o:o + math.prod(shape)].view(*lead, *shape)
-                for name, shape, o in zip(self.names, self.shapes, self.offsets)}
-
-    def flatten(self, net: nn.Module) -> torch.Tensor:
-        """The network's trainable parameters as one (P,) vector."""
-        params = dict(net.named_parameters())
-        return torch.cat([params[name].detach().reshape(-1) for name in self.names])
-
-    def load(self, net: nn.Module, flat: torch.Tensor) -> None:
-        """Copy a (P,) vector into the network's trainable parameters."""
-        params = dict(net.named_parameters())
-        with torch.no_grad():
-            for name, view in self.views(flat).items():
-                params[name].copy_(view)
-
-
-@dataclass(frozen=True)
-class Lane:
-    """One network of a stack, trained in place on `rows` with batches seeded by `seed_parts`."""
-
-    net: nn.Module
-    rows: TrainingSet
-    seed_parts: tuple[object, ...]
 
 
 def fit_lanes(lanes: Sequence[Lane | None], *, epochs: int, batch_size: int, rule: UpdateRule,

@@ -43,7 +43,8 @@ from worker import data, registry
 from worker.config import Settings
 from worker import failpoints
 from worker.core import methods
-from worker.core.base import DeletedSample, RememberingPredictor, ShardRecovery, TensorStore, TrainingSet, UnlearnResult
+from worker.core.aggregate import RememberingPredictor
+from worker.core.base import DeletedSample, ShardRecovery, TensorStore, TrainingSet, UnlearnResult
 from worker.pipeline import fanout, ledger, publishing, receipts, rowcache
 from worker.pipeline.context import Context
 from worker.pipeline.failures import FailureCode, ModelBusy, is_transient

@@ -54,7 +54,8 @@ from worker.core.base import (
 )
 from worker.core import networks
 from worker.core.nets import FeatureScaling, load_tensors, scaling_of, state_tensors
-from worker.core.training import ParameterLayout, Recipe, fit
+from worker.core.training import Recipe, fit
+from worker.core.steps import ParameterLayout
 from worker.core.updates import UPDATE_CODECS, UPDATE_DTYPES, decode_update, encode_update
 
 # momentum-free SGD (see above); small nets and batches keep the update log and a subject's

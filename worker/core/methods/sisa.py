@@ -59,7 +59,8 @@ from worker.core.sharding import (
     slice_of,
     stack_width,
 )
-from worker.core.training import ADAMW, Lane, fit_lanes
+from worker.core.training import ADAMW, fit_lanes
+from worker.core.batches import Lane
 
 # the accuracy floor, unless option accuracy_floor sets one: this far below the trained model
 DEFAULT_ACCURACY_DROP = 0.02
