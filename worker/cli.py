@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
+from worker.cli_bench import bench_cmd
 from worker.cli_data import data
 from worker.cli_keys import key_or_exit, keys
 from worker.config import get_settings
-from worker.devstack.cli import bench_cmd, demo_cmd, erase, stack
+from worker.devstack.cli import demo_cmd, erase, stack
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,9 +16,10 @@ def main() -> None:
     """Erase data subjects' rows and their influence on trained models."""
 
 
+main.add_command(bench_cmd)
 main.add_command(data)
 main.add_command(keys)
-for development in (erase, stack, demo_cmd, bench_cmd):  # worker.devstack.cli
+for development in (erase, stack, demo_cmd):  # worker.devstack.cli
     main.add_command(development)
 
 
