@@ -355,3 +355,5 @@ def verify_cmd(request_id) -> None:
         raise SystemExit(1)
 
 
+if __name__ == "__main__":  # `python -m worker.cli`, where no `unlearn` script is installed
+    main(prog_name="unlearn")

@@ -1,29 +1,21 @@
 #!/usr/bin/env bash
 # On a bare GPU machine, offline: install what it lacks from the wheelhouse, then run the cuda tests and
-# the GPU benchmark, then counts CUDA calls per step, writing everything under $OUT (default gpu-results).
+# the GPU benchmark, then counts CUDA calls per step; under $OUT (default gpu-results): the machine,
+# the cuda tests' output, the benchmark's report, the profiles, and everything in results.tar.gz.
 # Bounded at 9 minutes (150 s tests, 300 s benchmark, 2 × 40 s profiles); expected well under 8.
 #
 #   scripts/gpu/run.sh [WHEELHOUSE]        (default build/gpu-wheelhouse, from prepare-wheelhouse.sh)
 #
 # The checkout itself is what runs (first on PYTHONPATH); the wheels go into a private folder, never
-# into the machine's Python. Not run: an erasure through the embedded stack (PostgreSQL, the broker,
-# Redis and Arrow's wheels are ~90 MiB more than the wheelhouse may carry).
+# into the machine's Python (install.sh). An erasure through the embedded stack is e2e.sh's, in a
+# second call: its wheels and these are more than one call may carry.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 house=${1:-build/gpu-wheelhouse}
-out=${OUT:-gpu-results}
-mkdir -p "$out"
-site=$(mktemp -d)/site
-
-python -m pip install --quiet --no-index --no-deps --target "$site" "$house"/*.whl 2>"$out/install.txt" || {
-    # no pip there: a wheel is a zip of its files
-    python - "$site" "$house"/*.whl <<'PY'
-import sys, zipfile
-for wheel in sys.argv[2:]:
-    zipfile.ZipFile(wheel).extractall(sys.argv[1])
-PY
-}
-export PYTHONPATH="$PWD:$site" OMP_NUM_THREADS=1 UNLEARN_DEVICE=cuda HF_HUB_OFFLINE=1
+dest=${OUT:-gpu-results}  # what comes back from a device run: at most 8 files
+out=$(mktemp -d)          # everything, packed into $dest/results.tar.gz at the end
+mkdir -p "$dest"
+source scripts/gpu/install.sh
 
 { nvidia-smi; python -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } \
     >"$out/machine.txt" 2>&1
@@ -41,5 +33,8 @@ for mode in eager graph; do
     (( $? == 0 )) || status=1
     cat "$out/profile-$mode.json"
 done
-echo "results under $out (status $status)"
+tar -czf "$dest/results.tar.gz" -C "$out" .
+cp "$out/machine.txt" "$out/pytest-cuda.txt" "$out"/profile-*.json "$dest"/ 2>/dev/null
+cp "$out/bench/report.md" "$dest/bench-report.md" 2>/dev/null
+echo "results under $dest: the headlines, and every log and figure in results.tar.gz (status $status)"
 exit $status

@@ -78,13 +78,15 @@ def running(settings: Settings, console: Console,
     processes = processes or (worker_process(settings), intake_process(settings))
     logs = settings.stack_dir.resolve() / "demo"
     logs.mkdir(parents=True, exist_ok=True)
-    unlearn = str(Path(sys.executable).with_name("unlearn"))
+    # this interpreter runs the command line: where the project is on PYTHONPATH rather than
+    # installed (a bare GPU machine, scripts/gpu/e2e.sh) there is no `unlearn` script beside it
+    unlearn = (sys.executable, "-m", "worker.cli")
     started: dict[str, tuple[subprocess.Popen, IO]] = {}
     try:
         for process in processes:
             handle = open(logs / f"{process.name}.log", "w")
             started[process.name] = (subprocess.Popen(
-                [unlearn, *process.args], stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                [*unlearn, *process.args], stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, **process.env}, cwd=process.cwd), handle)
             console.print(f"started `unlearn {' '.join(process.args)}` (log: {logs / f'{process.name}.log'})")
         for process in processes:

@@ -169,8 +169,10 @@ def _configure_runtime(**_):
     from worker.core import runtime
 
     settings = get_settings()
-    runtime.configure(settings.device, settings.threads, process_index=getattr(current_process(), "index", None),
-                      mode=settings.training_mode)
+    index = getattr(current_process(), "index", None)
+    configured = runtime.configure(settings.device, settings.threads, process_index=index, mode=settings.training_mode)
+    log.info("pool process %s trains on %s (%s mode, %d threads)", index, configured.device, configured.mode,
+             configured.threads)
     # the first optimizer imports torch._dynamo (seconds): paid here, not by the first shard task a
     # fanned-out pass waits for
     import torch
