@@ -48,3 +48,14 @@ def test_no_service_module_imports_the_development_tools():
                                                       if name.startswith("worker.devstack"))
                  for path in files}
     assert files and not {path: names for path, names in offenders.items() if names}
+
+
+def test_the_command_line_runs_as_a_module_where_no_script_is_installed(tmp_path):
+    # Given a Python with the project on its path but no `unlearn` script (a bare GPU machine)
+    # When the command line is run as a module
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    # Then it answers as `unlearn` does, with every verb
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Usage: unlearn ")
+    assert all(f"  {verb} " in done.stdout for verb in ("intake", "worker", "serve", "bench", "stack", "demo"))
