@@ -1,6 +1,6 @@
 """The house's seams that an import shows: the benchmarks of the core need only the core (no
-PostgreSQL, Kafka, Celery or Redis client), and the service never imports the development tools
-of `worker.devstack`."""
+PostgreSQL, Kafka, Celery or Redis client), the service never imports the development tools
+of `worker.devstack`, and the command line runs as a module where no script is installed."""
 
 from __future__ import annotations
 
