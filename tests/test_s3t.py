@@ -285,6 +285,28 @@ def test_a_stacked_shard_retrain_equals_training_from_scratch(trained, tmp_path)
     assert quick.state["shards"][1]["orders"][0]["layers"] == fresh.state["shards"][1]["orders"][0]["layers"][:1]
 
 
+@pytest.mark.parametrize("stack", [2, SHARDS * ORDERS], ids=["stacks-straddle-shards", "one-stack-of-every-lane"])
+def test_a_shard_retrained_alone_equals_it_trained_in_stacks_with_other_shards(trained, tmp_path, stack):
+    # Given a model whose stacks hold orders of both shards (3 orders a shard in stacks of 2, or all
+    # 6 lanes in one stack)
+    data, public = trained["train"], trained["public"]
+    config = replace(CONFIG, options={"orders": ORDERS, "rank": 4, "stack": stack, "base_epochs": 20})
+    store = ArtifactStore(tmp_path / "a", "m")
+    model = S3T().train(data, config, store, public=public)
+    assert model.state["stack"] == stack
+
+    # When shard 1 loses every order and is retrained alone (the other shard's lanes idle)
+    erased = [a_row(data, 1, s) for s in range(SLICES)]
+    _, lost = erase(model.state, store, data, erased)
+    retrained = S3T().retrain_shard(lost.state, 1, data.without(erased), public, store)
+
+    # Then it equals that shard of the same model trained whole without the rows, and shard 0,
+    # whose lanes shared stacks with shard 1's, is the one trained with the rows
+    fresh = S3T().train(data.without(erased), config, ArtifactStore(tmp_path / "b", "m"), public=public)
+    assert retrained.state["shards"][1] == fresh.state["shards"][1]
+    assert fresh.state["shards"][0] == model.state["shards"][0]
+
+
 def test_fewer_orders_train_the_first_orders_of_more(trained, tmp_path):
     # The benchmark relies on it: orders are seeded by their index alone.
     config = replace(CONFIG, options={"orders": 1, "rank": 4})

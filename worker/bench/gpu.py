@@ -1,7 +1,7 @@
 """GPU: training throughput on the CPU (one thread) and on CUDA, side by side in one run.
 
 Each workload is trained with `unlearn train`'s defaults on each device (the CPU at one thread,
-stacks of width 1 there; on CUDA all shards or orders in one stack, stacked steps replayed from a
+stacks of width 1 there; on CUDA all shards (S3T: every shard's orders) in one stack, replayed from a
 CUDA graph: the runtime's default mode, recorded in the result). Reported per workload and device:
 wall seconds, samples per second (rows through a training step: every stage's rows times its
 epochs) and, where the network is a plain MLP, the share of the device's measured matmul rate

@@ -3,8 +3,8 @@ that serves them (`worker.core.methods.s3t` keeps the books; this module does th
 
 Adapters on the base's features (the default): the frozen base is cut into trunk and head
 (`worker.core.lora`), the trunk's features are computed once per shard, and with option `stack`
-> 1 the orders of a shard train their layer i together as lanes of one stack
-(`worker.core.training.fit_lanes`).
+> 1 layer i of that many (shard, order) lanes trains together as one stack
+(`worker.core.training.fit_lanes`): on CUDA by default every shard's every order at once.
 
 LoRA inside a pretrained network (option `lora_targets`, the paper's own setting): the base is
 the network a factory builds (`S3T(network=...)`, e.g. a transformer with pretrained weights),
@@ -135,16 +135,19 @@ def lora_ensemble(state: S3TState, base: nn.Module, store: TensorStore) -> Ensem
     return Ensemble(members, weights, state["aggregation"])
 
 
-def train_shard(state: S3TState, base: nn.Module, data: TrainingSet, shard: int, store: TensorStore,
+def train_shards(state: S3TState, base: nn.Module, data: TrainingSet, shards: Sequence[int], store: TensorStore,
                  progress: Progress, orders: Sequence[int] | None = None,
-                 depth: int | None = None) -> tuple[ShardState, int]:
-    """Train B orders x L adapters for one shard on its rows of `data` (only `orders`, and
-    only their first `depth` adapters, when given: the others are left empty); returns its
-    state entry and the optimizer steps taken. Adapter i of order b sees slices π_0..π_i;
-    layer i of the orders of one stack trains at once (an order not trained is an idle lane,
-    which changes nothing for the others)."""
+                 depth: int | None = None) -> list[tuple[ShardState, int]]:
+    """Train B orders x L adapters for each of `shards` on its rows of `data` (only `orders`, and
+    only their first `depth` adapters, when given: the others are left empty); returns each
+    shard's state entry and the optimizer steps it took. Adapter i of order b sees slices
+    π_0..π_i. Layer i of every (shard, order) lane trains in stacks of the model's `stack` lanes,
+    the lanes taken in (shard, order) order, so one stack may hold orders of several shards; a lane
+    depends on its own rows, seeds and the stack's width alone (an order not trained is an idle
+    lane, which changes nothing for the others), so a shard retrained alone equals that shard of
+    the model trained whole."""
     if "lora" in state:
-        return train_lora_shard(state, base, data, shard, store, progress, orders, depth)
+        return [train_lora_shard(state, base, data, k, store, progress, orders, depth) for k in shards]
     config = TrainConfig.from_json(state["config"])
     rank, width = int(state["rank"]), state["stack"]
     trained = set(range(len(state["orders"]))) if orders is None else set(orders)
@@ -152,35 +155,44 @@ def train_shard(state: S3TState, base: nn.Module, data: TrainingSet, shard: int,
     depth = config.slices if depth is None else depth
     freeze(base)
     trunk, head, features = split_base(base, tuple(state["input_shape"]))
-    rows = data.select(np.array([shard_of(s, config.shards) == shard for s in data.sample_ids], dtype=bool))
-    slice_index = np.array([slice_of(s, config.slices) for s in rows.sample_ids], dtype=np.int64)
-    # the trunk is frozen: compute its (n, d) features once and train adapters on them
-    hidden = replace(rows, features=hidden_features(trunk, rows.features))
+    shard_index = np.array([shard_of(s, config.shards) for s in data.sample_ids], dtype=np.int64)
+    hidden, slice_index = {}, {}
+    for k in shards:
+        rows = data.select(shard_index == k)
+        slice_index[k] = np.array([slice_of(s, config.slices) for s in rows.sample_ids], dtype=np.int64)
+        # the trunk is frozen: compute a shard's (n, d) features once and train adapters on them
+        hidden[k] = replace(rows, features=hidden_features(trunk, rows.features))
     rule = ADAMW.update(config.lr)
-    adapters: list[list[AdapterLayer]] = [[] for _ in orders]
-    layers: list[list[LayerState]] = [[] for _ in orders]
-    stages = [(i, g) for i in range(depth) for g in range(0, len(orders), width)
-              if trained & set(range(g, g + width))]
-    steps = 0
-    for i, g in progress(stages, description=f"S3T: shard {shard} adapters", total=len(stages)):
+    adapters: dict[tuple[int, int], list[AdapterLayer]] = {(k, b): [] for k in shards for b in range(len(orders))}
+    layers: dict[tuple[int, int], list[LayerState]] = {lane: [] for lane in adapters}
+    positions = list(adapters)
+    stacks = [positions[g:g + width] for g in range(0, len(positions), width)]
+    stages = [(i, stack) for i in range(depth) for stack in stacks if any(b in trained for _, b in stack)]
+    steps = dict.fromkeys(shards, 0)
+    label = f"S3T: shard {shards[0]} adapters" if len(shards) == 1 else f"S3T: {len(shards)} shards' adapters"
+    for i, stack in progress(stages, description=label, total=len(stages)):
+        owners = [lane if lane[1] in trained else None for lane in stack] + [None] * (width - len(stack))
         lanes, seen = [], {}
-        for b in range(g, g + width):
-            if b >= len(orders) or b not in trained:
+        for owner in owners:  # every stack `width` lanes wide: a missing or untrained lane idles
+            if owner is None:
                 lanes.append(None)
                 continue
-            parts = (config.seed, "s3t", "shard", shard, "order", b, "layer", i)
-            adapter = new_adapter(features, rank, rows.num_classes, *parts)
-            adapters[b].append(adapter)
-            seen[b] = hidden.select(np.isin(slice_index, orders[b][:i + 1]))
-            lanes.append(Lane(AdapterStack(adapters[b], head), seen[b], parts))
+            k, b = owner
+            parts = (config.seed, "s3t", "shard", k, "order", b, "layer", i)
+            adapters[owner].append(new_adapter(features, rank, data.num_classes, *parts))
+            seen[owner] = hidden[k].select(np.isin(slice_index[k], orders[b][:i + 1]))
+            lanes.append(Lane(AdapterStack(adapters[owner], head), seen[owner], parts))
         with runtime.retraining(state.get("trained_on")):  # a retrain steps as the model's training did
-            steps += sum(fit_lanes(lanes, epochs=state["epochs_per_slice"], batch_size=config.batch_size,
-                                   rule=rule))
-        for b, rows_seen in seen.items():
-            freeze(adapters[b][i])
-            layers[b].append(LayerState(sha256=store.put(state_tensors(adapters[b][i])),
-                                        lineage_sha256=lineage_sha256(rows_seen.sample_ids), rows=len(rows_seen)))
-    return trained_shard(shard, slice_index, config.slices, layers), steps
+            lane_steps = fit_lanes(lanes, epochs=state["epochs_per_slice"], batch_size=config.batch_size, rule=rule)
+        for owner, taken in zip(owners, lane_steps):
+            if owner is not None:
+                steps[owner[0]] += taken
+        for owner, rows_seen in seen.items():
+            freeze(adapters[owner][i])
+            layers[owner].append(LayerState(sha256=store.put(state_tensors(adapters[owner][i])),
+                                            lineage_sha256=lineage_sha256(rows_seen.sample_ids), rows=len(rows_seen)))
+    return [(trained_shard(k, slice_index[k], config.slices, [layers[k, b] for b in range(len(orders))]), steps[k])
+            for k in shards]
 
 
 def lora_spec(state: S3TState) -> LoraSpec:
@@ -190,7 +202,7 @@ def lora_spec(state: S3TState) -> LoraSpec:
 
 def train_lora_shard(state: S3TState, network: nn.Module, data: TrainingSet, shard: int, store: TensorStore,
                       progress: Progress, orders: Sequence[int] | None, depth: int | None) -> tuple[ShardState, int]:
-    """`train_shard` for LoRA inside the network: order b's layer i is adapter `layer{i}` of
+    """`train_shards` for one shard, LoRA inside the network: order b's layer i is adapter `layer{i}` of
     a copy of the frozen network, trained with `layer0..layer{i-1}` active and frozen, on slices
     π_0..π_i, with the whole network running forward and backward at every step."""
     from worker.core.peft_adapters import LoraNet, layer_names, train_layer

@@ -70,7 +70,7 @@ class S3TState(TypedDict):
     rank: int
     orders: list[list[int]]  # B orders of the L slices
     epochs_per_slice: int
-    stack: int  # orders of a shard trained at once
+    stack: int  # (shard, order) lanes whose layer i trains at once
     trained_on: dict[str, Any]  # runtime.provenance() of the full training
     base: BaseState
     shards: list[ShardState]

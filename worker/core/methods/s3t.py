@@ -48,7 +48,7 @@ from worker.core.base import (
 )
 from worker.core.lora import freeze
 from worker.core.nets import derive_seed, load_tensors, scaling_of, state_tensors
-from worker.core.s3t_adapters import NetworkFactory, adapter_ensemble, lora_ensemble, make_base, train_shard
+from worker.core.s3t_adapters import NetworkFactory, adapter_ensemble, lora_ensemble, make_base, train_shards
 from worker.core.s3t_state import (
     NEEDS_RETRAIN,
     SERVING,
@@ -122,7 +122,8 @@ class S3T:
         orders, rank = orders_for(config), rank_of(config)
         config = resolve(config, len(data))
         schema = data.schema
-        epochs, width = epochs_per_slice(config), stack_width(config, len(orders))  # refused before any training
+        # refused before any training; a stack's lanes are (shard, order) pairs
+        epochs, width = epochs_per_slice(config), stack_width(config, config.shards * len(orders))
         base, scaling, base_state, steps = make_base(config, data, public, store, progress)
         state = S3TState(
             config=config.to_json(), aggregation=aggregation, input_shape=list(data.input_shape),
@@ -136,8 +137,7 @@ class S3T:
                       progress: Progress, steps: int) -> TrainResult[S3TState]:
         """Every shard's adapters on `base` (`steps`: those the base took)."""
         config = TrainConfig.from_json(state["config"])
-        for k in range(config.shards):
-            shard_state, shard_steps = train_shard(state, base, data, k, store, progress)
+        for shard_state, shard_steps in train_shards(state, base, data, range(config.shards), store, progress):
             state["shards"].append(shard_state)
             steps += shard_steps
         return TrainResult(
@@ -231,8 +231,8 @@ class S3T:
         if public is not None and state["base"]["rows"] and lineage_sha256(public.sample_ids) != base_lineage:
             raise ValueError("public rows differ from the rows the S3T base was trained on")
         self._check_rows(state, remaining)
-        entry, steps = train_shard(state, self._base(state, store), remaining, shard, store, progress,
-                                         orders=[0] if quick else None, depth=1 if quick else None)
+        [(entry, steps)] = train_shards(state, self._base(state, store), remaining, [shard], store, progress,
+                                        orders=[0] if quick else None, depth=1 if quick else None)
         if quick and (len(state["orders"]) > 1 or config.slices > 1):  # else the first adapter is all
             entry = ShardState(**entry, partial=True)
         shards = [entry if k == shard else old for k, old in enumerate(state["shards"])]
