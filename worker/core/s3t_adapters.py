@@ -40,7 +40,7 @@ from worker.core.lora import (
 )
 from worker.core.nets import FeatureScaling, state_tensors
 from worker.core.s3t_state import SERVING, BaseState, LayerState, S3TState, ShardState, base_epochs, trained_shard
-from worker.core.sharding import shard_of, slice_of
+from worker.core.sharding import shard_rows
 from worker.core.training import ADAMW, fit, fit_lanes
 from worker.core.batches import Lane
 
@@ -155,13 +155,10 @@ def train_shards(state: S3TState, base: nn.Module, data: TrainingSet, shards: Se
     depth = config.slices if depth is None else depth
     freeze(base)
     trunk, head, features = split_base(base, tuple(state["input_shape"]))
-    shard_index = np.array([shard_of(s, config.shards) for s in data.sample_ids], dtype=np.int64)
-    hidden, slice_index = {}, {}
-    for k in shards:
-        rows = data.select(shard_index == k)
-        slice_index[k] = np.array([slice_of(s, config.slices) for s in rows.sample_ids], dtype=np.int64)
-        # the trunk is frozen: compute a shard's (n, d) features once and train adapters on them
-        hidden[k] = replace(rows, features=hidden_features(trunk, rows.features))
+    by_shard = shard_rows(data, config.shards, config.slices, shards)
+    slice_index = {k: part.slices for k, part in by_shard.items()}
+    # the trunk is frozen: compute a shard's (n, d) features once and train adapters on them
+    hidden = {k: replace(part.rows, features=hidden_features(trunk, part.rows.features)) for k, part in by_shard.items()}
     rule = ADAMW.update(config.lr)
     adapters: dict[tuple[int, int], list[AdapterLayer]] = {(k, b): [] for k in shards for b in range(len(orders))}
     layers: dict[tuple[int, int], list[LayerState]] = {lane: [] for lane in adapters}
@@ -210,8 +207,8 @@ def train_lora_shard(state: S3TState, network: nn.Module, data: TrainingSet, sha
     spec = lora_spec(state)
     trained = range(len(state["orders"])) if orders is None else sorted(orders)
     depth = config.slices if depth is None else depth
-    rows = data.select(np.array([shard_of(s, config.shards) == shard for s in data.sample_ids], dtype=bool))
-    slice_index = np.array([slice_of(s, config.slices) for s in rows.sample_ids], dtype=np.int64)
+    part = shard_rows(data, config.shards, config.slices, [shard])[shard]
+    rows, slice_index = part.rows, part.slices
     layers: list[list[LayerState]] = [[] for _ in state["orders"]]
     names = layer_names(depth)
     stages = [(b, i) for b in trained for i in range(depth)]

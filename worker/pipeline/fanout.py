@@ -33,8 +33,7 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from worker import registry
-from worker import failpoints
+from worker import failpoints, registry
 from worker.core.methods import method_for
 from worker.core.base import (DeletionPlan, Progress, ShardedRetrain, TensorStore, TrainingSet, UnlearnResult,
                                lineage_sha256)

@@ -57,6 +57,14 @@ def fail_request(ctx: Context, request_id: uuid.UUID, code: FailureCode, what: s
     return receipt
 
 
+def commit(conn: psycopg.Connection, settings: Settings, staged: registry.StagedVersion) -> registry.ModelVersion:
+    """Inside the caller's transaction: the staged version becomes current (compare-and-swap on its
+    parent) and its event is queued."""
+    version = registry.commit_version(conn, staged)
+    announce(conn, settings, version)
+    return version
+
+
 def announce(conn: psycopg.Connection, settings: Settings, version: registry.ModelVersion) -> None:
     """Queue the version's `model.versions` event in the outbox, inside the caller's transaction
     (the one that records the version), keyed by model name so one model's versions keep their

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def retrain_shard(ctx: Context, model: str, shard: int) -> int | None:
-    """Bring back a shard that serves nothing (an S3T shard that lost every slice order), and publish it; then any other shard
-    of the model left without a live order, the same way.
+    """Bring back a shard that serves nothing (an S3T shard that lost every slice order), and
+    publish it; then any other shard of the model left without a live order, the same way.
 
     In two steps, so erasures wait as little as possible: every lost shard first gets a quick
     retrain (its first adapter alone: one slice of training) and serves again at once, marked
@@ -164,8 +164,7 @@ def _retrain_and_adopt(ctx: Context, conn: psycopg.Connection, model: str, shard
                     continue
                 staged = registry.stage_version(conn, settings, current, result, [])
                 with conn.transaction():
-                    version = registry.commit_version(conn, staged)
-                    publishing.announce(conn, settings, version)
+                    version = publishing.commit(conn, settings, staged)
                 publishing.after_commit(ctx, conn, [], model)
         RETRAIN_DURATION.labels(model=model, method=current.method).observe(seconds)
         log.info("model %s: shard %d retrained (%s) in %.1fs, version %d", model, shard,

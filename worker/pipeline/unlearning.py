@@ -39,9 +39,8 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from worker import data, registry
+from worker import data, failpoints, registry
 from worker.config import Settings
-from worker import failpoints
 from worker.core import methods
 from worker.core.aggregate import RememberingPredictor
 from worker.core.base import DeletedSample, ShardRecovery, TensorStore, TrainingSet, UnlearnResult
@@ -288,7 +287,7 @@ def _publish(settings: Settings, conn: psycopg.Connection, snapshot: Snapshot, s
              result: UnlearnResult, evidence: dict[uuid.UUID, dict], seconds: float) -> Unlearned:
     model = snapshot.model
     with conn.transaction():
-        version = _commit(conn, settings, staged)
+        version = publishing.commit(conn, settings, staged)
         conn.execute(
             "DELETE FROM pending_unlearning WHERE model = %s AND (request_id, sample_id) IN"
             " (SELECT * FROM unnest(%s::uuid[], %s::text[]))",
@@ -315,7 +314,7 @@ def empty(ctx: Context, conn: psycopg.Connection, snapshot: Snapshot) -> Unlearn
     staged = registry.stage_withdrawal(conn, settings, current, registry.EMPTIED, request_ids) if current.servable else None
     evidence = {"kind": "exact", "method": current.method, "reason": registry.EMPTIED}
     with conn.transaction():
-        version = current.version if staged is None else _commit(conn, settings, staged).version
+        version = current.version if staged is None else publishing.commit(conn, settings, staged).version
         conn.execute("DELETE FROM pending_unlearning WHERE model = %s", (model,))
         _mark(conn, model, "empty", None)
         issued = _complete(conn, settings, model, version, snapshot.request_ids, lambda _: evidence)
@@ -333,7 +332,7 @@ def withdraw(ctx: Context, conn: psycopg.Connection, model: str, code: FailureCo
     conn.commit()
     staged = registry.stage_withdrawal(conn, settings, current, code) if current.servable else None
     with conn.transaction():
-        version = None if staged is None else _commit(conn, settings, staged).version
+        version = None if staged is None else publishing.commit(conn, settings, staged).version
         _mark(conn, model, "needs_full_retrain", code.value)
         # the erased rows' features served the membership evidence of a pass; a full retrain needs
         # only which requests wait, so they go now
@@ -350,13 +349,6 @@ def withdraw(ctx: Context, conn: psycopg.Connection, model: str, code: FailureCo
         log.warning("model %s withdrawn from serving as version %d (%s); %d requests failed",
                     model, version, code.value, len(issued))
     return Unlearned(model, version, waiting, issued, withdrawn=True)
-
-
-def _commit(conn: psycopg.Connection, settings: Settings, staged: registry.StagedVersion) -> registry.ModelVersion:
-    """Inside the caller's transaction: the staged version becomes current and its event is queued."""
-    version = registry.commit_version(conn, staged)
-    publishing.announce(conn, settings, version)
-    return version
 
 
 def _mark(conn: psycopg.Connection, model: str, status: str, failure_code: str | None) -> None:
