@@ -10,7 +10,9 @@ letter's train rows, twice:
 - on the `meta` device (no data, no kernels) under a dispatch mode that counts, per step, every
   operator reaching the device, every read of a value back to the host (`_local_scalar_dense`) and
   every copy of a host tensor (not a Python scalar) to the device: what a GPU would have to wait
-  for, measured without one. A run on `meta` ends where the trained parameters would come back.
+  for, measured without one, for the `eager` mode's steps and for the steps the `graph` mode
+  captures (a lone network's `LoneStep`). A run on `meta` ends where the trained parameters would
+  come back.
 With `--device cuda` the profiler also records the CUDA runtime calls: per step, kernel launches,
 graph replays, copies (`cudaMemcpy*`) and synchronisations (`cuda*Synchronize`), in `--mode` eager
 or graph; the `meta` run is skipped.
@@ -44,6 +46,11 @@ CUDA_CALLS = {"kernel launches": ("cudaLaunchKernel", "cuLaunchKernel", "cudaLau
 COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
 
 
+# in-place operators without a `meta` kernel: their inputs are checked (a host tensor among them
+# counts as a copy), they do not run; torch's fused AdamW reads a tensor learning rate on the device
+NO_META_KERNEL = (torch.ops.aten._fused_adamw_.tensor_lr,)
+
+
 class DeviceTraffic(TorchDispatchMode):
     """Counts what reaches the (meta) device: operators, host reads, copies of host tensors."""
 
@@ -59,6 +66,9 @@ class DeviceTraffic(TorchDispatchMode):
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if func in COPIES and any(t.device.type == "cpu" and t.dim() > 0 for t in tensors):
             self.host_copies += 1
+        if func in NO_META_KERNEL:
+            self.host_copies += any(t.device.type == "cpu" for t in tensors)
+            return None
         return func(*args, **kwargs)
 
 
@@ -76,11 +86,12 @@ def profiled(train: Callable[[], object]) -> dict[str, float]:
     return {"steps": len(steps), **{k: round(v, 2) for k, v in per_step.items()}}
 
 
-def on_meta(train: Callable[[], object]) -> dict[str, float]:
-    """Per step, between the first and the last step (setup and the result's return excluded)."""
+def on_meta(train: Callable[[], object], mode: str = "eager") -> dict[str, float]:
+    """Per step, between the first and the last step (setup and the result's return excluded). In
+    `graph` mode the steps a CUDA graph would hold run eagerly on `meta`."""
     marks: list[tuple[int, int, int]] = []
     traffic = DeviceTraffic()
-    meta = runtime.Runtime(torch.device("meta"), 1, False)
+    meta = runtime.Runtime(torch.device("meta"), 1, False, mode)
     with (mock.patch.object(runtime, "current", lambda: meta),
           observing_steps(lambda: marks.append((traffic.ops, traffic.host_reads, traffic.host_copies)))):
         try:
@@ -123,6 +134,7 @@ def main() -> None:
         result[name] = {"profiler": profiled(train)}
         if args.device == "cpu":
             result[name]["meta device"] = on_meta(train)
+            result[name]["meta device, graph mode's steps"] = on_meta(train, "graph")
     print(json.dumps(result, indent=2))
 
 

@@ -22,6 +22,15 @@ def _deterministic_cpu_runtime():
     runtime.configure("cpu", threads=1)
 
 
+@pytest.fixture(params=["eager", "graph"])
+def training_mode(request, monkeypatch) -> str:
+    """Each training mode in turn, on the CPU. `configure` refuses `graph` there (a CPU has no CUDA
+    graphs); set here, the runtime in `graph` mode takes, eagerly, the steps a CUDA graph would hold
+    (`worker.core.device_steps`): the graph mode's arithmetic, tested without a GPU."""
+    monkeypatch.setattr(runtime, "_current", runtime.Runtime(torch.device("cpu"), 1, True, request.param))
+    return request.param
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

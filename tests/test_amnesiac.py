@@ -60,7 +60,7 @@ def assert_params_close(actual: dict[str, torch.Tensor], expected: dict[str, tor
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=2e-5)
 
 
-def test_training_logs_every_step_with_its_batch_and_update(digits, tmp_path):
+def test_training_logs_every_step_with_its_batch_and_update(digits, tmp_path, training_mode):
     # Given a store and a config storing updates as float16
     store = ArtifactStore(tmp_path, "digits-amnesiac")
     # When Amnesiac trains
@@ -83,7 +83,7 @@ def test_training_logs_every_step_with_its_batch_and_update(digits, tmp_path):
     assert_params_close(stored_params(store, result.state["model_sha256"]), initial_plus_updates(result.state, store))
 
 
-def test_training_is_bit_reproducible(digits, tmp_path):
+def test_training_is_bit_reproducible(digits, tmp_path, training_mode):
     first = Amnesiac().train(digits, make_config(), ArtifactStore(tmp_path / "a", "m"))
     second = Amnesiac().train(digits, make_config(), ArtifactStore(tmp_path / "b", "other-name"))
     assert first.components[0].sha256 == second.components[0].sha256
@@ -91,7 +91,7 @@ def test_training_is_bit_reproducible(digits, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_rollback_deletes_erased_rows_updates_and_keeps_initial_plus_kept_updates(digits, tmp_path, dtype):
+def test_rollback_deletes_erased_rows_updates_and_keeps_initial_plus_kept_updates(digits, tmp_path, dtype, training_mode):
     # Given a trained model and two rows to erase
     store = ArtifactStore(tmp_path, "m")
     method = Amnesiac()

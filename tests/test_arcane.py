@@ -83,7 +83,7 @@ def test_unlearning_retrains_one_class_and_is_bit_identical_to_training_from_scr
     assert {d: store.path(d).stat().st_mtime_ns for d in untouched} == untouched
 
 
-def test_representative_selection_stays_exact_and_an_unselected_row_costs_nothing(splits, tmp_path):
+def test_representative_selection_stays_exact_and_an_unselected_row_costs_nothing(splits, tmp_path, training_mode):
     # Given a model trained on the most informative half of each class
     torch.set_num_threads(1)
     train, public = splits["train"], splits["public"]
@@ -191,3 +191,27 @@ def test_on_cuda_unlearning_is_bit_identical_to_training_from_scratch(splits, tm
     finally:
         runtime.configure("cpu", threads=1)
     assert [c.sha256 for c in unlearned.components] == [c.sha256 for c in scratch.components]
+
+
+def test_a_retrain_steps_in_the_mode_the_model_was_trained_in(splits, tmp_path, monkeypatch):
+    """A class model's steps differ in the last bits between the eager mode and the graph mode (its
+    learning rate a float32 device tensor there): a model trained eagerly and retrained where the
+    runtime's default is graph (CUDA's) still equals training from scratch eagerly."""
+    from worker.core import runtime
+
+    train, public = splits["train"], splits["public"]
+    erased = rows_of(train, 4, 0, 2)
+    arcane = Arcane()
+    graph, eager = (runtime.Runtime(torch.device("cpu"), 1, True, mode) for mode in ("graph", "eager"))
+    monkeypatch.setattr(runtime, "_current", eager)
+    store = ArtifactStore(tmp_path / "a", "arcane")
+    result = arcane.train(train, CONFIG, store, public=public)
+    scratch = arcane.train(train.without(erased), CONFIG, ArtifactStore(tmp_path / "b", "arcane"), public=public)
+    assert result.state["trained_on"]["mode"] == "eager"
+    monkeypatch.setattr(runtime, "_current", graph)
+    unlearned = arcane.apply(result.state, arcane.plan(result.state, placed(result, erased)), train.without(erased),
+                             store)
+    assert [c.sha256 for c in unlearned.components] == [c.sha256 for c in scratch.components]
+    # the same retrain in the graph mode would not have been exact
+    graphed = arcane.train(train.without(erased), CONFIG, ArtifactStore(tmp_path / "c", "arcane"), public=public)
+    assert [c.sha256 for c in graphed.components] != [c.sha256 for c in scratch.components]

@@ -117,14 +117,15 @@ def test_unlearning_is_bit_identical_to_training_from_scratch(digits, public, tr
     assert unlearned.components_changed == ["shard-0", "shard-2"]
 
 
-@pytest.mark.parametrize("stack", [2, 3])
-def test_a_stacked_model_unlearns_exactly_too(digits, tmp_path, stack):
-    # Given a model whose shards train as lanes of stacks (2: stacks {0, 1} and {2, idle})
+@pytest.mark.parametrize("stack", [1, 2, 3])
+def test_a_stacked_model_unlearns_exactly_too(digits, tmp_path, stack, training_mode):
+    # Given a model whose shards train as lanes of stacks (2: stacks {0, 1} and {2, idle}; 1: each
+    # shard alone), in either training mode (`graph` takes the steps a CUDA graph would hold)
     config = TrainConfig(hidden=(32,), epochs=4, batch_size=32, lr=1e-2, seed=7, shards=3, slices=4,
                          options={"stack": stack})
     store = ArtifactStore(tmp_path / "a", "m")
     trained = Sisa().train(digits, config, store)
-    assert trained.state["stack"] == stack
+    assert trained.state["stack"] == stack and trained.state["trained_on"]["mode"] == training_mode
     erased = rows_in(digits, 1, 2, 2) + rows_in(digits, 2, 0, 1)
 
     # When rows of two shards are erased

@@ -19,7 +19,8 @@ from worker.core.base import TrainConfig, TrainingSet
 from worker.core.nets import FeatureScaling, state_tensors
 from worker.core.networks import build
 from worker.core.batches import epoch_batches, iterate_steps, lane_schedule, stacked_plan
-from worker.core.steps import FusedAdamW, StackedStep, UpdateRule
+from worker.core.device_steps import StackedStep
+from worker.core.steps import FusedAdamW, UpdateRule
 from worker.core.training import (
     ADAMW,
     Lane,
@@ -212,9 +213,10 @@ class DeviceTraffic(TorchDispatchMode):
     """Every operator that reaches the device, every value read back to the host and every host
     tensor copied to the device."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip: tuple[object, ...] = ()) -> None:
         super().__init__()
-        self.ops, self.host_reads, self.host_copies = 0, 0, 0
+        self.ops, self.host_reads, self.host_copies, self.skipped = 0, 0, 0, 0
+        self.skip = skip  # in-place operators without a `meta` kernel: their inputs are checked, they do not run
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -223,6 +225,10 @@ class DeviceTraffic(TorchDispatchMode):
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         self.host_copies += func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and any(
             t.device.type == "cpu" and t.dim() > 0 for t in tensors)
+        if func in self.skip:
+            self.skipped += 1
+            self.host_copies += any(t.device.type == "cpu" for t in tensors)
+            return None
         return func(*args, **kwargs)
 
 

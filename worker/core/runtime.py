@@ -6,10 +6,11 @@ bit-reproducible only for the same device, thread count and training mode, so al
 here explicitly, never left to the library defaults, and recorded with every trained model
 (`provenance`).
 
-Training modes (`MODES`): `eager` runs every stacked step as Python calls; `graph` (CUDA only, its
-default there) captures a stack's step once in a CUDA graph and replays it, so a step costs one
-launch instead of hundreds. Both run the same step function; a model records its mode and a retrain
-runs in the mode it was trained in (`retraining`).
+Training modes (`MODES`): `eager` runs every step as Python calls; `graph` (CUDA only, its default
+there) captures a step once in a CUDA graph and replays it, so a step costs one launch instead of
+hundreds: a stack's step, and a lone network's (`worker.core.device_steps`, whose learning rate
+then comes from a float32 device tensor). A model records its mode and a retrain runs in the mode it
+was trained in (`retraining`).
 """
 
 from __future__ import annotations

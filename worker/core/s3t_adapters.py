@@ -147,7 +147,8 @@ def train_shards(state: S3TState, base: nn.Module, data: TrainingSet, shards: Se
     lane, which changes nothing for the others), so a shard retrained alone equals that shard of
     the model trained whole."""
     if "lora" in state:
-        return [train_lora_shard(state, base, data, k, store, progress, orders, depth) for k in shards]
+        with runtime.retraining(state.get("trained_on")):  # a retrain steps as the model's training did
+            return [train_lora_shard(state, base, data, k, store, progress, orders, depth) for k in shards]
     config = TrainConfig.from_json(state["config"])
     rank, width = int(state["rank"]), state["stack"]
     trained = set(range(len(state["orders"]))) if orders is None else set(orders)

@@ -1,4 +1,5 @@
-"""Taking a fit's optimizer steps: the update rule per lane, one network alone, a stack on the device.
+"""Taking a fit's optimizer steps: the update rule per lane, the parameter layout of a stack, one
+network alone with torch's optimizers.
 
 In a stack the update rule is written out (torch.optim's AdamW and SGD arithmetic, bit for bit per
 lane) because it needs a learning rate per lane inside one tensor, which `torch.optim` does not
@@ -8,8 +9,9 @@ once on the host (`UpdateRule.lane_table`). One network alone steps with torch's
 
 On the device. A fit's batch plan (`worker.core.batches.BatchPlan`), rows, labels and update table
 are moved to the device once; the step loop only indexes them there, so it never waits on the
-host. A stack's step (`StackedStep`) reads its step count from the device too: it runs eagerly,
-or, in the runtime's `graph` mode (CUDA), is captured once in a CUDA graph and replayed every step.
+host. The steps that read their step count from the device too, and so can be captured in a CUDA
+graph and replayed (a stack's, and a lone network's in `graph` mode), are
+`worker.core.device_steps`.
 """
 
 from __future__ import annotations
@@ -156,7 +158,8 @@ def observing_steps(observer: Callable[[], None]) -> Iterator[None]:
         _step_observers.remove(observer)
 
 
-def _stepped() -> None:
+def stepped() -> None:
+    """Tell the observers a step was taken."""
     for observer in _step_observers:
         observer()
 
@@ -217,110 +220,10 @@ def fit_alone(net: nn.Module, plan: BatchPlan, steps: Iterable[int], schedule: l
         optimizer.zero_grad()
         nn.functional.cross_entropy(net(plan.features[rows]), plan.labels[rows]).backward()
         optimizer.step(rule.rate(t, len(schedule)))
-        _stepped()
+        stepped()
         if layout is not None:
             after = layout.flatten(net)
             epoch, step, batch = schedule[t]
             on_step(epoch, step, batch, before, after)
             layout.load(net, after)
     net.cpu()
-
-
-class StackedStep:
-    """One optimizer step of every lane of a (G, P) stack, with everything it reads and writes on
-    the device: the plan, the update scalars (`UpdateRule.lane_table`) and the step count, which
-    the step itself advances. A call takes no argument and never waits on the host, so the same
-    call runs eagerly or is captured once in a CUDA graph and replayed (`run`)."""
-
-    def __init__(self, model: nn.Module, layout: ParameterLayout, flat: torch.Tensor, frozen: dict[str, torch.Tensor],
-                 plan: BatchPlan, table: torch.Tensor, rule: UpdateRule):
-        self.layout, self.flat, self.frozen, self.plan, self.table, self.rule = layout, flat, frozen, plan, table, rule
-        self.moments = (torch.zeros_like(flat), torch.zeros_like(flat))
-        self.count = torch.zeros(1, dtype=torch.int64, device=flat.device)  # steps taken
-
-        def forward(params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            return functional_call(model, {**params, **fixed}, (x,))
-
-        self.batched = vmap(forward)
-
-    def __call__(self) -> None:
-        index = self.plan.index.index_select(0, self.count).squeeze(0)  # (G, B)
-        mask = self.plan.mask.index_select(0, self.count).squeeze(0)
-        # leaves sharing memory with `flat`: gradients per parameter, no (G, P) zeros per slice
-        leaves = {name: view.detach().requires_grad_(True) for name, view in self.layout.views(self.flat).items()}
-        logits = self.batched(leaves, self.frozen, self.plan.features[index])  # (G, B, classes)
-        losses = nn.functional.cross_entropy(logits.flatten(0, 1), self.plan.labels[index].flatten(), reduction="none")
-        lane_loss = (losses.view(mask.shape) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        grads = torch.autograd.grad(lane_loss.sum(), list(leaves.values()))
-        with torch.no_grad():
-            grad = torch.cat([g.reshape(len(self.flat), -1) for g in grads], dim=1)
-            self.rule.step_lanes(self.flat, grad, self.moments, self.table.index_select(0, self.count).squeeze(0))
-            self.count.add_(1)
-
-    def run(self, steps: Iterable[int], graphed: bool) -> None:
-        """Take every step: eagerly, or (`graphed`, CUDA only) by replaying one captured step."""
-        if not graphed:
-            for _ in steps:
-                self()
-                _stepped()
-            return
-        graph = self.captured()
-        for _ in steps:
-            graph.replay()
-            _stepped()
-
-    def captured(self) -> torch.cuda.CUDAGraph:
-        """The step captured in a CUDA graph: a few warm-up steps on a side stream (autograd and
-        the allocator settle), the state put back as it was, then one step captured (capture
-        runs nothing, so the state is still untouched)."""
-        state = [self.flat, *self.moments, self.count]
-        saved = [t.clone() for t in state]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(min(3, self.plan.steps)):
-                self()
-        torch.cuda.current_stream().wait_stream(side)
-        for tensor, before in zip(state, saved):
-            tensor.copy_(before)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self()
-        return graph
-
-
-def fit_stacked(lanes: Sequence[Lane | None], active: list[int], layout: ParameterLayout, plan: BatchPlan,
-                steps: Iterable[int], totals: list[int], rule: UpdateRule) -> None:
-    """G networks as one (G, P) tensor (`layout`: the first active lane's), one vmapped forward per
-    step, the update rule per lane."""
-    device = plan.features.device
-    template = lanes[active[0]].net
-    flat = torch.zeros(len(lanes), layout.size, dtype=torch.float32)
-    for i in active:
-        flat[i] = layout.flatten(lanes[i].net)
-    frozen = {name: t.to(device) for name, t in _frozen_parameters(lanes, template, set(layout.names), active).items()}
-    model = copy.deepcopy(template).to(device).train()
-    step = StackedStep(model, layout, flat.to(device), frozen, plan, rule.lane_table(totals, plan.steps).to(device),
-                       rule)
-    try:
-        step.run(steps, graphed=runtime.current().graphed)
-    except RuntimeError as exc:  # vmap's refusal of a random draw: say what to do about it
-        if "random operation" not in str(exc):
-            raise
-        raise ValueError("the network draws random numbers in training (dropout?), which a stack (torch.func.vmap) "
-                         "refuses: train one network at a time (--option stack=1)") from exc
-    result = step.flat.cpu()
-    for i in active:
-        layout.load(lanes[i].net, result[i])
-
-
-def _frozen_parameters(lanes: Sequence[Lane | None], template: nn.Module, trainable: set[str],
-                       active: list[int]) -> dict[str, torch.Tensor]:
-    """(G, *shape) stacks of every parameter that is not trained (idle lanes borrow the template's)."""
-    names = [name for name, _ in template.named_parameters() if name not in trainable]
-    stacks = {}
-    for name in names:
-        per_lane = [dict(lanes[i].net.named_parameters())[name] if i in active else template.get_parameter(name)
-                    for i in range(len(lanes))]
-        stacks[name] = torch.stack([p.detach() for p in per_lane])
-    return stacks

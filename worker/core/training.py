@@ -9,12 +9,15 @@ the update rule is applied per lane with that lane's own learning-rate schedule,
 has finished (or is idle) gets a learning rate of exactly 0, which leaves it untouched. Results do
 depend on G (other shapes, other kernels), so a model records its width and every retrain uses
 it again: a retrain in a stack of G equals a from-scratch run in a stack of G. G = 1 trains one
-network alone, without vmap, with torch's fused AdamW kernel (`FusedAdamW`) or `torch.optim`'s plain SGD.
+network alone, without vmap, with torch's fused AdamW kernel (`FusedAdamW`) or `torch.optim`'s plain
+SGD; in the runtime's `graph` mode (CUDA) with `worker.core.device_steps.LoneStep`, replayed from
+CUDA graphs.
 
 This module holds the entry points (`fit`, `fit_lanes`, `predict_proba`), the recipes and the
 parameter layout; the seeded batches and the plan of a fit (which rows each step sees, moved to the
-device once) are `worker.core.batches`; the update rule and the steps themselves, alone or
-stacked, eager or replayed from a CUDA graph, are `worker.core.steps`.
+device once) are `worker.core.batches`; the update rule and a lone network's eager steps are
+`worker.core.steps`; the steps that run on the device alone, eager or replayed from a CUDA graph,
+are `worker.core.device_steps`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from worker.core import runtime
 from worker.core.base import Progress, TrainConfig, TrainingSet, no_progress
 from worker.core.batches import Lane, lane_schedule, lone_plan, stacked_plan
 from worker.core.nets import derive_seed
-from worker.core.steps import ParameterLayout, StepHook, UpdateRule, fit_alone, fit_stacked
+from worker.core.device_steps import fit_lone, fit_stacked
+from worker.core.steps import ParameterLayout, StepHook, UpdateRule, fit_alone
 
 # a network should see about this many batches per epoch: small shards get small batches
 TARGET_BATCHES_PER_EPOCH = 64
@@ -91,13 +95,18 @@ def fit_lanes(lanes: Sequence[Lane | None], *, epochs: int, batch_size: int, rul
     schedules = [lane_schedule(lanes[i], epochs, batch_size, grouped)[:max_steps] if i in active else []
                  for i in range(len(lanes))]
     totals = [len(s) for s in schedules]
-    device = runtime.current().device
+    current = runtime.current()
+    device = current.device
     if len(lanes) == 1:
         plan = lone_plan(lanes[0].rows, schedules[0]).to(device)
         steps = progress(range(plan.steps), description=description, total=plan.steps)
         layout = ParameterLayout.of(lanes[0].net) if on_step is not None else None
         with _seeded_draws(lanes[0].seed_parts):
-            fit_alone(lanes[0].net, plan, steps, schedules[0], rule, on_step, layout)
+            if current.graphed:  # replayed from CUDA graphs where the device is CUDA
+                fit_lone(lanes[0].net, plan, steps, schedules[0], rule, on_step, layout,
+                         graphed=device.type == "cuda")
+            else:
+                fit_alone(lanes[0].net, plan, steps, schedules[0], rule, on_step, layout)
     else:
         # a stack pads every batch to `batch_size`, so no lane's shapes depend on another lane's rows
         plan = stacked_plan(lanes, schedules, active, batch_size).to(device)

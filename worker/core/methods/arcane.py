@@ -58,7 +58,7 @@ from worker.core.base import (
     lineage_sha256,
     no_progress,
 )
-from worker.core import networks
+from worker.core import networks, runtime
 from worker.core.nets import load_tensors, state_tensors
 from worker.core.sharding import (
     ShardRows,
@@ -94,6 +94,9 @@ class ArcaneState(TypedDict):
     public: PublicRows
     scorer_sha256: str | None  # reference network of the selection; None when every row is kept
     classes: list[ClassModel]
+    # runtime.provenance() of the training; absent in models trained before it was kept, which
+    # trained their class models eagerly (a lone network took no graph steps then)
+    trained_on: NotRequired[dict[str, Any]]
 
 
 def component_name(label: int) -> str:
@@ -219,6 +222,7 @@ class Arcane:
                        "rows": len(public)},
             "scorer_sha256": scorer_sha256,
             "classes": [self._class_model(k, int(np.sum(data.labels == k)), rows[k], checkpoints[k]) for k in labels],
+            "trained_on": runtime.provenance(),
         }
         return TrainResult(
             state=state,
@@ -274,8 +278,10 @@ class Arcane:
                                         config.slices) for k in tainted}
         start = {k: b for k, b in start.items() if b < config.slices}
         resume = {k: old[k]["checkpoints"][b - 1]["sha256"] if b > 0 else None for k, b in start.items()}
-        retrained = self._train_stages(config, input_shape, schema, public_rows, {k: rows[k] for k in start}, start,
-                                       resume, store, progress, f"ARCANE: retraining {len(start)} class model(s)")
+        with runtime.retraining(state.get("trained_on")):  # a retrain steps as the model's training did
+            retrained = self._train_stages(config, input_shape, schema, public_rows, {k: rows[k] for k in start},
+                                           start, resume, store, progress,
+                                           f"ARCANE: retraining {len(start)} class model(s)")
         classes = []
         for label, entry in sorted(old.items()):
             if label not in tainted:
