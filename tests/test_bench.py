@@ -271,13 +271,17 @@ def test_the_gpu_benchmark_runs_where_no_service_package_is_installed(tmp_path):
     result = json.loads((tmp_path / "gpu.json").read_text())
     assert result["runs"][0]["device"] == "cpu"
     for run in result["runs"]:
-        eager = ["SISA S=5,R=2 eager"] if run["device"] == "cuda" else []  # the graph mode's comparison
-        assert [p["workload"] for p in run["points"]] == ["monolith", "SISA S=5,R=2", *eager, "S3T S=2,L=2"]
+        cuda = run["device"] == "cuda"  # the graph mode's comparisons
+        assert [p["workload"] for p in run["points"]] == ["monolith", *(["monolith eager"] if cuda else []),
+                                                          "SISA S=5,R=2", *(["SISA S=5,R=2 eager"] if cuda else []),
+                                                          "S3T S=2,L=2"]
         assert run["mode"] == ("graph" if run["device"] == "cuda" else "eager")
         for point in [*run["points"], run["large"]]:
             assert point["samples"] > 0 and point["samples_per_second"] > 0
             assert point["matmul_share"] is None or 0 < point["matmul_share"] < 1
+        assert all(point["unlearn_seconds"] > 0 for point in run["points"])  # one erased row, timed
     assert "samples/s vs CPU" in (tmp_path / "report.md").read_text()
+    assert "one-row unlearning s" in (tmp_path / "report.md").read_text()
 
 
 def test_a_gpu_workload_that_fails_is_reported_and_the_others_kept():

@@ -2,9 +2,11 @@
 
 Each workload is trained with `unlearn train`'s defaults on each device (the CPU at one thread,
 stacks of width 1 there; on CUDA all shards (S3T: every shard's orders) in one stack, replayed from a
-CUDA graph: the runtime's default mode, recorded in the result). Reported per workload and device:
+CUDA graph, and a lone network's steps replayed from graphs too: the runtime's default mode, recorded
+in the result; the workloads marked "eager" step the same model eagerly on CUDA, for comparison). Reported per workload and device:
 wall seconds, samples per second (rows through a training step: every stage's rows times its
-epochs) and, where the network is a plain MLP, the share of the device's measured matmul rate
+epochs), the seconds one erased row costs (SISA: its shard retrained from the row's slice; S3T: the
+row's adapters switched off) and, where the network is a plain MLP, the share of the device's measured matmul rate
 that its training arithmetic reaches (6 × weights multiply-adds a sample: forward, and backward for
 inputs and weights; the rate: float32 square matmuls timed on that device).
 
@@ -35,7 +37,7 @@ from worker.artifacts import ArtifactStore
 from worker.bench.base import Figure, Progress, table
 from worker.bench.rows import loaded_splits
 from worker.core import networks, runtime
-from worker.core.base import TrainConfig, TrainingSet
+from worker.core.base import DeletedSample, TrainConfig, TrainingSet
 from worker.core.methods.s3t import S3T
 from worker.core.methods.sisa import Sisa
 from worker.core.training import ADAMW, fit_lanes
@@ -71,12 +73,14 @@ class Params:
     seed: int = 0
 
 
-# "eager": the graph mode's gain, the same stacked model stepped eagerly on CUDA
-LETTER = (Workload("monolith", "sisa", 1, 1), Workload("SISA S=5,R=5", "sisa", 5, 5),
+# "eager": the graph mode's gain, the same model stepped eagerly on CUDA (a lone network, a stack)
+LETTER = (Workload("monolith", "sisa", 1, 1), Workload("monolith eager", "sisa", 1, 1, "eager"),
+          Workload("SISA S=5,R=5", "sisa", 5, 5),
           Workload("SISA S=20,R=5", "sisa", 20, 5), Workload("SISA S=20,R=5 eager", "sisa", 20, 5, "eager"),
           Workload("S3T S=5,L=5", "s3t", 5, 5))
 FULL = Params("letter", None, LETTER, Large(1_000_000, (1024, 1024), 5, 128, cpu_steps=30))
-QUICK = Params("digits", 2, (Workload("monolith", "sisa", 1, 1), Workload("SISA S=5,R=2", "sisa", 5, 2),
+QUICK = Params("digits", 2, (Workload("monolith", "sisa", 1, 1), Workload("monolith eager", "sisa", 1, 1, "eager"),
+                             Workload("SISA S=5,R=2", "sisa", 5, 2),
                              Workload("SISA S=5,R=2 eager", "sisa", 5, 2, "eager"),
                              Workload("S3T S=2,L=2", "s3t", 2, 2)),
                Large(10_000, (256, 256), 3, 64, cpu_steps=5))
@@ -130,10 +134,17 @@ def one_workload(workload: Workload, params: Params, splits: Any, work: Path, ra
     store = ArtifactStore(work / workload.label.replace(" ", "-").replace(",", "-"), "bench")
     _synchronize()
     started = time.perf_counter()
-    trained = METHODS[workload.method]().train(splits.train, config, store, public=splits.public)
+    method = METHODS[workload.method]()
+    trained = method.train(splits.train, config, store, public=splits.public)
     seconds = time.perf_counter() - started  # the result is on the CPU: the device has finished
-    shutil.rmtree(store.root)
     state = trained.state
+    # one row erased: the row's shard retrained from the slice that holds it (SISA), adapters off (S3T)
+    erased = [splits.train.sample_ids[0]]
+    started = time.perf_counter()
+    method.apply(state, method.plan(state, [DeletedSample(erased[0])]), splits.train.without(erased), store,
+                 public=splits.public)
+    unlearn_seconds = time.perf_counter() - started
+    shutil.rmtree(store.root)
     samples = samples_trained(workload.method, state)
     flops = None
     if workload.method == "sisa":
@@ -141,7 +152,8 @@ def one_workload(workload: Workload, params: Params, splits: Any, work: Path, ra
         flops = mlp_flops_per_sample(networks.build(resolved, tuple(state["input_shape"]), state["num_classes"], "x"))
     return {"workload": workload.label, "stack": state["stack"], "mode": state["trained_on"]["mode"],
             "seconds": seconds, "samples": samples, "samples_per_second": samples / seconds,
-            "matmul_share": None if flops is None else flops * samples / seconds / rate}
+            "matmul_share": None if flops is None else flops * samples / seconds / rate,
+            "unlearn_seconds": unlearn_seconds}
 
 
 def large_workload(large: Large, rows: TrainingSet, rate: float) -> dict[str, Any]:
@@ -216,19 +228,20 @@ def tables(report: dict[str, Any]) -> list[str]:
     for run in runs:
         for point in run["points"] + [run["large"]]:
             if "error" in point:
-                rows.append([point["workload"], run["device"], "", "", f"**failed**: {point['error']}", "", "", ""])
+                rows.append([point["workload"], run["device"], "", "", f"**failed**: {point['error']}", "", "", "", ""])
                 continue
             share = "—" if point["matmul_share"] is None else f"{100 * point['matmul_share']:.2f}%"
             versus = cpu.get(point["workload"], {}).get("samples_per_second", float("nan"))
             rows.append([point["workload"], f"{run['device']} ({run['device_name']})", point["stack"], point["mode"],
                          f"{point['seconds']:.2f}", f"{point['samples_per_second']:,.0f}", share,
-                         f"{point['samples_per_second'] / versus:.2f}×"])
+                         f"{point['samples_per_second'] / versus:.2f}×",
+                         "—" if point.get("unlearn_seconds") is None else f"{point['unlearn_seconds']:.3f}"])
     rates = ", ".join(f"{run['device']} {run['matmul_flops'] / 1e12:.3g} TFLOP/s" for run in runs)
     large = report["params"]["large"]
     return [(f"{report['params']['dataset']} with `unlearn train`'s defaults; float32 matmul rate measured: {rates}. "
              f"The larger workload trains one epoch on CUDA and its first {large['cpu_steps']} steps on the CPU."), "",
             *table(["workload", "device", "stack", "mode", "train s", "samples/s", "share of matmul rate",
-                    "samples/s vs CPU"], rows)]
+                    "samples/s vs CPU", "one-row unlearning s"], rows)]
 
 
 def figures(report: dict[str, Any], out_dir: Path) -> list[Figure]:
