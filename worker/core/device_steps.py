@@ -37,7 +37,7 @@ from torch.func import functional_call, vmap
 
 from worker.core import runtime
 from worker.core.batches import BatchPlan, Lane
-from worker.core.steps import ParameterLayout, StepHook, UpdateRule, stepped
+from worker.core.steps import ParameterLayout, StepHook, UpdateRule, stepped, take_step
 
 # a lone network's batch sizes that get a CUDA graph each, the most frequent first
 MAX_GRAPHS = 4
@@ -246,20 +246,16 @@ def fit_lone(net: nn.Module, plan: BatchPlan, steps: Iterable[int], schedule: li
             if graph is None:
                 break  # what failed to capture once fails again: every step runs eagerly
             graphs[size] = graph
-        for t in steps:
-            size = step.sizes[t]
-            before = layout.flatten(net) if layout is not None else None
-            graph = graphs.get(size)
+
+        def take(t: int) -> None:
+            graph = graphs.get(step.sizes[t])
             if graph is None:
-                step(size)
+                step(step.sizes[t])
             else:
                 graph.replay()
-            stepped()
-            if layout is not None:
-                after = layout.flatten(net)
-                epoch, index, batch = schedule[t]
-                on_step(epoch, index, batch, before, after)
-                layout.load(net, after)
+
+        for t in steps:
+            take_step(net, t, take, schedule, on_step, layout)
     finally:
         for graph in graphs.values():  # their memory back, and the random-number generator freed of them
             graph.reset()

@@ -214,16 +214,28 @@ def fit_alone(net: nn.Module, plan: BatchPlan, steps: Iterable[int], schedule: l
     `layout` (the network's, given with `on_step`) flattens the parameters the hook sees."""
     net.to(plan.features.device).train()
     optimizer = rule.optimizer_for([p for p in net.parameters() if p.requires_grad])
-    for t in steps:
+
+    def take(t: int) -> None:
         rows = plan.index[plan.bounds[t]:plan.bounds[t + 1]]
-        before = layout.flatten(net) if layout is not None else None
         optimizer.zero_grad()
         nn.functional.cross_entropy(net(plan.features[rows]), plan.labels[rows]).backward()
         optimizer.step(rule.rate(t, len(schedule)))
-        stepped()
-        if layout is not None:
-            after = layout.flatten(net)
-            epoch, step, batch = schedule[t]
-            on_step(epoch, step, batch, before, after)
-            layout.load(net, after)
+
+    for t in steps:
+        take_step(net, t, take, schedule, on_step, layout)
     net.cpu()
+
+
+def take_step(net: nn.Module, t: int, take: Callable[[int], None], schedule: list[tuple[int, int, np.ndarray]],
+              on_step: StepHook | None, layout: ParameterLayout | None) -> None:
+    """Take a lone network's step `t` (`take(t)`), tell the observers, and show `on_step` (with
+    `layout`) the parameters before and after it; the hook may change `after`, which the network
+    then holds."""
+    before = layout.flatten(net) if layout is not None else None
+    take(t)
+    stepped()
+    if layout is not None:
+        after = layout.flatten(net)
+        epoch, step, batch = schedule[t]
+        on_step(epoch, step, batch, before, after)
+        layout.load(net, after)
