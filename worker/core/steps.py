@@ -16,7 +16,6 @@ graph and replayed (a stack's, and a lone network's in `graph` mode), are
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,10 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
 
-from worker.core import runtime
-from worker.core.batches import BatchPlan, Lane
+from worker.core.batches import BatchPlan
 
 
 @dataclass(frozen=True)
