@@ -35,7 +35,6 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from worker.core import runtime
 from worker.core.batches import BatchPlan, Lane
 from worker.core.steps import ParameterLayout, StepHook, UpdateRule, stepped, take_step
 
@@ -138,9 +137,9 @@ class StackedStep:
 
 
 def fit_stacked(lanes: Sequence[Lane | None], active: list[int], layout: ParameterLayout, plan: BatchPlan,
-                steps: Iterable[int], totals: list[int], rule: UpdateRule) -> None:
+                steps: Iterable[int], totals: list[int], rule: UpdateRule, graphed: bool) -> None:
     """G networks as one (G, P) tensor (`layout`: the first active lane's), one vmapped forward per
-    step, the update rule per lane."""
+    step, the update rule per lane; the step replayed from a CUDA graph (`graphed`) or taken eagerly."""
     device = plan.features.device
     template = lanes[active[0]].net
     flat = torch.zeros(len(lanes), layout.size, dtype=torch.float32)
@@ -151,7 +150,7 @@ def fit_stacked(lanes: Sequence[Lane | None], active: list[int], layout: Paramet
     step = StackedStep(model, layout, flat.to(device), frozen, plan, rule.lane_table(totals, plan.steps).to(device),
                        rule)
     try:
-        step.run(steps, graphed=runtime.current().graphed and device.type == "cuda")
+        step.run(steps, graphed=graphed)
     except RuntimeError as exc:  # vmap's refusal of a random draw: say what to do about it
         if "random operation" not in str(exc):
             raise

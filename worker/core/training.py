@@ -97,21 +97,22 @@ def fit_lanes(lanes: Sequence[Lane | None], *, epochs: int, batch_size: int, rul
     totals = [len(s) for s in schedules]
     current = runtime.current()
     device = current.device
+    replayed = current.graphed and device.type == "cuda"  # graph mode's steps, replayed where CUDA can
     if len(lanes) == 1:
         plan = lone_plan(lanes[0].rows, schedules[0]).to(device)
         steps = progress(range(plan.steps), description=description, total=plan.steps)
         layout = ParameterLayout.of(lanes[0].net) if on_step is not None else None
         with _seeded_draws(lanes[0].seed_parts):
-            if current.graphed:  # replayed from CUDA graphs where the device is CUDA
-                fit_lone(lanes[0].net, plan, steps, schedules[0], rule, on_step, layout,
-                         graphed=device.type == "cuda")
+            if current.graphed:
+                fit_lone(lanes[0].net, plan, steps, schedules[0], rule, on_step, layout, graphed=replayed)
             else:
                 fit_alone(lanes[0].net, plan, steps, schedules[0], rule, on_step, layout)
     else:
         # a stack pads every batch to `batch_size`, so no lane's shapes depend on another lane's rows
         plan = stacked_plan(lanes, schedules, active, batch_size).to(device)
         steps = progress(range(plan.steps), description=description, total=plan.steps)
-        fit_stacked(lanes, active, ParameterLayout.of(lanes[active[0]].net), plan, steps, totals, rule)
+        fit_stacked(lanes, active, ParameterLayout.of(lanes[active[0]].net), plan, steps, totals, rule,
+                    graphed=replayed)
     return totals
 
 
