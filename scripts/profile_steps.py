@@ -29,9 +29,8 @@ from unittest import mock
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from worker.bench.device_traffic import DeviceTraffic
 from worker.bench.rows import loaded_splits
 from worker.core import networks, runtime
 from worker.core.base import TrainConfig
@@ -43,35 +42,6 @@ PROFILED = ("aten::item", "aten::_local_scalar_dense", "aten::to", "aten::_to_co
 CUDA_CALLS = {"kernel launches": ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"),
               "graph replays": ("cudaGraphLaunch",), "copies": ("cudaMemcpyAsync", "cudaMemcpy"),
               "synchronisations": ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")}
-COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
-
-
-# in-place operators without a `meta` kernel: their inputs are checked (a host tensor among them
-# counts as a copy), they do not run; torch's fused AdamW reads a tensor learning rate on the device
-NO_META_KERNEL = (torch.ops.aten._fused_adamw_.tensor_lr,)
-
-
-class DeviceTraffic(TorchDispatchMode):
-    """Counts what reaches the (meta) device: operators, host reads, copies of host tensors."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = self.host_reads = self.host_copies = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        self.ops += 1
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.host_reads += 1
-        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if func in COPIES and any(t.device.type == "cpu" and t.dim() > 0 for t in tensors):
-            self.host_copies += 1
-        if func in NO_META_KERNEL:
-            self.host_copies += any(t.device.type == "cpu" for t in tensors)
-            return None
-        return func(*args, **kwargs)
-
-
 def profiled(train: Callable[[], object]) -> dict[str, float]:
     steps: list[int] = []
     cuda = runtime.current().device.type == "cuda"

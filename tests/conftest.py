@@ -22,13 +22,24 @@ def _deterministic_cpu_runtime():
     runtime.configure("cpu", threads=1)
 
 
+def _cpu_runtime_in(mode: str, monkeypatch) -> str:
+    """The runtime on the CPU in `mode`. `configure` refuses `graph` there (a CPU has no CUDA graphs);
+    set here, the runtime in `graph` mode takes, eagerly, the steps a CUDA graph would hold
+    (`worker.core.device_steps`): the graph mode's arithmetic, tested without a GPU."""
+    monkeypatch.setattr(runtime, "_current", runtime.Runtime(torch.device("cpu"), 1, True, mode))
+    return mode
+
+
 @pytest.fixture(params=["eager", "graph"])
 def training_mode(request, monkeypatch) -> str:
-    """Each training mode in turn, on the CPU. `configure` refuses `graph` there (a CPU has no CUDA
-    graphs); set here, the runtime in `graph` mode takes, eagerly, the steps a CUDA graph would hold
-    (`worker.core.device_steps`): the graph mode's arithmetic, tested without a GPU."""
-    monkeypatch.setattr(runtime, "_current", runtime.Runtime(torch.device("cpu"), 1, True, request.param))
-    return request.param
+    """Each training mode in turn, on the CPU (`_cpu_runtime_in`)."""
+    return _cpu_runtime_in(request.param, monkeypatch)
+
+
+@pytest.fixture
+def graph_mode(monkeypatch) -> str:
+    """The `graph` training mode on the CPU (`_cpu_runtime_in`)."""
+    return _cpu_runtime_in("graph", monkeypatch)
 
 
 def pytest_collection_modifyitems(config, items):

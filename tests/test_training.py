@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from worker.bench.device_traffic import DeviceTraffic
 from worker.core import runtime
 from worker.core.base import TrainConfig, TrainingSet
 from worker.core.nets import FeatureScaling, state_tensors
@@ -207,29 +206,6 @@ def test_a_stacks_plan_is_every_lanes_batches_padded_to_one_size(digits):
                 assert not real.any()
             assert (plan.index[t, g][~real] == pad).all()
     np.testing.assert_array_equal(plan.features[plan.index[0, 2, 0]].numpy(), rows[2].features[schedules[2][0][2][0]])
-
-
-class DeviceTraffic(TorchDispatchMode):
-    """Every operator that reaches the device, every value read back to the host and every host
-    tensor copied to the device."""
-
-    def __init__(self, skip: tuple[object, ...] = ()) -> None:
-        super().__init__()
-        self.ops, self.host_reads, self.host_copies, self.skipped = 0, 0, 0, 0
-        self.skip = skip  # in-place operators without a `meta` kernel: their inputs are checked, they do not run
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        self.ops += 1
-        self.host_reads += func is torch.ops.aten._local_scalar_dense.default
-        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        self.host_copies += func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and any(
-            t.device.type == "cpu" and t.dim() > 0 for t in tensors)
-        if func in self.skip:
-            self.skipped += 1
-            self.host_copies += any(t.device.type == "cpu" for t in tensors)
-            return None
-        return func(*args, **kwargs)
 
 
 def test_a_stacked_step_runs_on_the_device_alone_without_waiting_for_the_host(digits):
